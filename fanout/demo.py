@@ -1,0 +1,73 @@
+"""The demo publisher: random-walk ticks on ``xy.md.tick.<symbol>`` for ``fanout serve --demo``.
+
+Runs as a side process of the supervisor (never inside a worker), with its
+own NATS connection, so the demo traffic looks exactly like a real publisher's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+
+import msgspec
+import nats
+import uvloop
+from setproctitle import setproctitle
+
+from fanout import logs
+from fanout.settings import Settings
+
+log = logging.getLogger("fanout.demo")
+
+START_PRICES = {"btc": 64000.0, "eth": 3400.0, "sol": 150.0, "demo": 100.0}
+
+
+class Tick(msgspec.Struct):
+    symbol: str
+    price: float
+    ts: int
+    seq: int
+
+
+async def publish_ticks(
+    url: str, symbols: list[str], interval_s: float, stop: asyncio.Event
+) -> None:
+    nc = await nats.connect(url, name="fanout-demo", max_reconnect_attempts=-1)
+    encoder = msgspec.json.Encoder()
+    prices = {s: START_PRICES.get(s, 100.0) for s in symbols}
+    seq = 0
+    try:
+        while not stop.is_set():
+            seq += 1
+            now_ms = int(time.time() * 1000)
+            for symbol in symbols:
+                price = prices[symbol] * (1.0 + random.gauss(0.0, 0.002))
+                prices[symbol] = price
+                tick = Tick(symbol=symbol, price=round(price, 4), ts=now_ms, seq=seq)
+                await nc.publish(f"xy.md.tick.{symbol}", encoder.encode(tick))
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+            except TimeoutError:
+                pass
+    finally:
+        await nc.drain()
+
+
+def run_publisher(settings: Settings) -> int:
+    """Side-process entry point: publish until SIGTERM."""
+    logs.setup(settings.log.level)
+    setproctitle("fanout demo-publisher")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await publish_ticks(
+            settings.nats.urls[0], settings.demo.symbols, settings.demo.interval_s, stop
+        )
+
+    uvloop.run(main())
+    return 0

@@ -1,0 +1,183 @@
+"""The private state directory the supervisor and its workers share.
+
+It is also prometheus-client's ``PROMETHEUS_MULTIPROC_DIR``. Files in it:
+
+- ``worker-<pid>.json``: one :class:`WorkerState` per worker, rewritten
+  atomically from the worker's event loop every ``heartbeat_interval_s``. That
+  write is the heartbeat: a blocked loop stops writing, and the supervisor
+  notices. Any worker reads all of them to answer /healthz for the gateway.
+- ``boot-error-<pid>.txt``: why a worker could not boot (it then exits 3).
+- ``supervisor.json``: :class:`SupervisorState`, written by the supervisor.
+- ``*.db``: prometheus-client's multiprocess files.
+
+Every write goes to a temporary name first and is renamed into place, so a
+reader sees a whole old file or a whole new one; torn or foreign files are
+skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import msgspec
+
+SUPERVISOR_FILE = "supervisor.json"
+_WORKER_PREFIX = "worker-"
+_BOOT_ERROR_PREFIX = "boot-error-"
+#: What may be wiped at start: only files of ours (a misconfigured path must not cost data).
+_OWN_SUFFIXES = (".json", ".db", ".txt", ".tmp")
+
+
+class WorkerState(msgspec.Struct, kw_only=True):
+    """One worker's view of itself; ``heartbeat_at`` is wall-clock ``time.time()``."""
+
+    pid: int
+    index: int
+    started_at: float
+    heartbeat_at: float
+    listening: bool
+    draining: bool
+    clients: int
+    subscriptions: int
+    nats_connected: bool
+    nats_url: str | None
+    last_error_code: str | None
+    loop_lag_s: float
+    generation: int
+
+
+class SupervisorState(msgspec.Struct, kw_only=True):
+    """What only the supervisor knows; workers export it (restart counter, wanted count)."""
+
+    pid: int
+    workers_wanted: int
+    generation: int
+    restarts: dict[str, int]
+    updated_at: float
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_worker = msgspec.json.Decoder(WorkerState).decode
+_decode_supervisor = msgspec.json.Decoder(SupervisorState).decode
+
+
+def make_state_dir(base: str | os.PathLike[str] | None = None) -> Path:
+    """A fresh, empty directory with mode 0700: ``base`` wiped and recreated, or a new temp dir.
+
+    Refuses (RuntimeError) to wipe a directory holding anything but our own files,
+    so a wrong path in a config file cannot delete someone's data.
+    """
+    if base is None:
+        return Path(tempfile.mkdtemp(prefix="fanout-"))
+    path = Path(base)
+    if path.is_symlink():
+        raise RuntimeError(f"{path} is a symlink; refusing to use it as the state directory")
+    if path.exists():
+        foreign = [
+            entry.name
+            for entry in path.iterdir()
+            if entry.is_symlink() or not entry.is_file() or not entry.name.endswith(_OWN_SUFFIXES)
+        ]
+        if foreign:
+            raise RuntimeError(
+                f"{path} holds files that are not fanout's ({foreign[0]}); not wiping"
+            )
+        shutil.rmtree(path)
+    path.mkdir(mode=0o700, parents=True)
+    path.chmod(0o700)
+    return path
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def state_path(state_dir: Path, pid: int) -> Path:
+    return state_dir / f"{_WORKER_PREFIX}{pid}.json"
+
+
+def write_state(state_dir: Path, state: WorkerState) -> None:
+    _write_atomic(state_path(state_dir, state.pid), _encode(state))
+
+
+def read_state(state_dir: Path, pid: int) -> WorkerState | None:
+    """The state file of ``pid``, or None when it is missing, torn or not that pid's."""
+    try:
+        state = _decode_worker(state_path(state_dir, pid).read_bytes())
+    except (OSError, msgspec.DecodeError):
+        return None
+    return state if state.pid == pid else None
+
+
+def read_states(state_dir: Path) -> list[WorkerState]:
+    """Every readable state file whose process is alive, by worker index."""
+    states = []
+    for path in state_dir.glob(f"{_WORKER_PREFIX}*.json"):
+        pid_text = path.name[len(_WORKER_PREFIX) : -len(".json")]
+        if not pid_text.isdigit():
+            continue
+        state = read_state(state_dir, int(pid_text))
+        if state is not None and pid_alive(state.pid):
+            states.append(state)
+    return sorted(states, key=lambda s: (s.index, s.started_at))
+
+
+def remove_state(state_dir: Path, pid: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        state_path(state_dir, pid).unlink()
+
+
+def write_boot_error(state_dir: Path, reason: str) -> None:
+    """Called by a worker just before it exits with WORKER_BOOT_ERROR (3)."""
+    _write_atomic(state_dir / f"{_BOOT_ERROR_PREFIX}{os.getpid()}.txt", reason.encode())
+
+
+def pop_boot_error(state_dir: Path, pid: int) -> str | None:
+    """The boot error ``pid`` left behind (first line, stripped), removing the file."""
+    path = state_dir / f"{_BOOT_ERROR_PREFIX}{pid}.txt"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    path.unlink(missing_ok=True)
+    lines = text.strip().splitlines()
+    return lines[0].strip() if lines else None
+
+
+def write_supervisor_state(state_dir: Path, state: SupervisorState) -> None:
+    _write_atomic(state_dir / SUPERVISOR_FILE, _encode(state))
+
+
+def read_supervisor_state(state_dir: Path) -> SupervisorState | None:
+    try:
+        return _decode_supervisor((state_dir / SUPERVISOR_FILE).read_bytes())
+    except (OSError, msgspec.DecodeError):
+        return None
+
+
+def read_restarts(state_dir: Path) -> dict[str, int]:
+    """Worker restarts by reason since the supervisor started (empty if unknown)."""
+    state = read_supervisor_state(state_dir)
+    return dict(state.restarts) if state is not None else {}

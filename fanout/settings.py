@@ -1,0 +1,338 @@
+"""The gateway's whole configuration: one typed object, validated once at start-up.
+
+Sources, later wins: built-in defaults, a TOML file (``--config``), environment
+variables (the origin story's names such as ``NATS_URLS`` and the generic
+``FANOUT_<SECTION>_<FIELD>``), then command-line overrides. Every error names
+the field it is about, so an operator can fix it from one line.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from fanout.core.subjects import SubjectError, validate_pattern
+
+Policy = Literal["drop_oldest", "latest", "disconnect"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ConfigError(Exception):
+    """Invalid configuration; ``field`` is the dotted path of the offending setting."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"invalid config: {field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "0.0.0.0"
+    port: int = 8080
+    workers: int = 0
+    max_connections: int = 10_000
+    max_connections_per_ip: int = 0
+    max_connections_per_principal: int = 0
+    handshake_timeout_s: float = 10.0
+    max_request_head_bytes: int = 16_384
+    graceful_timeout_s: float = 10.0
+    worker_timeout_s: float = 30.0
+    heartbeat_interval_s: float = 1.0
+    ready_quorum: float = 1.0
+
+
+class Tls(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    cert: str | None = None
+    key: str | None = None
+
+
+class Nats(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    urls: list[str] = msgspec.field(default_factory=list)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    creds: str | None = None
+    nkey_seed: str | None = None
+    name: str = "fanout"
+    connect_timeout_s: float = 2.0
+    reconnect_wait_s: float = 0.5
+    disconnect_clients_when_down: bool = False
+
+
+class Jwt(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    public_key: str | None = None
+    jwks_url: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    algorithms: list[str] = msgspec.field(
+        default_factory=lambda: ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
+    )
+    max_token_bytes: int = 8192
+    max_lifetime_s: int = 86_400
+    leeway_s: int = 30
+    subjects_claim: str = "subjects"
+    requests_claim: str = "requests"
+    cookie_name: str | None = None
+    allow_query_token: bool = False
+    query_token_max_lifetime_s: int = 60
+    jwks_refetch_interval_s: float = 30.0
+    jwks_refresh_s: float = 300.0
+    expiring_lead_s: float = 60.0
+
+
+class Ws(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    path: str = "/ws"
+    auth_required: bool = True
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    require_origin: bool = False
+    subject_whitelist: list[str] = msgspec.field(default_factory=lambda: ["xy.md.>"])
+    allow_full_wildcard: bool = False
+    max_subject_bytes: int = 256
+    max_subs: int = 1000
+    max_frame_bytes: int = 1 << 20
+    inbound_rate: float = 100.0
+    inbound_burst: float = 1000.0
+    ping_interval_s: float = 20.0
+    idle_timeout_s: float = 60.0
+
+
+class Outbox(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    max_messages: int = 1000
+    max_bytes: int = 1 << 20
+    policy: Policy = "drop_oldest"
+    policies: dict[str, Policy] = msgspec.field(default_factory=dict)
+    write_buffer_high: int = 256 * 1024
+    write_timeout_s: float = 10.0
+    write_delay_ms: float = 0.0
+    max_batch: int = 64
+
+
+class Log(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    level: LogLevel = "info"
+
+
+class Demo(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = False
+    interval_s: float = 0.5
+    symbols: list[str] = msgspec.field(default_factory=lambda: ["demo", "btc", "eth", "sol"])
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    server: Server = msgspec.field(default_factory=Server)
+    tls: Tls = msgspec.field(default_factory=Tls)
+    nats: Nats = msgspec.field(default_factory=Nats)
+    jwt: Jwt = msgspec.field(default_factory=Jwt)
+    ws: Ws = msgspec.field(default_factory=Ws)
+    outbox: Outbox = msgspec.field(default_factory=Outbox)
+    log: Log = msgspec.field(default_factory=Log)
+    demo: Demo = msgspec.field(default_factory=Demo)
+
+
+#: The origin story's environment names → dotted setting paths.
+SEED_ENV: dict[str, str] = {
+    "NATS_URLS": "nats.urls",
+    "NATS_TLS_CA": "nats.tls_ca",
+    "NATS_TLS_CERT": "nats.tls_cert",
+    "NATS_TLS_KEY": "nats.tls_key",
+    "NATS_CREDS": "nats.creds",
+    "NATS_NKEY_SEED": "nats.nkey_seed",
+    "JWT_JWKS_URL": "jwt.jwks_url",
+    "JWT_PUBLIC_KEY": "jwt.public_key",
+    "JWT_ISSUER": "jwt.issuer",
+    "JWT_AUDIENCE": "jwt.audience",
+    "WS_ALLOWED_ORIGINS": "ws.allowed_origins",
+    "WS_SUBJECT_WHITELIST": "ws.subject_whitelist",
+}
+
+#: Settings whose values are secrets: redacted by ``check-config`` and never logged.
+SECRET_FIELDS = frozenset({"nats.nkey_seed", "tls.key", "nats.tls_key"})
+
+
+def _field_types() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section in msgspec.structs.fields(Settings):
+        for f in msgspec.structs.fields(section.type):
+            out[f"{section.name}.{f.name}"] = f.type
+    return out
+
+
+FIELD_TYPES = _field_types()
+
+
+def _env_value(path: str, raw: str) -> Any:
+    """Turn an environment string into the shape the field wants (lists are comma separated)."""
+    ftype = FIELD_TYPES[path]
+    origin = getattr(ftype, "__origin__", None)
+    if origin is list:
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    if origin is dict:
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise ConfigError(path, f"expected a JSON object: {exc}") from None
+    if ftype is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(path, f"expected a boolean, got {raw!r}")
+    if raw == "" and "None" in repr(ftype):
+        return None
+    return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Dotted-path overrides from the seed's names and ``FANOUT_SECTION_FIELD`` variables."""
+    out: dict[str, Any] = {}
+    for name, path in SEED_ENV.items():
+        if name in environ:
+            out[path] = _env_value(path, environ[name])
+    for name, value in environ.items():
+        if not name.startswith("FANOUT_") or name == "FANOUT_CONFIG":
+            continue
+        section, _, field = name[len("FANOUT_") :].lower().partition("_")
+        path = f"{section}.{field}"
+        if path not in FIELD_TYPES:
+            raise ConfigError(name, "no such setting")
+        out[path] = _env_value(path, value)
+    return out
+
+
+def _merge(tree: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    for path, value in overrides.items():
+        section, _, field = path.partition(".")
+        node = tree.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(section, "expected a table")
+        node[field] = value
+
+
+def _error_path(exc: msgspec.ValidationError) -> tuple[str, str]:
+    text = str(exc)
+    message, sep, where = text.rpartition(" - at `$.")
+    if not sep:
+        return "config", text
+    return where.rstrip("`").replace("[", ".").replace("]", ""), message
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build and validate the settings; raises :class:`ConfigError` naming the field."""
+    environ = os.environ if environ is None else environ
+    tree: dict[str, Any] = {}
+    if path is None and environ.get("FANOUT_CONFIG"):
+        path = environ["FANOUT_CONFIG"]
+    if path is not None:
+        try:
+            tree = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    _merge(tree, env_overrides(environ))
+    _merge(tree, overrides or {})
+    try:
+        settings = msgspec.convert(tree, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        field, message = _error_path(exc)
+        raise ConfigError(field, message) from None
+    validate(settings)
+    return settings
+
+
+def _check(cond: bool, field: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(field, message)
+
+
+def validate(s: Settings) -> None:
+    """Cross-field rules that types alone cannot say."""
+    _check(0 < s.server.port < 65536, "server.port", "must be 1..65535")
+    _check(s.server.workers >= 0, "server.workers", "must be >= 0 (0 = one per CPU)")
+    _check(s.server.max_connections > 0, "server.max_connections", "must be > 0")
+    _check(s.server.graceful_timeout_s >= 0, "server.graceful_timeout_s", "must be >= 0")
+    _check(s.server.worker_timeout_s > 0, "server.worker_timeout_s", "must be > 0")
+    _check(0 < s.server.ready_quorum <= 1, "server.ready_quorum", "must be in (0, 1]")
+    _check(
+        (s.tls.cert is None) == (s.tls.key is None), "tls.cert", "tls.cert and tls.key go together"
+    )
+    for url in s.nats.urls:
+        _check(
+            url.startswith(("nats://", "tls://", "ws://", "wss://")),
+            "nats.urls",
+            f"{url!r} is not a nats://, tls://, ws:// or wss:// URL",
+        )
+    _check(
+        (s.nats.tls_cert is None) == (s.nats.tls_key is None),
+        "nats.tls_cert",
+        "NATS_TLS_CERT and NATS_TLS_KEY go together",
+    )
+    _check(
+        not (s.nats.creds and s.nats.nkey_seed),
+        "nats.creds",
+        "set NATS_CREDS or NATS_NKEY_SEED, not both",
+    )
+    _check(
+        not (s.jwt.public_key and s.jwt.jwks_url),
+        "jwt.public_key",
+        "set JWT_PUBLIC_KEY or JWT_JWKS_URL, not both",
+    )
+    if s.ws.auth_required and not s.demo.enabled:
+        _check(
+            bool(s.jwt.public_key or s.jwt.jwks_url),
+            "jwt.public_key",
+            "auth is required: set JWT_PUBLIC_KEY or JWT_JWKS_URL (or ws.auth_required = false)",
+        )
+    _check(
+        all(a.upper() != "NONE" for a in s.jwt.algorithms),
+        "jwt.algorithms",
+        "'none' is never allowed",
+    )
+    _check(0 < s.jwt.max_token_bytes <= 65_536, "jwt.max_token_bytes", "must be 1..65536")
+    _check(s.jwt.max_lifetime_s > 0, "jwt.max_lifetime_s", "must be > 0")
+    _check(s.ws.path.startswith("/"), "ws.path", "must start with '/'")
+    for origin in s.ws.allowed_origins:
+        _check(
+            origin == "*" or origin.startswith(("http://", "https://")),
+            "ws.allowed_origins",
+            f"{origin!r} must be scheme://host[:port] or '*'",
+        )
+    _check(bool(s.ws.subject_whitelist), "ws.subject_whitelist", "must not be empty")
+    for pattern in s.ws.subject_whitelist:
+        try:
+            validate_pattern(pattern, s.ws.max_subject_bytes)
+        except SubjectError as exc:
+            raise ConfigError("ws.subject_whitelist", f"{pattern!r}: {exc}") from None
+    for pattern in s.outbox.policies:
+        try:
+            validate_pattern(pattern, s.ws.max_subject_bytes)
+        except SubjectError as exc:
+            raise ConfigError("outbox.policies", f"{pattern!r}: {exc}") from None
+    _check(16 <= s.ws.max_frame_bytes <= 64 << 20, "ws.max_frame_bytes", "must be 16..64 MiB")
+    _check(s.ws.max_subs > 0, "ws.max_subs", "must be > 0")
+    _check(s.ws.inbound_rate > 0, "ws.inbound_rate", "must be > 0")
+    _check(s.ws.inbound_burst >= 1, "ws.inbound_burst", "must be >= 1")
+    _check(s.outbox.max_messages > 0, "outbox.max_messages", "must be > 0")
+    _check(s.outbox.max_bytes > 0, "outbox.max_bytes", "must be > 0")
+    _check(s.outbox.max_batch > 0, "outbox.max_batch", "must be > 0")
+    _check(s.outbox.write_timeout_s > 0, "outbox.write_timeout_s", "must be > 0")
+    _check(s.demo.interval_s > 0, "demo.interval_s", "must be > 0")
+
+
+def redacted(s: Settings) -> dict[str, Any]:
+    """The effective settings as plain data, secrets replaced; safe to print."""
+    tree: dict[str, Any] = msgspec.to_builtins(s)
+    for path in SECRET_FIELDS:
+        section, _, field = path.partition(".")
+        if tree[section].get(field):
+            tree[section][field] = "<redacted>"
+    return tree

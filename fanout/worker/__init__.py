@@ -1,0 +1,1 @@
+"""The asyncio edges of one worker process: thin glue around fanout.core."""

@@ -1,0 +1,116 @@
+"""The aiohttp application of a worker: health, readiness, metrics and the pages.
+
+Any worker can answer for the whole gateway: health and readiness read every
+live worker's state file in the shared private directory, metrics come from
+prometheus-client's multiprocess files. The supervisor is never on this path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from fanout import metrics, runtime
+from fanout.errors import Code
+
+STATIC = resources.files("fanout") / "static"
+
+
+def gateway_health(states: list[runtime.WorkerState], quorum: float) -> dict[str, Any]:
+    """The seed's /healthz fields, summed over live workers, plus one row per worker."""
+    now = time.time()
+    clients = sum(s.clients for s in states)
+    subs = sum(s.subscriptions for s in states)
+    connected = [s for s in states if s.nats_connected]
+    errors = [s for s in sorted(states, key=lambda s: s.heartbeat_at) if s.last_error_code]
+    ready = (
+        bool(states)
+        and len(connected) >= quorum * len(states)
+        and not any(s.draining for s in states)
+    )
+    return {
+        "status": "ok" if ready else "degraded",
+        "natsConnected": bool(states) and len(connected) == len(states),
+        "subscriptions": subs,
+        "lastErrorCode": errors[-1].last_error_code if errors else None,
+        "uptimeSeconds": round(now - min((s.started_at for s in states), default=now), 3),
+        "clients": clients,
+        "subsPerConn": round(subs / clients, 3) if clients else 0.0,
+        "ready": ready,
+        "workers": [
+            {
+                "pid": s.pid,
+                "index": s.index,
+                "clients": s.clients,
+                "subscriptions": s.subscriptions,
+                "natsConnected": s.nats_connected,
+                "natsUrl": s.nats_url,
+                "lastErrorCode": s.last_error_code,
+                "heartbeatAgeSeconds": round(now - s.heartbeat_at, 3),
+                "loopLagSeconds": round(s.loop_lag_s, 4),
+                "draining": s.draining,
+            }
+            for s in sorted(states, key=lambda s: s.index)
+        ],
+    }
+
+
+def build_app(
+    state_dir: Path, own_state: Callable[[], runtime.WorkerState], quorum: float, ws_path: str
+) -> web.Application:
+    def states() -> list[runtime.WorkerState]:
+        mine = own_state()
+        return [mine, *(s for s in runtime.read_states(state_dir) if s.pid != mine.pid)]
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response(gateway_health(states(), quorum))
+
+    async def readyz(request: web.Request) -> web.Response:
+        health = gateway_health(states(), quorum)
+        if health["ready"]:
+            return web.json_response({"ready": True, "workers": len(health["workers"])})
+        draining = any(w["draining"] for w in health["workers"])
+        code = Code.LIMIT_EXCEEDED if draining else Code.NATS_DOWN
+        message = "draining" if draining else "NATS link down on some workers"
+        return web.json_response({"ready": False, "code": code, "message": message}, status=503)
+
+    async def metrics_view(request: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    def static(name: str, content_type: str) -> Callable[[web.Request], Any]:
+        async def view(request: web.Request) -> web.Response:
+            resource = STATIC / name
+            if not resource.is_file():
+                raise web.HTTPNotFound()
+            body = resource.read_bytes()
+            return web.Response(
+                body=body, content_type=content_type, headers={"Cache-Control": "no-cache"}
+            )
+
+        return view
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/", static("index.html", "text/html"))
+    app.router.add_get("/fanout.js", static("fanout.js", "text/javascript"))
+    app.router.add_get("/demo.js", static("demo.js", "text/javascript"))
+    app.router.add_get("/demo.css", static("demo.css", "text/css"))
+    app.router.add_route("*", ws_path, ws_without_upgrade)
+    return app
+
+
+async def ws_without_upgrade(request: web.Request) -> web.Response:
+    """A plain request on the WebSocket path (426 XYW008, per the contract)."""
+    return web.json_response(
+        {"code": Code.MALFORMED, "message": "this path only accepts WebSocket upgrades"},
+        status=426,
+        headers={"Upgrade": "websocket", "Sec-WebSocket-Version": "13"},
+    )

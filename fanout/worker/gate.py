@@ -1,0 +1,115 @@
+"""The first protocol on every accepted socket: read the request head, then hand off.
+
+A WebSocket upgrade on the configured path is checked by the gateway and the
+socket moves to a lean :class:`WsConnection`; anything else (``/metrics``,
+``/healthz``, the pages, a plain GET on the WebSocket path) moves to aiohttp's
+own request handler with the bytes read so far. So aiohttp serves HTTP while
+WebSocket clients never pay for aiohttp's per-connection objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import cast
+
+from fanout import metrics
+from fanout.core import websocket
+from fanout.worker.gateway import Gateway, Refusal
+
+log = logging.getLogger("fanout.handshake")
+
+
+class Gate(asyncio.Protocol):
+    __slots__ = ("buf", "gateway", "http_factory", "peer", "transport", "upgrading")
+
+    def __init__(self, gateway: Gateway, http_factory: Callable[[], asyncio.Protocol]) -> None:
+        self.gateway = gateway
+        self.http_factory = http_factory
+        self.buf = bytearray()
+        self.peer = "?"
+        self.transport: asyncio.Transport | None = None
+        self.upgrading = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else "?"
+        self.gateway.pending_handshakes[self] = time.monotonic()
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or self.upgrading:
+            return
+        self.buf += data
+        max_head = self.gateway.settings.server.max_request_head_bytes
+        try:
+            parsed = websocket.parse_request_head(self.buf, max_head)
+        except websocket.HandshakeError as exc:
+            self.refuse(Refusal(exc.status, exc.code, exc.message))
+            return
+        if parsed is None:
+            return
+        head, consumed = parsed
+        if head.path == self.gateway.settings.ws.path and head.is_websocket_upgrade():
+            self.upgrading = True
+            transport.pause_reading()
+            rest = bytes(self.buf[consumed:])
+            self.buf = bytearray()
+            asyncio.get_running_loop().create_task(self.upgrade(transport, head, rest))
+            return
+        self.gateway.pending_handshakes.pop(self, None)
+        http = self.http_factory()
+        transport.set_protocol(http)
+        http.connection_made(transport)
+        http.data_received(bytes(self.buf))
+        self.buf = bytearray()
+        self.transport = None
+
+    async def upgrade(
+        self, transport: asyncio.Transport, head: websocket.RequestHead, rest: bytes
+    ) -> None:
+        try:
+            conn = await self.gateway.admit(head, transport, self.peer)
+        except Refusal as refusal:
+            self.refuse(refusal)
+            return
+        except ConnectionResetError:
+            return
+        finally:
+            self.gateway.pending_handshakes.pop(self, None)
+        self.transport = None
+        transport.set_protocol(conn)
+        if rest:
+            conn.data_received(rest)
+        transport.resume_reading()
+
+    def refuse(self, refusal: Refusal) -> None:
+        metrics.HANDSHAKE_FAILURES.labels(refusal.code).inc()
+        log.info(
+            "handshake refused",
+            extra={
+                "code": refusal.code,
+                "status": refusal.status,
+                "peer": self.peer,
+                "reason": refusal.message,
+            },
+        )
+        self.gateway.pending_handshakes.pop(self, None)
+        transport, self.transport = self.transport, None
+        if transport is not None and not transport.is_closing():
+            transport.write(
+                websocket.response_error(
+                    refusal.status, refusal.code, refusal.message, refusal.headers
+                )
+            )
+            transport.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gateway.pending_handshakes.pop(self, None)
+        self.transport = None

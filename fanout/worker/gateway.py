@@ -1,0 +1,309 @@
+"""The worker's client side: who may connect, what each op does, the periodic sweep.
+
+``admit`` runs the handshake checks in the contract's order (Origin, limits,
+token present, token valid) and either refuses with a status + code or
+returns a live :class:`WsConnection`. ``handle`` answers one client op.
+``sweep`` runs once a second for the whole worker: write-stall deadlines,
+token expiry, idle pings, handshake timeouts and the hot-path counters, so no
+connection needs a timer of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from fanout import metrics
+from fanout.core import protocol, websocket
+from fanout.core.acl import SubjectAcl
+from fanout.core.auth import AuthError, KeySet, Principal, TokenVerifier, extract_token
+from fanout.core.protocol import FrameError
+from fanout.errors import HTTP_STATUS, Close, Code
+from fanout.settings import Settings
+from fanout.worker.connection import OPEN, WsConnection
+from fanout.worker.hub import Hub
+from fanout.worker.jwks import JwksCache
+
+log = logging.getLogger("fanout.gateway")
+
+CLOSE_GRACE_S = 5.0
+
+
+@dataclass(slots=True)
+class Refusal(Exception):
+    status: int
+    code: str
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class Gateway:
+    """Everything about this worker's clients that is not the hot path."""
+
+    def __init__(self, settings: Settings, hub: Hub, keys: KeySet | JwksCache | None) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.keys = keys
+        jwt = settings.jwt
+        self.verifier = TokenVerifier(
+            algorithms=jwt.algorithms,
+            issuer=jwt.issuer,
+            audience=jwt.audience,
+            max_token_bytes=jwt.max_token_bytes,
+            max_lifetime_s=jwt.max_lifetime_s,
+            leeway_s=jwt.leeway_s,
+        )
+        self.auth_required = settings.ws.auth_required and not settings.demo.enabled
+        self.per_ip: Counter[str] = Counter()
+        self.per_principal: Counter[str] = Counter()
+        self.pending_handshakes: dict[asyncio.BaseProtocol, float] = {}
+        self.closing: dict[WsConnection, float] = {}
+        self.draining = False
+        self._ids = itertools.count(1)
+        self._prefix = f"{os.getpid():x}"
+        lim = settings.ws
+        self._limits = protocol.Limits(lim.max_subs, lim.max_frame_bytes, lim.inbound_rate)
+
+    # -- handshake --------------------------------------------------------
+    def _origin_allowed(self, head: websocket.RequestHead) -> bool:
+        origin = head.header("origin")
+        if origin is None:
+            return not self.settings.ws.require_origin
+        allowed = self.settings.ws.allowed_origins
+        if origin in allowed or "*" in allowed:
+            return True
+        host = head.header("host")
+        scheme = "https" if self.settings.tls.cert else "http"
+        return host is not None and origin == f"{scheme}://{host}"
+
+    def _refuse_limits(self, peer: str) -> None:
+        srv = self.settings.server
+        if self.draining:
+            raise Refusal(503, Code.LIMIT_EXCEEDED, "gateway is draining", (("Retry-After", "1"),))
+        if len(self.hub.connections) >= srv.max_connections:
+            raise Refusal(503, Code.LIMIT_EXCEEDED, "worker is full", (("Retry-After", "5"),))
+        if srv.max_connections_per_ip and self.per_ip[peer] >= srv.max_connections_per_ip:
+            raise Refusal(
+                503,
+                Code.LIMIT_EXCEEDED,
+                "too many connections from this address",
+                (("Retry-After", "5"),),
+            )
+
+    async def authenticate(self, token: str, source: str) -> Principal:
+        """Verify a token; AuthError with XYW005 on anything wrong."""
+        alg, kid = self.verifier.header(token)
+        keys = self.keys
+        if keys is None:
+            raise AuthError(Code.TOKEN_INVALID, "no verification key configured")
+        key = keys.find(kid)
+        if key is None and isinstance(keys, JwksCache):
+            key = await keys.find_or_refetch(kid)
+        if key is None:
+            raise AuthError(Code.TOKEN_INVALID, "unknown signing key")
+        lifetime = self.settings.jwt.query_token_max_lifetime_s if source == "query" else None
+        return self.verifier.verify(token, key, max_lifetime_s=lifetime)
+
+    async def admit(
+        self, head: websocket.RequestHead, transport: asyncio.Transport, peer: str
+    ) -> WsConnection:
+        """Run every handshake check; Refusal with the contract's status and code."""
+        if not self._origin_allowed(head):
+            raise Refusal(403, Code.ORIGIN_DENIED, "origin not allowed")
+        self._refuse_limits(peer)
+        try:
+            accept = websocket.check_upgrade(head)
+        except websocket.HandshakeError as exc:
+            extra = (("Sec-WebSocket-Version", "13"),) if exc.status == 426 else ()
+            raise Refusal(exc.status, exc.code, exc.message, extra) from None
+        jwt = self.settings.jwt
+        principal: Principal | None = None
+        try:
+            token, source = extract_token(
+                head.headers,
+                head.query,
+                cookie_name=jwt.cookie_name,
+                allow_query=jwt.allow_query_token,
+            )
+            if token is None:
+                if self.auth_required:
+                    raise AuthError(Code.UNAUTHORIZED, "a token is required")
+            elif self.keys is not None:
+                principal = await self.authenticate(token, source)
+        except AuthError as exc:
+            raise Refusal(HTTP_STATUS[Code(exc.code)], exc.code, exc.message) from None
+        srv = self.settings.server
+        if principal is not None and principal.sub and srv.max_connections_per_principal:
+            if self.per_principal[principal.sub] >= srv.max_connections_per_principal:
+                raise Refusal(
+                    503,
+                    Code.LIMIT_EXCEEDED,
+                    "too many connections for this principal",
+                    (("Retry-After", "5"),),
+                )
+        self._refuse_limits(peer)
+        if transport.is_closing():
+            raise ConnectionResetError
+        offered = websocket.subprotocols(head)
+        transport.write(websocket.response_101(accept, "bearer" if "bearer" in offered else None))
+        conn = WsConnection(
+            self.hub,
+            self,
+            transport,
+            f"{self._prefix}-{next(self._ids):x}",
+            peer,
+            principal,
+            self.acl_for(principal),
+        )
+        self.hub.add(conn)
+        self.per_ip[peer] += 1
+        if principal is not None and principal.sub:
+            self.per_principal[principal.sub] += 1
+        expires = principal.expires_at if principal is not None else None
+        conn.send_control(
+            websocket.text_frame(protocol.welcome(conn.conn_id, expires, self._limits))
+        )
+        if not self.hub.nats_up:
+            conn.send_control(websocket.text_frame(protocol.status("down")))
+        return conn
+
+    def acl_for(self, principal: Principal | None) -> SubjectAcl:
+        ws = self.settings.ws
+        return SubjectAcl.from_claims(
+            ws.subject_whitelist,
+            None if principal is None else principal.claims,
+            self.settings.jwt.subjects_claim,
+            allow_full_wildcard=ws.allow_full_wildcard,
+            max_bytes=ws.max_subject_bytes,
+        )
+
+    def forget(self, conn: WsConnection, closing: bool = False) -> None:
+        """A connection is closing or gone: release its subscriptions and its counts."""
+        if closing:
+            self.closing[conn] = conn.closing_since
+        else:
+            self.closing.pop(conn, None)
+        if conn not in self.hub.connections:
+            return
+        self.hub.remove(conn)
+        self.per_ip[conn.peer] -= 1
+        if self.per_ip[conn.peer] <= 0:
+            del self.per_ip[conn.peer]
+        sub = conn.principal.sub if conn.principal is not None else None
+        if sub:
+            self.per_principal[sub] -= 1
+            if self.per_principal[sub] <= 0:
+                del self.per_principal[sub]
+
+    # -- ops --------------------------------------------------------------
+    def error(self, conn: WsConnection, op_id: int | None, code: str, message: str) -> bytes:
+        metrics.CLIENT_ERRORS.labels(code).inc()
+        log.info(message, extra={"code": code, "conn": conn.conn_id})
+        return protocol.error(op_id, code, message)
+
+    def handle(self, conn: WsConnection, op: protocol.ClientOp | FrameError) -> bytes | None:
+        if isinstance(op, FrameError):
+            return self.error(conn, op.id, op.code, op.message)
+        if isinstance(op, protocol.Sub):
+            return self.on_sub(conn, op)
+        if isinstance(op, protocol.Unsub):
+            if op.subject in conn.subs:
+                conn.remove_sub(op.subject)
+            return protocol.ack(op.id)
+        if isinstance(op, protocol.Ping):
+            return protocol.pong(op.id)
+        if isinstance(op, protocol.Auth):
+            asyncio.get_running_loop().create_task(self.reauthenticate(conn, op))
+            return None
+        return self.error(
+            conn, op.id, Code.SUBJECT_DENIED, "requests are not enabled on this gateway"
+        )
+
+    def on_sub(self, conn: WsConnection, op: protocol.Sub) -> bytes:
+        if op.subject in conn.subs:
+            return protocol.ack(op.id)
+        reason = conn.acl.check(op.subject)
+        if reason is not None:
+            return self.error(conn, op.id, Code.SUBJECT_DENIED, reason)
+        if len(conn.subs) >= self.settings.ws.max_subs:
+            return self.error(conn, op.id, Code.LIMIT_EXCEEDED, "too many subscriptions")
+        conn.add_sub(op.subject)
+        return protocol.ack(op.id)
+
+    async def reauthenticate(self, conn: WsConnection, op: protocol.Auth) -> None:
+        """The ``auth`` op: same identity, fresh expiry, ACL re-applied."""
+        try:
+            principal = await self.authenticate(op.token, "auth")
+            old = conn.principal
+            if old is not None and principal.sub != old.sub:
+                raise AuthError(Code.TOKEN_INVALID, "the new token names a different subject")
+        except AuthError as exc:
+            conn.send_control(websocket.text_frame(self.error(conn, op.id, exc.code, exc.message)))
+            return
+        if conn.state != OPEN:
+            return
+        if old is None and principal.sub:
+            self.per_principal[principal.sub] += 1
+        conn.principal = principal
+        conn.warned = False
+        conn.acl = self.acl_for(principal)
+        frames: list[bytes] = []
+        for pattern in list(conn.subs):
+            if conn.acl.check(pattern) is not None:
+                conn.remove_sub(pattern)
+                frames.append(protocol.unsubscribed(pattern, Code.SUBJECT_DENIED))
+        expires = principal.expires_at
+        frames.append(protocol.ack(op.id) if expires is None else protocol.ack(op.id, expires))
+        for frame in frames:
+            conn.send_control(websocket.text_frame(frame))
+
+    # -- periodic work ----------------------------------------------------
+    def sweep(self, now: float) -> None:
+        """Once a second: deadlines and expiry for every connection, no timer each."""
+        wall = time.time()
+        stall = self.settings.outbox.write_timeout_s
+        lead = self.settings.jwt.expiring_lead_s
+        for conn, since in list(self.closing.items()):
+            if now - since > CLOSE_GRACE_S:
+                del self.closing[conn]
+                conn.transport.abort()
+        for conn in list(self.hub.connections):
+            if conn.paused and now - conn.paused_since > stall:
+                self.hub.cut_slow_consumer(conn, "write stalled")
+                continue
+            principal = conn.principal
+            if principal is not None and principal.expires_at is not None:
+                left = principal.expires_at - wall
+                if left <= 0:
+                    conn.close(Close.TOKEN_EXPIRED, "token expired")
+                elif left <= lead and not conn.warned:
+                    conn.warned = True
+                    conn.send_control(websocket.text_frame(protocol.expiring(principal.expires_at)))
+        timeout = self.settings.server.handshake_timeout_s
+        for gate, started in list(self.pending_handshakes.items()):
+            if now - started > timeout:
+                self.pending_handshakes.pop(gate, None)
+                transport = getattr(gate, "transport", None)
+                if transport is not None:
+                    transport.abort()
+        self.hub.publish_counts()
+
+    def ping_idle(self, now: float) -> None:
+        """One ping sweep for the worker: ping the quiet, close the dead."""
+        ws = self.settings.ws
+        ping = websocket.ping_frame()
+        for conn in list(self.hub.connections):
+            idle = now - conn.last_rx
+            if idle > ws.idle_timeout_s:
+                conn.close(Close.GOING_AWAY, "idle timeout")
+            elif idle >= ws.ping_interval_s:
+                conn.send_control(ping)
+
+    def close_all(self, code: int, reason: str) -> None:
+        for conn in list(self.hub.connections):
+            conn.close(code, reason)

@@ -1,0 +1,222 @@
+"""One worker process: its own uvloop, SO_REUSEPORT listener, NATS link and clients.
+
+Signals (from the supervisor): SIGTERM drains (clients get 1001), SIGUSR1
+leaves for a rolling restart (clients get 1012), SIGQUIT exits at once;
+SIGINT and SIGHUP are the supervisor's business. The worker's state file,
+written from the event loop every heartbeat interval, is its heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+from setproctitle import setproctitle
+
+from fanout import logs, metrics, runtime
+from fanout.core.auth import KeySet
+from fanout.errors import Close
+from fanout.settings import Settings
+from fanout.supervisor import WORKER_BOOT_ERROR
+from fanout.worker.app import build_app
+from fanout.worker.gate import Gate
+from fanout.worker.gateway import Gateway
+from fanout.worker.hub import Hub
+from fanout.worker.jwks import JwksCache
+from fanout.worker.nats_link import NatsAuthError, NatsLink
+
+log = logging.getLogger("fanout.worker")
+
+
+class BootError(Exception):
+    """The worker cannot start; the reason is shown by the supervisor."""
+
+
+def listen_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise BootError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.tls.cert or not settings.tls.key:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(settings.tls.cert, settings.tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise BootError(f"tls.cert/tls.key: cannot load: {exc}") from None
+    return ctx
+
+
+class Worker:
+    def __init__(self, settings: Settings, index: int, state_dir: Path) -> None:
+        self.settings = settings
+        self.index = index
+        self.state_dir = state_dir
+        self.started_at = time.time()
+        self.stop_code: int | None = None
+        self.stopped: asyncio.Event | None = None
+        self.listening = False
+        self.loop_lag = 0.0
+        self.generation = int(os.environ.get("FANOUT_GENERATION", "0"))
+        self._title_at = 0.0
+
+    def state(self) -> runtime.WorkerState:
+        hub, link = self.hub, self.link
+        return runtime.WorkerState(
+            pid=os.getpid(),
+            index=self.index,
+            started_at=self.started_at,
+            heartbeat_at=time.time(),
+            listening=self.listening,
+            draining=self.gateway.draining,
+            clients=len(hub.connections),
+            subscriptions=hub.subscription_count,
+            nats_connected=link.connected,
+            nats_url=link.url,
+            last_error_code=link.last_error,
+            loop_lag_s=self.loop_lag,
+            generation=self.generation,
+        )
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        sock = listen_socket(settings.server.host, settings.server.port)
+        ssl_ctx = tls_context(settings)
+        keys: KeySet | JwksCache | None = None
+        if settings.jwt.public_key:
+            try:
+                keys = KeySet.from_pem(settings.jwt.public_key)
+            except ValueError as exc:
+                raise BootError(f"jwt.public_key: {exc}") from None
+        elif settings.jwt.jwks_url:
+            keys = JwksCache(
+                settings.jwt.jwks_url,
+                refetch_interval_s=settings.jwt.jwks_refetch_interval_s,
+                refresh_s=settings.jwt.jwks_refresh_s,
+            )
+            await keys.start()
+        self.hub = hub = Hub(settings, loop)
+        self.gateway = gateway = Gateway(settings, hub, keys)
+        self.link = link = NatsLink(settings.nats, hub.on_nats_message, self.on_nats_status)
+        hub.link = link
+        try:
+            await link.start()
+        except NatsAuthError as exc:
+            raise BootError(str(exc)) from None
+        hub.nats_up = link.connected
+        app = build_app(self.state_dir, self.state, settings.server.ready_quorum, settings.ws.path)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        http_factory = runner.server
+        assert http_factory is not None
+        server = await loop.create_server(
+            lambda: Gate(gateway, http_factory), sock=sock, ssl=ssl_ctx, backlog=2048
+        )
+        self.stopped = asyncio.Event()
+        for sig, code in ((signal.SIGTERM, Close.GOING_AWAY), (signal.SIGUSR1, Close.RESTARTING)):
+            loop.add_signal_handler(sig, self.request_stop, int(code))
+        loop.add_signal_handler(signal.SIGQUIT, os._exit, 0)
+        self.listening = True
+        self.heartbeat()
+        log.info("worker ready", extra={"fields": {"port": settings.server.port}})
+        sweeper = loop.create_task(self.periodic())
+        await self.stopped.wait()
+        code = self.stop_code or int(Close.GOING_AWAY)
+        server.close()
+        gateway.draining = True
+        self.heartbeat()
+        gateway.close_all(
+            code, "gateway restarting" if code == Close.RESTARTING else "shutting down"
+        )
+        deadline = time.monotonic() + settings.server.graceful_timeout_s
+        while gateway.closing and time.monotonic() < deadline:
+            hub.flush()
+            await asyncio.sleep(0.05)
+        for conn in list(gateway.closing):
+            conn.transport.abort()
+        sweeper.cancel()
+        await link.close()
+        if isinstance(keys, JwksCache):
+            await keys.close()
+        await runner.cleanup()
+        return 0
+
+    def request_stop(self, code: int) -> None:
+        if self.stop_code is None:
+            self.stop_code = code
+            log.info("worker stopping", extra={"close_code": code})
+        if self.stopped is not None:
+            self.stopped.set()
+
+    def on_nats_status(self, up: bool) -> None:
+        self.hub.on_nats_status(up)
+        if up and self.link.reconnects:
+            metrics.NATS_RECONNECTS.inc()
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        runtime.write_state(self.state_dir, self.state())
+
+    async def periodic(self) -> None:
+        """The worker's one timer: sweep + heartbeat every second, pings every interval."""
+        interval = self.settings.server.heartbeat_interval_s
+        ping_every = self.settings.ws.ping_interval_s
+        next_ping = time.monotonic() + ping_every
+        loop = asyncio.get_running_loop()
+        while True:
+            expected = loop.time() + interval
+            await asyncio.sleep(interval)
+            self.loop_lag = max(0.0, loop.time() - expected)
+            metrics.LOOP_LAG.observe(self.loop_lag)
+            now = time.monotonic()
+            self.gateway.sweep(now)
+            if now >= next_ping:
+                next_ping = now + ping_every
+                self.gateway.ping_idle(now)
+            metrics.NATS_CONNECTED.set(1 if self.link.connected else 0)
+            self.heartbeat()
+            self.update_title(now)
+
+    def update_title(self, now: float) -> None:
+        if now - self._title_at >= 5.0:
+            self._title_at = now
+            setproctitle(
+                f"fanout worker {self.index} :{self.settings.server.port} "
+                f"[{len(self.hub.connections)} clients]"
+            )
+
+
+def run(settings: Settings, index: int, state_dir: Path) -> int:
+    """Entry point of a forked worker; returns its exit code."""
+    logs.setup(settings.log.level, worker=index)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    setproctitle(f"fanout worker {index} :{settings.server.port} [0 clients]")
+    worker = Worker(settings, index, state_dir)
+    try:
+        return uvloop.run(worker.serve())
+    except BootError as exc:
+        log.error(str(exc), extra={"reason": "boot"})
+        (state_dir / f"boot-error-{os.getpid()}.txt").write_text(str(exc))
+        return WORKER_BOOT_ERROR

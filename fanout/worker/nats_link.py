@@ -1,0 +1,223 @@
+"""The worker's one NATS connection: connect, reconnect forever, rebuild when closed.
+
+nats-py closes a client for good on most ``-ERR`` even with infinite
+reconnects, so ``closed_cb`` is treated as fatal for the link: a new client is
+built and every wanted subscription is made again. The hub says which patterns
+it wants (``want``/``unwant``); this module owns the Subscription objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from fanout.errors import Code
+from fanout.settings import Nats
+
+log = logging.getLogger("fanout.nats")
+
+OnMessage = Callable[[str, Msg], None]
+OnStatus = Callable[[bool], None]
+
+
+class NatsAuthError(Exception):
+    """The server rejected our credentials: retrying will not help."""
+
+
+def _tls_context(cfg: Nats) -> ssl.SSLContext | None:
+    if not (cfg.tls_ca or cfg.tls_cert or any(u.startswith("tls://") for u in cfg.urls)):
+        return None
+    ctx = (
+        ssl.create_default_context(cafile=cfg.tls_ca)
+        if cfg.tls_ca
+        else ssl.create_default_context()
+    )
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.tls_cert and cfg.tls_key:
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    return ctx
+
+
+def connect_options(cfg: Nats) -> dict[str, Any]:
+    """nats-py keyword arguments for our settings (credentials by reference, never logged)."""
+    opts: dict[str, Any] = {
+        "servers": list(cfg.urls),
+        "name": cfg.name,
+        "connect_timeout": cfg.connect_timeout_s,
+        "reconnect_time_wait": cfg.reconnect_wait_s,
+        "max_reconnect_attempts": -1,
+        "allow_reconnect": True,
+        "dont_randomize": False,
+    }
+    tls = _tls_context(cfg)
+    if tls is not None:
+        opts["tls"] = tls
+    if cfg.creds:
+        opts["user_credentials"] = cfg.creds
+    if cfg.nkey_seed:
+        if os.path.isfile(cfg.nkey_seed):
+            opts["nkeys_seed"] = cfg.nkey_seed
+        else:
+            opts["nkeys_seed_str"] = cfg.nkey_seed
+    return opts
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, nats.errors.AuthorizationError) or "authorization" in text
+
+
+class NatsLink:
+    """Keeps one live NATS client and the subscriptions the hub wants."""
+
+    def __init__(self, cfg: Nats, on_message: OnMessage, on_status: OnStatus) -> None:
+        self.cfg = cfg
+        self.on_message = on_message
+        self.on_status = on_status
+        self.wanted: dict[str, Subscription | None] = {}
+        self.nc: Client | None = None
+        self.connected = False
+        self.last_error: str | None = None
+        self.reconnects = 0
+        self._closed = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str | None:
+        nc = self.nc
+        if nc is None or nc.connected_url is None:
+            return None
+        u = nc.connected_url
+        return f"{u.scheme}://{u.hostname}:{u.port}"
+
+    async def start(self) -> None:
+        """First connection attempt; NatsAuthError when credentials are refused."""
+        await self._connect_once(first=True)
+        self._task = asyncio.get_running_loop().create_task(self._keep_alive())
+
+    async def _connect_once(self, first: bool) -> None:
+        nc = Client()
+        try:
+            await nc.connect(
+                **connect_options(self.cfg),
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+                closed_cb=self._on_closed,
+            )
+        except Exception as exc:
+            self.last_error = Code.NATS_DOWN
+            if _is_auth_error(exc):
+                raise NatsAuthError(f"NATS rejected the credentials: {exc}") from None
+            if first:
+                log.warning(
+                    "NATS not reachable, retrying",
+                    extra={"code": Code.NATS_DOWN, "reason": str(exc)},
+                )
+            return
+        self.nc = nc
+        self._closed.clear()
+        self.connected = True
+        self.last_error = None
+        log.info("NATS connected", extra={"fields": {"url": self.url}})
+        for pattern in list(self.wanted):
+            await self._subscribe(pattern)
+        self.on_status(True)
+
+    async def _keep_alive(self) -> None:
+        """Rebuild the client whenever it is closed or was never connected."""
+        while not self._stopping:
+            if self.nc is None:
+                await asyncio.sleep(self.cfg.reconnect_wait_s)
+                try:
+                    await self._connect_once(first=False)
+                except NatsAuthError as exc:
+                    log.error(str(exc), extra={"code": Code.NATS_DOWN})
+                continue
+            await self._closed.wait()
+
+    async def _subscribe(self, pattern: str) -> None:
+        nc = self.nc
+        if nc is None or not nc.is_connected or pattern not in self.wanted:
+            return
+        on_message = self.on_message
+
+        async def deliver(msg: Msg) -> None:
+            on_message(pattern, msg)
+
+        sub = await nc.subscribe(pattern, cb=deliver, pending_bytes_limit=64 * 1024 * 1024)
+        if pattern in self.wanted and self.nc is nc:
+            self.wanted[pattern] = sub
+        else:
+            await sub.unsubscribe()
+
+    def want(self, pattern: str) -> None:
+        self.wanted[pattern] = None
+        if self.nc is not None and self.nc.is_connected:
+            asyncio.get_running_loop().create_task(self._subscribe(pattern))
+
+    def unwant(self, pattern: str) -> None:
+        sub = self.wanted.pop(pattern, None)
+        if sub is not None and self.nc is not None and not self.nc.is_closed:
+            asyncio.get_running_loop().create_task(self._unsubscribe(sub))
+
+    @staticmethod
+    async def _unsubscribe(sub: Subscription) -> None:
+        try:
+            await sub.unsubscribe()
+        except nats.errors.Error as exc:
+            log.debug("unsubscribe failed", extra={"reason": str(exc)})
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS error", extra={"code": Code.NATS_DOWN, "reason": str(exc)})
+
+    async def _on_disconnected(self) -> None:
+        if self.connected:
+            self.connected = False
+            self.last_error = Code.NATS_DOWN
+            log.warning("NATS disconnected", extra={"code": Code.NATS_DOWN})
+            self.on_status(False)
+
+    async def _on_reconnected(self) -> None:
+        self.connected = True
+        self.reconnects += 1
+        log.info("NATS reconnected", extra={"fields": {"url": self.url}})
+        self.on_status(True)
+
+    async def _on_closed(self) -> None:
+        if self._stopping:
+            return
+        log.error("NATS connection closed; rebuilding the link", extra={"code": Code.NATS_DOWN})
+        await self._on_disconnected()
+        for pattern in self.wanted:
+            self.wanted[pattern] = None
+        self.nc = None
+        self._closed.set()
+
+    async def request(
+        self, subject: str, payload: bytes, timeout_s: float, headers: dict[str, str] | None
+    ) -> Msg:
+        if self.nc is None or not self.nc.is_connected:
+            raise nats.errors.ConnectionClosedError
+        return await self.nc.request(subject, payload, timeout=timeout_s, headers=headers)
+
+    async def close(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+        nc, self.nc = self.nc, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.drain(), timeout=2.0)
+            except (TimeoutError, nats.errors.Error):
+                await nc.close()
