@@ -9,6 +9,7 @@ the field it is about, so an operator can fix it from one line.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -216,9 +217,11 @@ def _merge(tree: dict[str, Any], overrides: Mapping[str, Any]) -> None:
 def _error_path(exc: msgspec.ValidationError) -> tuple[str, str]:
     text = str(exc)
     message, sep, where = text.rpartition(" - at `$.")
-    if not sep:
-        return "config", text
-    return where.rstrip("`").replace("[", ".").replace("]", ""), message
+    path = where.rstrip("`").replace("[", ".").replace("]", "") if sep else ""
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", message if sep else text)
+    if unknown:
+        return ".".join(filter(None, (path, unknown.group(1)))), "unknown setting"
+    return (path, message) if sep else ("config", text)
 
 
 def load(

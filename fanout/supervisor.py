@@ -71,6 +71,7 @@ _HANDLED = (
 )  # fmt: skip
 _REASONS = ("boot_error", "crash", "exit", "signal", "timeout")
 _TICK_S = 0.25
+_ROLL_TICK_S = 0.05
 _BACKOFF_FIRST_S = 0.1
 _BACKOFF_CAP_S = 10.0
 _STABLE_AFTER_S = 30.0
@@ -304,6 +305,8 @@ class Supervisor:
     def _tick(self) -> None:
         now = time.monotonic()
         due = [b.not_before - now for b in self._backoff.values() if b.not_before > now]
+        if self._step is not None:
+            due.append(_ROLL_TICK_S)  # the next old worker goes as soon as its successor listens
         self._wait(max(0.01, min([_TICK_S, *due])))
         self._dispatch()
         self.reap_children()

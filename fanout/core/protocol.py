@@ -129,8 +129,6 @@ def decode_client_frame(payload: bytes, max_batch: int = 1000) -> list[ClientOp 
             ops.append(_op_decoder.decode(element))
         except msgspec.ValidationError as exc:
             ops.append(_element_error(bytes(element), exc))
-        except RecursionError:
-            ops.append(FrameError("invalid JSON: nested too deeply"))
     return ops
 
 
@@ -231,14 +229,6 @@ class Expiring(_Frame, tag="expiring"):
 class Unsubscribed(_Frame, tag="unsubscribed"):
     subject: str
     code: str
-
-
-ServerFrame = Welcome | Ack | Error | Pong | Status | Dropped | Expiring | Unsubscribed
-
-
-def encode(frame: ServerFrame) -> bytes:
-    """Compact JSON, ``op`` first, fields in declaration order, unset fields left out."""
-    return _encode(frame)
 
 
 def welcome(conn: str, expires_at: int | None, limits: Limits) -> bytes:

@@ -17,6 +17,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Protocol
 
 from fanout import metrics
 from fanout.core import protocol, websocket
@@ -32,6 +33,12 @@ from fanout.worker.jwks import JwksCache
 log = logging.getLogger("fanout.gateway")
 
 CLOSE_GRACE_S = 5.0
+
+
+class RequestHandler(Protocol):
+    """The ``request`` op (protocol v1.1) is answered by a pluggable broker."""
+
+    def handle(self, conn: WsConnection, op: protocol.Request) -> bytes | None: ...
 
 
 @dataclass(slots=True)
@@ -64,6 +71,7 @@ class Gateway:
         self.pending_handshakes: dict[asyncio.BaseProtocol, float] = {}
         self.closing: dict[WsConnection, float] = {}
         self.draining = False
+        self.requests: RequestHandler | None = None
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
         lim = settings.ws
@@ -220,9 +228,9 @@ class Gateway:
         if isinstance(op, protocol.Auth):
             asyncio.get_running_loop().create_task(self.reauthenticate(conn, op))
             return None
-        return self.error(
-            conn, op.id, Code.SUBJECT_DENIED, "requests are not enabled on this gateway"
-        )
+        if self.requests is None:
+            return self.error(conn, op.id, Code.SUBJECT_DENIED, "requests are not enabled")
+        return self.requests.handle(conn, op)
 
     def on_sub(self, conn: WsConnection, op: protocol.Sub) -> bytes:
         if op.subject in conn.subs:

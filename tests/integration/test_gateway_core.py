@@ -41,7 +41,8 @@ def gw(
     _, public = keypair
     gateway = launch_gateway(
         tmp_path_factory.mktemp("gw"),
-        "--workers", "1",
+        "--workers",
+        "1",
         NATS_URLS=nats_module.url,
         JWT_PUBLIC_KEY=str(public),
         WS_ALLOWED_ORIGINS=ORIGIN,
@@ -79,7 +80,9 @@ async def wait_for_interest(nc: nats.aio.client.Client, client: WsClient, subjec
                 return
 
 
-async def test_welcome_then_ack_then_messages(gw: Gateway, token: str, nc: nats.aio.client.Client) -> None:
+async def test_welcome_then_ack_then_messages(
+    gw: Gateway, token: str, nc: nats.aio.client.Client
+) -> None:
     client = await WsClient.connect(gw.ws, token)
     try:
         welcome = await client.recv()
@@ -95,7 +98,11 @@ async def test_welcome_then_ack_then_messages(gw: Gateway, token: str, nc: nats.
         await nc.publish("xy.md.tick.demo", b"\xff\x00binary")
         await nc.publish("xy.md.tick.demo", b'{"seq":3}', headers={"traceparent": "00-abc-def-01"})
         first = await client.expect(lambda f: f.get("op") == "msg")
-        assert first == {"op": "msg", "subject": "xy.md.tick.demo", "data": {"price": 1.5, "seq": 1}}
+        assert first == {
+            "op": "msg",
+            "subject": "xy.md.tick.demo",
+            "data": {"price": 1.5, "seq": 1},
+        }
         second = await client.expect(lambda f: f.get("op") == "msg")
         assert "data" not in second and payload_of(second) == b"\xff\x00binary"
         third = await client.expect(lambda f: f.get("op") == "msg")
@@ -105,7 +112,9 @@ async def test_welcome_then_ack_then_messages(gw: Gateway, token: str, nc: nats.
         await client.close()
 
 
-async def test_raw_frame_is_verbatim_and_compact(gw: Gateway, token: str, nc: nats.aio.client.Client) -> None:
+async def test_raw_frame_is_verbatim_and_compact(
+    gw: Gateway, token: str, nc: nats.aio.client.Client
+) -> None:
     client = await WsClient.connect(gw.ws, token)
     try:
         await client.subscribe("xy.md.raw")
@@ -122,11 +131,16 @@ async def test_raw_frame_is_verbatim_and_compact(gw: Gateway, token: str, nc: na
 async def test_acl_denials(gw: Gateway, token: str) -> None:
     client = await WsClient.connect(gw.ws, token)
     try:
-        for i, subject in enumerate(["other.thing", "xy.md.>", "xy.md", "xy.md.a\r\nSUB x 1", "xy..md"], 1):
+        for i, subject in enumerate(
+            ["other.thing", "xy.md.>", "xy.md", "xy.md.a\r\nSUB x 1", "xy..md"], 1
+        ):
             reply = await client.op({"op": "sub", "id": i, "subject": subject})
             assert reply["op"] == "error" and reply["code"] == "XYW002", (subject, reply)
         assert (await client.subscribe("xy.md.tick.*", 10)) == {"op": "ack", "id": 10}
-        assert (await client.op({"op": "unsub", "id": 11, "subject": "nope.x"})) == {"op": "ack", "id": 11}
+        assert (await client.op({"op": "unsub", "id": 11, "subject": "nope.x"})) == {
+            "op": "ack",
+            "id": 11,
+        }
         assert (await client.op({"op": "ping", "id": 12})) == {"op": "pong", "id": 12}
     finally:
         await client.close()
@@ -134,8 +148,9 @@ async def test_acl_denials(gw: Gateway, token: str) -> None:
 
 async def test_token_claims_narrow_the_whitelist(gw: Gateway, keypair: tuple[Path, Path]) -> None:
     private, _ = keypair
-    narrow = make_token(private_key_pem=private.read_bytes(), sub="bob",
-                        subjects=["xy.md.{sub}.*"], ttl_s=600)
+    narrow = make_token(
+        private_key_pem=private.read_bytes(), sub="bob", subjects=["xy.md.{sub}.*"], ttl_s=600
+    )
     client = await WsClient.connect(gw.ws, narrow)
     try:
         assert (await client.subscribe("xy.md.bob.x", 1))["op"] == "ack"
@@ -171,8 +186,9 @@ def test_handshake_refusals(gw: Gateway, token: str, keypair: tuple[Path, Path])
     status, body = refused(gw.port, token=token, headers={"Origin": ORIGIN + ".evil.com"})
     assert (status, body["code"]) == (403, "XYW006")
     private, _ = keypair
-    expired = make_token(private_key_pem=private.read_bytes(), sub="a", subjects=[], ttl_s=60,
-                         now=time.time() - 3600)
+    expired = make_token(
+        private_key_pem=private.read_bytes(), sub="a", subjects=[], ttl_s=60, now=time.time() - 3600
+    )
     status, body = refused(gw.port, token=expired)
     assert (status, body["code"]) == (401, "XYW005")
     assert token[:20] not in json.dumps(body)
@@ -209,7 +225,10 @@ async def test_bad_frames_answered_and_neighbour_unharmed(
         assert await bad.closed_code() == 1003
         for i in range(20):
             await nc.publish("xy.md.watch", json.dumps({"i": i}).encode())
-        got = [await watcher.expect(lambda f: f.get("op") == "msg" and "i" in f["data"]) for _ in range(20)]
+        got = [
+            await watcher.expect(lambda f: f.get("op") == "msg" and "i" in f["data"])
+            for _ in range(20)
+        ]
         assert [f["data"]["i"] for f in got] == list(range(20))
     finally:
         await bad.close()
@@ -250,7 +269,14 @@ def test_healthz_and_metrics(gw: Gateway) -> None:
     status, body, _ = http_get(gw.http + "/healthz")
     assert status == 200
     health = json.loads(body)
-    for name in ("natsConnected", "subscriptions", "lastErrorCode", "uptimeSeconds", "clients", "subsPerConn"):
+    for name in (
+        "natsConnected",
+        "subscriptions",
+        "lastErrorCode",
+        "uptimeSeconds",
+        "clients",
+        "subsPerConn",
+    ):
         assert name in health
     assert health["natsConnected"] is True
     assert len(health["workers"]) == 1
@@ -260,15 +286,22 @@ def test_healthz_and_metrics(gw: Gateway) -> None:
     assert status == 200
     text = body.decode()
     for series in (
-        "xy_ws_active_connections", "xy_ws_messages_forwarded_total", "xy_ws_messages_dropped_total",
-        "xy_ws_slow_consumers_total", "xy_nats_reconnects_total", "xy_ws_send_queue_size",
-        "fanout_handshake_failures_total", "fanout_workers",
+        "xy_ws_active_connections",
+        "xy_ws_messages_forwarded_total",
+        "xy_ws_messages_dropped_total",
+        "xy_ws_slow_consumers_total",
+        "xy_nats_reconnects_total",
+        "xy_ws_send_queue_size",
+        "fanout_handshake_failures_total",
+        "fanout_workers",
     ):
         assert re.search(rf"^{series}(\{{|\s)", text, re.M), series
     assert re.search(r'^fanout_handshake_failures_total\{code="XYW001"\} [1-9]', text, re.M)
 
 
-async def test_dedup_overlapping_subscriptions(gw: Gateway, token: str, nc: nats.aio.client.Client) -> None:
+async def test_dedup_overlapping_subscriptions(
+    gw: Gateway, token: str, nc: nats.aio.client.Client
+) -> None:
     client = await WsClient.connect(gw.ws, token)
     try:
         await client.subscribe("xy.md.dup.a", 1)
@@ -292,7 +325,9 @@ async def test_nats_restart_status_frames(tmp_path: Path, keypair: tuple[Path, P
     private, public = keypair
     server = EmbeddedNats()
     server.start()
-    gateway = launch_gateway(tmp_path, "--workers", "1", NATS_URLS=server.url, JWT_PUBLIC_KEY=str(public))
+    gateway = launch_gateway(
+        tmp_path, "--workers", "1", NATS_URLS=server.url, JWT_PUBLIC_KEY=str(public)
+    )
     tok = make_token(private_key_pem=private.read_bytes(), sub="c", subjects=["xy.md.>"], ttl_s=600)
     client = await WsClient.connect(gateway.ws, tok)
     try:
@@ -340,23 +375,35 @@ async def test_demo_mode_serves_ticks_anonymously(tmp_path: Path) -> None:
 def test_config_error_exits_2_naming_the_field() -> None:
     env = gateway_env(FANOUT_SERVER_PORT="99999")
     out = subprocess.run(
-        [sys.executable, "-m", "fanout.cli", "check-config"], env=env,
-        capture_output=True, text=True, timeout=30,
+        [sys.executable, "-m", "fanout.cli", "check-config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 2
     assert out.stderr.startswith("fanout: invalid config: server.port:")
     out = subprocess.run(
-        [sys.executable, "-m", "fanout.cli", "serve"], env=gateway_env(),
-        capture_output=True, text=True, timeout=30,
+        [sys.executable, "-m", "fanout.cli", "serve"],
+        env=gateway_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 2
     assert "jwt.public_key" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     out = subprocess.run(
         [sys.executable, "-m", "fanout.cli", "check-config"],
-        env=gateway_env(NATS_URLS="nats://a:4222, nats://b:4222", NATS_NKEY_SEED="SUAXXXSECRET",
-                        WS_SUBJECT_WHITELIST="xy.md.>,orders.*", JWT_PUBLIC_KEY="/k.pem"),
-        capture_output=True, text=True, timeout=30,
+        env=gateway_env(
+            NATS_URLS="nats://a:4222, nats://b:4222",
+            NATS_NKEY_SEED="SUAXXXSECRET",
+            WS_SUBJECT_WHITELIST="xy.md.>,orders.*",
+            JWT_PUBLIC_KEY="/k.pem",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 0, out.stderr
     effective = json.loads(out.stdout)

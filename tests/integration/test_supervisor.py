@@ -41,35 +41,24 @@ def write_config(path: Path, port: int, workers: int, **server: float) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def proc_stat(pid: int) -> tuple[int, str] | None:
-    """(parent pid, state letter) of a live process, None if it is gone."""
+def proc_stat(pid: int) -> tuple[int, int, str] | None:
+    """(parent pid, session id, state letter) of a process, None if it is gone."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = text.rsplit(")", 1)[1].split()
-    return int(fields[1]), fields[0]
+    return int(fields[1]), int(fields[3]), fields[0]
 
 
 def cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
 
 
-def processes_of(state_dir: Path) -> set[int]:
-    """Live processes started by a supervisor of ``state_dir`` (they inherit its env)."""
-    marker = f"PROMETHEUS_MULTIPROC_DIR={state_dir}".encode()
-    found = set()
+def live_pids() -> Iterator[tuple[int, tuple[int, int, str]]]:
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        stat_ = proc_stat(int(entry.name))
-        if marker in environ and stat_ is not None and stat_[1] != "Z":
-            found.add(int(entry.name))
-    return found
+        if entry.name.isdigit() and (stat_ := proc_stat(int(entry.name))) and stat_[2] != "Z":
+            yield int(entry.name), stat_
 
 
 def listen_sockets(port: int) -> int:
@@ -137,6 +126,18 @@ class Gateway:
     def exits(self, pid: int) -> list[dict[str, Any]]:
         return [e for e in self.log_lines() if e["msg"].endswith(" exited") and e["pid"] == pid]
 
+    def family(self) -> set[int]:
+        """Live processes of this gateway: its session (supervisor, workers, side process)
+        and the embedded nats-server (its own session), found by the port in the log."""
+        urls = [e["url"] for e in self.log_lines() if e["msg"] == "embedded nats-server started"]
+        nats_args = [f"-p {url.rsplit(':', 1)[1]}" for url in urls]
+        return {
+            pid
+            for pid, (_, sid, _) in live_pids()
+            if sid == self.proc.pid
+            or ("nats-server" in (line := cmdline(pid)) and any(a in line for a in nats_args))
+        }
+
     def tickers(self) -> dict[int, str]:
         files = self.out.glob("ticker-*")
         return {int(f.name.split("-")[1]): f.read_text() for f in files}
@@ -146,14 +147,20 @@ class Gateway:
 def start(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     started: list[Gateway] = []
 
-    def start_gateway(workers: int = 2, mode: str = "ok", wait: bool = True, **server: float) -> Gateway:
+    def start_gateway(
+        workers: int = 2, mode: str = "ok", wait: bool = True, **server: float
+    ) -> Gateway:
         port = free_port()
         base = tmp_path / f"gw{len(started)}"
         base.mkdir()
         config, out, log = base / "fanout.toml", base / "out", base / "supervisor.log"
         out.mkdir()
         write_config(config, port, workers, **server)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FANOUT_", "NATS_", "JWT_", "WS_"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("FANOUT_", "NATS_", "JWT_", "WS_"))
+        }
         env["HARNESS_MODE"] = mode
         with log.open("wb") as sink:
             proc = subprocess.Popen(
@@ -172,7 +179,7 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
 
     yield start_gateway
     for gateway in started:
-        leftovers = processes_of(gateway.state_dir)
+        leftovers = gateway.family()
         if gateway.proc.poll() is None:
             gateway.proc.kill()
             gateway.proc.wait(10)
@@ -201,7 +208,7 @@ def test_workers_share_the_port_and_name_their_processes(start: Callable[..., Ga
     assert cmdline(gw.proc.pid) == f"fanout supervisor :{gw.port}"
     for state in states:
         assert cmdline(state.pid) == f"fanout worker {state.index}"
-        assert proc_stat(state.pid) == (gw.proc.pid, proc_stat(state.pid)[1])  # type: ignore[index]
+        assert proc_stat(state.pid)[:2] == (gw.proc.pid, gw.proc.pid)  # type: ignore[index]
     [(ticker_pid, ticker_url)] = gw.tickers().items()
     assert ticker_url == nats_url
     assert cmdline(ticker_pid) == "fanout ticker"
@@ -221,9 +228,9 @@ def test_workers_share_the_port_and_name_their_processes(start: Callable[..., Ga
 def test_sigterm_stops_everything_and_leaves_no_orphans(start: Callable[..., Gateway]) -> None:
     gw = start(workers=2)
     workers = {s.pid for s in gw.listening()}
-    family = processes_of(gw.state_dir)
+    family = gw.family()
     assert len(family) == 5  # supervisor, two workers, the side process, nats-server
-    assert any("nats-server" in cmdline(pid) for pid in family)
+    assert {proc_stat(pid)[0] for pid in family} == {os.getpid(), gw.proc.pid}  # type: ignore[index]
     gw.send(signal.SIGTERM)
     assert gw.proc.wait(5) == 0
     assert [pid for pid in family if proc_stat(pid) is not None] == []
@@ -279,36 +286,39 @@ def test_workers_that_cannot_boot_stop_the_supervisor_with_exit_2(
     boot_errors = [e for e in gw.log_lines() if e.get("reason") == "boot_error"]
     assert len(boot_errors) == 2
     assert {e["exit_code"] for e in boot_errors} == {3}
-    assert processes_of(gw.state_dir) == set()
+    assert gw.family() == set()
 
 
 def test_sighup_rolls_one_worker_at_a_time_keeping_all_listening(
     start: Callable[..., Gateway],
 ) -> None:
     gw = start(workers=2)
-    old = {s.pid for s in gw.listening()}
+    old = {s.index: s.pid for s in gw.listening()}
     write_config(gw.config, gw.port, 2, graceful_timeout_s=2.5)
     gw.send(signal.SIGHUP)
     deadline = time.monotonic() + 10
-    samples = 0
     for _ in range(100_000):
         states = runtime.read_states(gw.state_dir)
         assert listen_sockets(gw.port) >= 2
-        booting = [s for s in states if s.generation == 1 and not s.listening]
-        assert len(booting) <= 1
-        samples += 1
+        assert len([s for s in states if s.generation == 1 and not s.listening]) <= 1
         current = [s for s in states if s.generation == 1 and s.listening]
-        if len(current) == 2 and not {s.pid for s in states} & old:
+        if len(current) == 2 and not {s.pid for s in states} & set(old.values()):
             break
         assert time.monotonic() < deadline, "the roll did not finish in 10 s"
         time.sleep(0.005)
-    assert samples > 10
-    assert sorted(s.index for s in gw.listening()) == [1, 2]
+    new = {s.index: s.pid for s in gw.listening()}
+    assert sorted(new) == [1, 2] and not set(new.values()) & set(old.values())
     assert gw.supervisor().generation == 1
     assert gw.supervisor().restarts == REASONS
-    for pid in old:
+    wait_for(lambda: all(gw.exits(pid) for pid in old.values()), 3.0, "the old workers' exits")
+    events = [(e["msg"], e["pid"]) for e in gw.log_lines() if "pid" in e]
+    for index, pid in old.items():
         [line] = gw.exits(pid)
         assert (line["reason"], line["exit_code"]) == ("reload", 0)
+        # an old worker is told to leave only once its successor listens
+        assert events.index(("worker listening", new[index])) < events.index(("worker exited", pid))
+    # one at a time: worker 2's successor is forked only once worker 1's listens
+    assert events.index(("worker listening", new[1])) < events.index(("worker started", new[2]))
 
 
 def test_bad_reload_keeps_the_old_workers(start: Callable[..., Gateway]) -> None:
@@ -369,7 +379,7 @@ def test_ttin_and_ttou_change_the_worker_count(start: Callable[..., Gateway]) ->
 
 def test_second_ctrl_c_stops_at_once(start: Callable[..., Gateway]) -> None:
     gw = start(workers=2, mode="slowdrain", graceful_timeout_s=20.0)
-    family = processes_of(gw.state_dir)
+    family = gw.family()
     os.killpg(gw.proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole process group
     time.sleep(0.5)
     assert gw.proc.poll() is None
@@ -392,4 +402,4 @@ def test_graceful_stop_is_bounded(start: Callable[..., Gateway]) -> None:
     for pid in workers:
         [line] = gw.exits(pid)
         assert (line["reason"], line["signal"]) == ("shutdown", "SIGKILL")
-    assert processes_of(gw.state_dir) == set()
+    assert gw.family() == set()

@@ -52,8 +52,11 @@ class WsClient:
                 self.frames.extend(data if isinstance(data, list) else [data])
             elif msg.type == aiohttp.WSMsgType.PING:
                 await self.ws.pong(msg.data)
-            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                              aiohttp.WSMsgType.CLOSING):
+            elif msg.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.CLOSING,
+            ):
                 raise ConnectionClosed(self.ws.close_code)
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 raise ConnectionClosed(self.ws.close_code)
@@ -82,8 +85,11 @@ class WsClient:
         async with asyncio.timeout(timeout):
             while True:
                 msg = await self.ws.receive()
-                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                                aiohttp.WSMsgType.ERROR):
+                if msg.type in (
+                    aiohttp.WSMsgType.CLOSE,
+                    aiohttp.WSMsgType.CLOSED,
+                    aiohttp.WSMsgType.ERROR,
+                ):
                     return self.ws.close_code
 
     async def close(self) -> None:
@@ -104,8 +110,13 @@ def payload_of(frame: Frame) -> bytes:
 
 
 # -- raw socket helpers (for bytes no well-behaved client would send) ----------
-def raw_handshake(port: int, path: str = "/ws", headers: dict[str, str] | None = None,
-                  token: str | None = None, timeout: float = 5.0) -> tuple[socket.socket, bytes]:
+def raw_handshake(
+    port: int,
+    path: str = "/ws",
+    headers: dict[str, str] | None = None,
+    token: str | None = None,
+    timeout: float = 5.0,
+) -> tuple[socket.socket, bytes]:
     """Open a TCP socket, send an upgrade request, return (socket, response head)."""
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
@@ -142,8 +153,11 @@ def client_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes | No
         header = bytes([first, 0x80 | 126]) + n.to_bytes(2, "big")
     else:
         header = bytes([first, 0x80 | 127]) + n.to_bytes(8, "big")
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if n < 4096 else _mask_fast(
-        payload, mask)
+    masked = (
+        bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        if n < 4096
+        else _mask_fast(payload, mask)
+    )
     return header + mask + masked
 
 
@@ -171,7 +185,7 @@ def read_close_code(sock: socket.socket, timeout: float = 5.0) -> int | None:
                 n, off = int.from_bytes(buf[2:10], "big"), 10
             if len(buf) < off + n:
                 break
-            opcode, payload, buf = buf[0] & 0x0F, buf[off:off + n], buf[off + n:]
+            opcode, payload, buf = buf[0] & 0x0F, buf[off : off + n], buf[off + n :]
             if opcode == 0x8:
                 return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
         try:

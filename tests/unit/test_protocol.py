@@ -157,6 +157,8 @@ def test_id_at_the_safe_integer_bounds() -> None:
         (b" [ ] ", "empty batch"),
         (b"[" * 10_000, "nested too deeply"),
         (b"{" + b'"a":[' * 10_000, "invalid JSON"),
+        (b'{"op":"nope","x":' + b"[" * 10_000, "nested too deeply"),
+        (b'{"op":"ping","id":3,"x":' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nested too deeply"),
         (b'[{"op":"ping","id":1}, ' + b"[" * 10_000 + b"]" * 10_000 + b"]", "nested too deeply"),
     ],
 )
