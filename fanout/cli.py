@@ -69,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state_dir=make_state_dir(),
         config_path=args.config,
         extra_children=side,
+        overrides=_overrides(args),
     )
     return supervisor.run()
 

@@ -71,6 +71,54 @@ LOOP_LAG = Histogram(
 for _reason in ("drop_oldest", "latest", "disconnect"):
     DROPPED.labels(_reason)
 
+#: Outcomes of ``request`` ops (protocol v1.1): the only values of the ``outcome`` label.
+REQUEST_OUTCOMES = (
+    "ok",
+    "service_error",
+    "timeout",
+    "no_responders",
+    "denied",
+    "rate_limited",
+    "circuit_open",
+    "limit",
+    "malformed",
+    "unavailable",
+    "failed",
+)
+REQUESTS = Counter("fanout_requests", "Client requests (protocol v1.1) by outcome", ["outcome"])
+REQUEST_DURATION = Histogram(
+    "fanout_request_duration_seconds",
+    "Client requests that reached NATS: from the request op to the reply or error frame",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+CIRCUIT_STATE = Gauge(
+    "fanout_circuit_state",
+    "Worst circuit breaker state under a request whitelist pattern (0 closed, 1 half-open, 2 open)",
+    ["subject_pattern"],
+    multiprocess_mode="livemax",
+)
+for _outcome in REQUEST_OUTCOMES:
+    REQUESTS.labels(_outcome)
+
+#: Why a handshake was refused with 503 XYW007: the only values of the ``limit`` label.
+LIMITS = ("draining", "shedding", "handshake_rate", "worker_full", "per_ip", "per_principal")
+LIMIT_REFUSALS = Counter(
+    "fanout_limit_refusals", "WebSocket handshakes refused by a connection limit", ["limit"]
+)
+HANDSHAKE_TIMEOUTS = Counter(
+    "fanout_handshake_timeouts", "Sockets cut for not finishing the upgrade in time"
+)
+LOAD_SHEDDING = Gauge(
+    "fanout_load_shedding", "Workers shedding new handshakes", multiprocess_mode="livesum"
+)
+CONNECTION_CAP = Gauge(
+    "fanout_connection_cap",
+    "WebSocket connection cap in force, after clamping below the fd limit",
+    multiprocess_mode="livesum",
+)
+for _limit in LIMITS:
+    LIMIT_REFUSALS.labels(_limit)
+
 
 class GatewayCollector(Collector):
     """Series that come from the shared state files rather than from counters."""
@@ -95,6 +143,6 @@ def render() -> tuple[bytes, str]:
     """A fresh registry per scrape, summing every live and past worker's files."""
     path = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, str(path))
+    multiprocess.MultiProcessCollector(registry, str(path))  # type: ignore[no-untyped-call]
     registry.register(GatewayCollector(path))
     return generate_latest(registry), CONTENT_TYPE_LATEST

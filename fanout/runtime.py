@@ -48,6 +48,7 @@ class WorkerState(msgspec.Struct, kw_only=True):
     last_error_code: str | None
     loop_lag_s: float
     generation: int
+    shedding: bool = False
 
 
 class SupervisorState(msgspec.Struct, kw_only=True):

@@ -8,6 +8,7 @@ the field it is about, so an operator can fix it from one line.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -17,6 +18,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from fanout.core.metadata import is_reserved, valid_header_name
 from fanout.core.subjects import SubjectError, validate_pattern
 
 Policy = Literal["drop_oldest", "latest", "disconnect"]
@@ -39,6 +41,18 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: int = 10_000
     max_connections_per_ip: int = 0
     max_connections_per_principal: int = 0
+    #: Headroom kept below RLIMIT_NOFILE: max_connections is clamped to the fd limit minus this.
+    fd_headroom: int = 128
+    #: New WebSocket handshakes per second from one client address (0 = off), and the burst.
+    #: Off by default: behind a NAT or an L4 balancer one address is many clients.
+    handshake_rate_per_ip: float = 0.0
+    handshake_burst_per_ip: float = 100.0
+    #: Peers (IPs or CIDRs) whose X-Forwarded-For / X-Forwarded-Proto headers are believed.
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    #: Load shedding: refuse new handshakes (503 XYW007) and fail /readyz past either (0 = off).
+    shed_loop_lag_s: float = 0.5
+    shed_rss_bytes: int = 0
+    shed_retry_after_s: int = 5
     handshake_timeout_s: float = 10.0
     max_request_head_bytes: int = 16_384
     graceful_timeout_s: float = 10.0
@@ -50,6 +64,7 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class Tls(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cert: str | None = None
     key: str | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
 
 
 class Nats(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -84,6 +99,8 @@ class Jwt(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     jwks_refetch_interval_s: float = 30.0
     jwks_refresh_s: float = 300.0
     expiring_lead_s: float = 60.0
+    #: File of revoked token ids (``jti``), one per line; read at worker start (SIGHUP rolls).
+    denylist_path: str | None = None
 
 
 class Ws(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -123,6 +140,33 @@ class Demo(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     symbols: list[str] = msgspec.field(default_factory=lambda: ["demo", "btc", "eth", "sol"])
 
 
+InterceptorName = Literal["acl", "rate_limit", "circuit_breaker", "deadline", "tracing"]
+
+
+class Requests(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The ``request`` op (protocol v1.1): off while ``whitelist`` is empty."""
+
+    whitelist: list[str] = msgspec.field(default_factory=list)
+    max_in_flight: int = 100
+    #: Requests per second per principal (anonymous: per client address), and the burst.
+    rate: float = 50.0
+    burst: float = 100.0
+    max_principals: int = 10_000
+    default_timeout_ms: int = 5_000
+    max_timeout_ms: int = 30_000
+    #: Consecutive failures (timeouts, 5xx service errors) that open a subject's circuit.
+    breaker_failures: int = 5
+    breaker_reset_s: float = 10.0
+    max_breakers: int = 1_000
+    #: Send the client's JWT as ``Authorization: Bearer`` so the service verifies it itself.
+    forward_token: bool = False
+    #: Client ``headers`` passed on besides correlationId, causationId, traceparent, tracestate.
+    allowed_headers: list[str] = msgspec.field(default_factory=list)
+    interceptors: list[InterceptorName] = msgspec.field(
+        default_factory=lambda: ["acl", "rate_limit", "circuit_breaker", "deadline", "tracing"]
+    )
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: Server = msgspec.field(default_factory=Server)
     tls: Tls = msgspec.field(default_factory=Tls)
@@ -132,6 +176,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     outbox: Outbox = msgspec.field(default_factory=Outbox)
     log: Log = msgspec.field(default_factory=Log)
     demo: Demo = msgspec.field(default_factory=Demo)
+    requests: Requests = msgspec.field(default_factory=Requests)
 
 
 #: The origin story's environment names → dotted setting paths.
@@ -148,6 +193,7 @@ SEED_ENV: dict[str, str] = {
     "JWT_AUDIENCE": "jwt.audience",
     "WS_ALLOWED_ORIGINS": "ws.allowed_origins",
     "WS_SUBJECT_WHITELIST": "ws.subject_whitelist",
+    "WS_REQUEST_WHITELIST": "requests.whitelist",
 }
 
 #: Settings whose values are secrets: redacted by ``check-config`` and never logged.
@@ -195,7 +241,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if name in environ:
             out[path] = _env_value(path, environ[name])
     for name, value in environ.items():
-        if not name.startswith("FANOUT_") or name == "FANOUT_CONFIG":
+        if not name.startswith("FANOUT_") or name in ("FANOUT_CONFIG", "FANOUT_GENERATION"):
             continue
         section, _, field = name[len("FANOUT_") :].lower().partition("_")
         path = f"{section}.{field}"
@@ -262,6 +308,18 @@ def validate(s: Settings) -> None:
     _check(0 < s.server.port < 65536, "server.port", "must be 1..65535")
     _check(s.server.workers >= 0, "server.workers", "must be >= 0 (0 = one per CPU)")
     _check(s.server.max_connections > 0, "server.max_connections", "must be > 0")
+    _check(s.server.fd_headroom >= 16, "server.fd_headroom", "must be >= 16")
+    _check(s.server.handshake_timeout_s > 0, "server.handshake_timeout_s", "must be > 0")
+    _check(s.server.handshake_rate_per_ip >= 0, "server.handshake_rate_per_ip", "must be >= 0")
+    _check(s.server.handshake_burst_per_ip >= 1, "server.handshake_burst_per_ip", "must be >= 1")
+    for proxy in s.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError("server.trusted_proxies", f"{proxy!r} is not an IP or CIDR") from None
+    _check(s.server.shed_loop_lag_s >= 0, "server.shed_loop_lag_s", "must be >= 0 (0 = off)")
+    _check(s.server.shed_rss_bytes >= 0, "server.shed_rss_bytes", "must be >= 0 (0 = off)")
+    _check(s.server.shed_retry_after_s >= 1, "server.shed_retry_after_s", "must be >= 1")
     _check(s.server.graceful_timeout_s >= 0, "server.graceful_timeout_s", "must be >= 0")
     _check(s.server.worker_timeout_s > 0, "server.worker_timeout_s", "must be > 0")
     _check(0 < s.server.ready_quorum <= 1, "server.ready_quorum", "must be in (0, 1]")
@@ -329,6 +387,42 @@ def validate(s: Settings) -> None:
     _check(s.outbox.max_batch > 0, "outbox.max_batch", "must be > 0")
     _check(s.outbox.write_timeout_s > 0, "outbox.write_timeout_s", "must be > 0")
     _check(s.demo.interval_s > 0, "demo.interval_s", "must be > 0")
+    _validate_requests(s.requests, s.ws.max_subject_bytes)
+
+
+def _validate_requests(r: Requests, max_subject_bytes: int) -> None:
+    for pattern in r.whitelist:
+        try:
+            validate_pattern(pattern, max_subject_bytes)
+        except SubjectError as exc:
+            raise ConfigError("requests.whitelist", f"{pattern!r}: {exc}") from None
+    _check(r.max_in_flight > 0, "requests.max_in_flight", "must be > 0")
+    _check(r.rate > 0, "requests.rate", "must be > 0")
+    _check(r.burst >= 1, "requests.burst", "must be >= 1")
+    _check(r.max_principals > 0, "requests.max_principals", "must be > 0")
+    _check(r.default_timeout_ms > 0, "requests.default_timeout_ms", "must be > 0")
+    _check(
+        r.default_timeout_ms <= r.max_timeout_ms <= 300_000,
+        "requests.max_timeout_ms",
+        "must be between requests.default_timeout_ms and 300000",
+    )
+    _check(r.breaker_failures > 0, "requests.breaker_failures", "must be > 0")
+    _check(r.breaker_reset_s > 0, "requests.breaker_reset_s", "must be > 0")
+    _check(r.max_breakers > 0, "requests.max_breakers", "must be > 0")
+    for name in r.allowed_headers:
+        _check(valid_header_name(name), "requests.allowed_headers", f"{name!r} is not a name")
+        _check(
+            not is_reserved(name) and name.lower() not in ("traceparent", "tracestate"),
+            "requests.allowed_headers",
+            f"{name!r} is set by the gateway, never by a client",
+        )
+    _check(
+        len(set(r.interceptors)) == len(r.interceptors),
+        "requests.interceptors",
+        "an interceptor is named twice",
+    )
+    missing = sorted({"acl", "deadline", "tracing"}.difference(r.interceptors))
+    _check(not missing, "requests.interceptors", f"required interceptors missing: {missing}")
 
 
 def redacted(s: Settings) -> dict[str, Any]:

@@ -9,10 +9,20 @@ with exponential backoff. The supervisor opens no sockets, has no NATS client
 and never exports metrics; it imports prometheus_client only to mark reaped
 workers dead.
 
+Heartbeats: a worker must write its first state file within 2 × worker_timeout_s
+of its fork (boot grace) and then keep ``heartbeat_at`` changing; silence for
+worker_timeout_s gets it SIGABRT, then SIGKILL 2 s later, and a replacement.
+Replacements keep the dead worker's index and back off 0.1 s, doubling to 10 s,
+reset once a worker has lived 30 s.
+
 Signals: TERM/INT stop gracefully (workers get SIGTERM, SIGKILL after
 graceful_timeout_s + 1 s); a second INT, or QUIT, stops at once (SIGQUIT, SIGKILL
-1 s later). HUP reloads the config and rolls the workers one at a time. TTIN /
-TTOU add / remove one worker (never below one; the newest leaves).
+1 s later). HUP reloads the config and rolls the workers one at a time: each
+new worker must report listening within worker_timeout_s before its predecessor
+gets SIGUSR1, or the roll stops and the previous settings stay in force. TTIN /
+TTOU add / remove one worker (never below one; the newest leaves). Children
+start with SIGINT/SIGHUP ignored (Ctrl-C reaches the whole process group) and
+get SIGTERM from Linux if the supervisor dies (PR_SET_PDEATHSIG).
 
 Exit codes: 0 after a stop that was asked for (graceful or quick: the operator
 asked, it stopped); 1 on a supervisor bug; 2 when the gateway cannot start (state
@@ -25,7 +35,8 @@ writes ``supervisor.json`` in the state directory whenever it changes::
     {"pid": 4711, "workers_wanted": 4, "generation": 2, "updated_at": 1700000000.5,
      "restarts": {"boot_error": 0, "crash": 1, "exit": 0, "signal": 2, "timeout": 0}}
 
-``generation`` counts reloads (a worker reads it at boot for its state file);
+``generation`` counts reloads (each worker also finds its own in the environment
+variable ``FANOUT_GENERATION``, set in the child after the fork);
 ``restarts`` counts unplanned worker deaths by reason (``fanout_worker_restarts_total``):
 ``signal`` killed by a signal we did not send, ``crash`` non-zero exit,
 ``boot_error`` exit 3, ``timeout`` heartbeat stopped (we sent SIGABRT, then
@@ -46,7 +57,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -140,6 +151,7 @@ class Supervisor:
         worker_target: WorkerTarget,
         state_dir: Path,
         config_path: str | None,
+        overrides: Mapping[str, object] | None = None,
         extra_children: Sequence[tuple[str, ExtraTarget]] = (),
     ) -> None:
         self.state_dir = Path(state_dir)
@@ -147,6 +159,7 @@ class Supervisor:
         self._worker_settings = settings  # with the embedded NATS url filled in
         self._target = worker_target
         self._config_path = config_path
+        self._overrides = dict(overrides or {})
         self._extras = dict(extra_children)
         count = settings.server.workers or len(os.sched_getaffinity(0))
         self._wanted: set[int] = set(range(1, count + 1))
@@ -166,15 +179,6 @@ class Supervisor:
         self._step: tuple[_Child, _Child, float] | None = None
         self._before_roll: tuple[Settings, Settings, int] | None = None
         self._pid = os.getpid()
-        self._handlers: dict[int, Callable[[], None]] = {
-            signal.SIGTERM: self.handle_term,
-            signal.SIGINT: self.handle_int,
-            signal.SIGQUIT: self.handle_quit,
-            signal.SIGHUP: self.handle_hup,
-            signal.SIGTTIN: self.handle_ttin,
-            signal.SIGTTOU: self.handle_ttou,
-            signal.SIGCHLD: self.reap_children,
-        }
 
     def run(self) -> int:
         """Serve until asked to stop; the exit code of `fanout serve`."""
@@ -228,9 +232,13 @@ class Supervisor:
     def _dispatch(self) -> None:
         while self._queue:
             sig = self._queue.popleft()
+            name = signal.Signals(sig).name
             if sig != signal.SIGCHLD:
-                log.info("signal %s", signal.Signals(sig).name)
-            self._handlers[sig]()
+                log.info("signal %s", name)
+            getattr(self, f"handle_{name[3:].lower()}")()
+
+    def handle_chld(self) -> None:
+        self.reap_children()
 
     def handle_term(self) -> None:
         self._stop = self._stop or "graceful"
@@ -245,7 +253,7 @@ class Supervisor:
         if self._stop:
             return
         try:
-            new = load(self._config_path)
+            new = load(self._config_path, overrides=self._overrides)
             worker_settings = self._with_nats(new)
         except (ConfigError, RuntimeError) as exc:
             log.error("reload refused, keeping the old settings: %s", exc)
@@ -326,8 +334,8 @@ class Supervisor:
         if settings.nats.urls:
             return settings
         if self._nats is None:
-            nats = EmbeddedNats()
             try:
+                nats = EmbeddedNats()
                 nats.start()
             except OSError as exc:
                 raise RuntimeError(str(exc)) from None
@@ -406,7 +414,13 @@ class Supervisor:
 
     def _spawn_worker(self, index: int) -> _Child | None:
         settings, target, state_dir = self._worker_settings, self._target, self.state_dir
-        pid = self._fork(lambda: target(settings, index, state_dir), None)
+        generation = self._generation
+
+        def body() -> int:
+            os.environ["FANOUT_GENERATION"] = str(generation)
+            return target(settings, index, state_dir)
+
+        pid = self._fork(body, None)
         if pid is None:
             self._backoff.setdefault(f"worker {index}", _Backoff()).failed(time.monotonic(), 0.0)
             return None

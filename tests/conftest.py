@@ -109,7 +109,9 @@ class Gateway:
 
 
 def gateway_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FANOUT_", "NATS_", "JWT_", "WS_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("FANOUT_", "NATS_", "JWT_", "WS_"))
+    }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.update(extra)
     return env

@@ -48,13 +48,10 @@ class SubjectRouter(Generic[C]):
 
     def subscribers(self, pattern: str) -> dict[C, None]:
         """The live subscriber dict for ``pattern`` (empty when none). Do not mutate."""
-        return self._by_pattern.get(pattern, _EMPTY)
+        return self._by_pattern.get(pattern) or {}
 
     def patterns(self) -> list[str]:
         return list(self._by_pattern)
 
     def __len__(self) -> int:
         return len(self._by_pattern)
-
-
-_EMPTY: dict[object, None] = {}

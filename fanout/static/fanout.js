@@ -29,16 +29,11 @@ const MAX_BATCH_CHARS = 256 * 1024;
  */
 /** @typedef {{messages: number, dropped: number, reconnects: number, lastCloseCode: number|null}} Stats */
 /** @typedef {{callbacks: Set<MessageHandler>, tokens: string[]|null}} Sub */
+/** @typedef {{data: unknown, hdr: Record<string, string>}} Reply */
 /**
- * @typedef {object} Pending
- * @property {"sub"|"unsub"|"auth"|"request"} op
- * @property {string} [subject]
- * @property {string} [token]
- * @property {string} [text] the encoded request frame
- * @property {boolean} [sent]
- * @property {(v: {data: unknown, hdr: Record<string, string>}) => void} [resolve]
- * @property {(e: FanoutError) => void} [reject]
- * @property {ReturnType<typeof setTimeout>} [timer]
+ * A frame waiting for its answer; requests carry their encoded `text` and whether it was `sent`.
+ * @typedef {{op: "sub"|"unsub"|"auth"|"request", subject?: string, token?: string, text?: string, sent?: boolean,
+ *   resolve?: (v: Reply) => void, reject?: (e: FanoutError) => void, timer?: ReturnType<typeof setTimeout>}} Pending
  */
 
 /** An error with the protocol's code (XYW010…XYW013, …) or a client code: CLOSED, DISCONNECTED, TOO_BIG, ENCODE. */
@@ -121,17 +116,13 @@ export class FanoutClient extends EventTarget {
     this._out = [];
     this._flushQueued = false;
     this._nextId = 1;
-    this._gen = 0;
+    this._gen = 0; // bumped whenever a pending async step (token, timer) must be ignored
     this._attempt = 0;
     this._everOpened = false;
-    this._openedAt = 0;
-    this._lastRecv = 0;
-    this._pingSentAt = 0;
+    this._openedAt = this._lastRecv = this._pingSentAt = 0;
     this._maxFrame = 1 << 20;
     /** @type {ReturnType<typeof setTimeout>|null} */
-    this._timer = null;
-    /** @type {ReturnType<typeof setTimeout>|null} */
-    this._pingTimer = null;
+    this._timer = this._pingTimer = null;
     /** @type {string|null} the token of the current connection */
     this._token = null;
     /** @type {Stats} */
@@ -181,13 +172,21 @@ export class FanoutClient extends EventTarget {
   }
 
   /**
-   * A v1.1 request; rejects with a FanoutError (.code, .retryAfterMs).
+   * A v1.1 request; rejects with a FanoutError (.code, .retryAfterMs): a gateway code
+   * (XYW010…XYW013, …), or the service's own code ("401", "503", …) when the service
+   * answered with a NATS micro error (the `Nats-Service-Error-Code` reply header).
    * @param {string} subject @param {unknown} data JSON-serialisable
    * @param {{timeoutMs?: number, headers?: Record<string, string>}} [opts]
-   * @returns {Promise<{data: unknown, hdr: Record<string, string>}>}
+   * @returns {Promise<Reply>}
    */
   request(subject, data, { timeoutMs = 5_000, headers } = {}) {
-    return new Promise((resolve, reject) => {
+    return new Promise((resolveReply, reject) => {
+      /** @param {Reply} v */
+      const resolve = (v) => {
+        const code = v.hdr["Nats-Service-Error-Code"];
+        if (code === undefined) resolveReply(v);
+        else reject(new FanoutError(code, v.hdr["Nats-Service-Error"] ?? ""));
+      };
       if (this._state === "closed") return reject(new FanoutError("CLOSED", "client is closed"));
       const id = this._nextId++;
       /** @type {Record<string, unknown>} */
@@ -495,7 +494,7 @@ export class FanoutClient extends EventTarget {
 
   // ---- helpers ----
 
-  /** @param {number} id @param {FanoutError|null} err @param {{data: unknown, hdr: Record<string, string>}} [value] */
+  /** @param {number} id @param {FanoutError|null} err @param {Reply} [value] */
   _settle(id, err, value) {
     const p = this._pending.get(id);
     if (!p || p.op !== "request") return;

@@ -31,7 +31,7 @@ def gateway_health(states: list[runtime.WorkerState], quorum: float) -> dict[str
     ready = (
         bool(states)
         and len(connected) >= quorum * len(states)
-        and not any(s.draining for s in states)
+        and not any(s.draining or s.shedding for s in states)
     )
     return {
         "status": "ok" if ready else "degraded",
@@ -54,6 +54,7 @@ def gateway_health(states: list[runtime.WorkerState], quorum: float) -> dict[str
                 "heartbeatAgeSeconds": round(now - s.heartbeat_at, 3),
                 "loopLagSeconds": round(s.loop_lag_s, 4),
                 "draining": s.draining,
+                "shedding": s.shedding,
             }
             for s in sorted(states, key=lambda s: s.index)
         ],
@@ -75,8 +76,15 @@ def build_app(
         if health["ready"]:
             return web.json_response({"ready": True, "workers": len(health["workers"])})
         draining = any(w["draining"] for w in health["workers"])
-        code = Code.LIMIT_EXCEEDED if draining else Code.NATS_DOWN
-        message = "draining" if draining else "NATS link down on some workers"
+        shedding = any(w["shedding"] for w in health["workers"])
+        code = Code.LIMIT_EXCEEDED if draining or shedding else Code.NATS_DOWN
+        message = (
+            "draining"
+            if draining
+            else "overloaded: shedding new connections"
+            if shedding
+            else "NATS link down on some workers"
+        )
         return web.json_response({"ready": False, "code": code, "message": message}, status=503)
 
     async def metrics_view(request: web.Request) -> web.Response:

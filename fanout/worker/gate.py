@@ -5,6 +5,13 @@ socket moves to a lean :class:`WsConnection`; anything else (``/metrics``,
 ``/healthz``, the pages, a plain GET on the WebSocket path) moves to aiohttp's
 own request handler with the bytes read so far. So aiohttp serves HTTP while
 WebSocket clients never pay for aiohttp's per-connection objects.
+
+The whole request head is read and checked here, for every path, before
+aiohttp sees a byte: an oversize head is refused with 431 by us (aiohttp's own
+error log would quote the start of the header, a token included), and a head
+still incomplete ``server.handshake_timeout_s`` after accept is cut by the
+sweep (slow-loris). With TLS, the handshake itself is bounded by the same
+timeout (``ssl_handshake_timeout``) before this protocol even starts.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ log = logging.getLogger("fanout.handshake")
 
 
 class Gate(asyncio.Protocol):
-    __slots__ = ("buf", "gateway", "http_factory", "peer", "transport", "upgrading")
+    __slots__ = ("buf", "gateway", "http_factory", "peer", "transport", "upgrading", "via_proxy")
 
     def __init__(self, gateway: Gateway, http_factory: Callable[[], asyncio.Protocol]) -> None:
         self.gateway = gateway
@@ -32,6 +39,7 @@ class Gate(asyncio.Protocol):
         self.peer = "?"
         self.transport: asyncio.Transport | None = None
         self.upgrading = False
+        self.via_proxy = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
@@ -54,6 +62,7 @@ class Gate(asyncio.Protocol):
             return
         head, consumed = parsed
         if head.path == self.gateway.settings.ws.path and head.is_websocket_upgrade():
+            self.peer, self.via_proxy = self.gateway.client_of(self.peer, head)
             self.upgrading = True
             transport.pause_reading()
             rest = bytes(self.buf[consumed:])
@@ -72,7 +81,7 @@ class Gate(asyncio.Protocol):
         self, transport: asyncio.Transport, head: websocket.RequestHead, rest: bytes
     ) -> None:
         try:
-            conn = await self.gateway.admit(head, transport, self.peer)
+            conn = await self.gateway.admit(head, transport, self.peer, self.via_proxy)
         except Refusal as refusal:
             self.refuse(refusal)
             return

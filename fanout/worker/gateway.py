@@ -2,10 +2,15 @@
 
 ``admit`` runs the handshake checks in the contract's order (Origin, limits,
 token present, token valid) and either refuses with a status + code or
-returns a live :class:`WsConnection`. ``handle`` answers one client op.
-``sweep`` runs once a second for the whole worker: write-stall deadlines,
-token expiry, idle pings, handshake timeouts and the hot-path counters, so no
-connection needs a timer of its own.
+returns a live :class:`WsConnection`. Limits are: draining, load shedding,
+the per-address handshake rate, the worker's connection cap (kept below the
+fd limit by the worker), per-address and per-principal caps; the address is
+the peer's, or the client's behind a trusted proxy. ``handle`` answers one
+client op; ``auth`` re-verifies a live connection's token (same ``sub`` only)
+and re-applies its ACL. ``sweep`` runs once a second for the whole worker:
+write-stall deadlines, token expiry (``expiring`` notice, then 4005),
+handshake timeouts and the hot-path counters, so no connection needs a timer
+of its own.
 """
 
 from __future__ import annotations
@@ -20,19 +25,24 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fanout import metrics
-from fanout.core import protocol, websocket
+from fanout.core import limits, protocol, websocket
 from fanout.core.acl import SubjectAcl
 from fanout.core.auth import AuthError, KeySet, Principal, TokenVerifier, extract_token
 from fanout.core.protocol import FrameError
+from fanout.core.ratelimit import TokenBucket
 from fanout.errors import HTTP_STATUS, Close, Code
 from fanout.settings import Settings
 from fanout.worker.connection import OPEN, WsConnection
 from fanout.worker.hub import Hub
 from fanout.worker.jwks import JwksCache
+from fanout.worker.revocation import Denylist
 
 log = logging.getLogger("fanout.gateway")
 
 CLOSE_GRACE_S = 5.0
+#: Client error lines logged per second (burst 200) per worker; the rest are counted, then
+#: summarised once a sweep: a client must not be able to flood the log.
+ERROR_LOG_RATE = 50.0
 
 
 class RequestHandler(Protocol):
@@ -66,11 +76,24 @@ class Gateway:
             leeway_s=jwt.leeway_s,
         )
         self.auth_required = settings.ws.auth_required and not settings.demo.enabled
+        srv = settings.server
+        #: The connection cap in force; the worker lowers it to fit the fd limit.
+        self.max_connections = srv.max_connections
+        self.denylist = Denylist()
+        self.shedder = limits.LoadShedder(srv.shed_loop_lag_s, srv.shed_rss_bytes)
+        self.trusted_proxies = limits.parse_networks(srv.trusted_proxies)
+        self.handshake_rate = limits.HandshakeRate(
+            srv.handshake_rate_per_ip, srv.handshake_burst_per_ip
+        )
+        self._error_log = TokenBucket(ERROR_LOG_RATE, 4 * ERROR_LOG_RATE)
+        self.suppressed_error_logs = 0
+        #: Connections per address key (IPv4 address or IPv6 /64).
         self.per_ip: Counter[str] = Counter()
         self.per_principal: Counter[str] = Counter()
         self.pending_handshakes: dict[asyncio.BaseProtocol, float] = {}
         self.closing: dict[WsConnection, float] = {}
         self.draining = False
+        self.drain_code = int(Close.GOING_AWAY)
         self.requests: RequestHandler | None = None
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
@@ -78,34 +101,58 @@ class Gateway:
         self._limits = protocol.Limits(lim.max_subs, lim.max_frame_bytes, lim.inbound_rate)
 
     # -- handshake --------------------------------------------------------
-    def _origin_allowed(self, head: websocket.RequestHead) -> bool:
-        origin = head.header("origin")
-        if origin is None:
+    def client_of(self, peer: str, head: websocket.RequestHead) -> tuple[str, bool]:
+        """``(client address, via a trusted proxy)`` for a request from ``peer``."""
+        return limits.client_address(
+            peer, head.header_values("x-forwarded-for"), self.trusted_proxies
+        )
+
+    def _origin_allowed(self, head: websocket.RequestHead, via_proxy: bool) -> bool:
+        origins = head.header_values("origin")
+        if not origins:
             return not self.settings.ws.require_origin
+        if len(origins) > 1:
+            return False
+        origin = origins[0]
         allowed = self.settings.ws.allowed_origins
         if origin in allowed or "*" in allowed:
             return True
-        host = head.header("host")
+        hosts = head.header_values("host")
         scheme = "https" if self.settings.tls.cert else "http"
-        return host is not None and origin == f"{scheme}://{host}"
+        if via_proxy:
+            forwarded = head.header_values("x-forwarded-proto")
+            if len(forwarded) == 1 and forwarded[0].strip().lower() in ("http", "https"):
+                scheme = forwarded[0].strip().lower()
+        return len(hosts) == 1 and origin == f"{scheme}://{hosts[0]}"
 
-    def _refuse_limits(self, peer: str) -> None:
+    def _refuse(self, limit: str, message: str, retry_after_s: float) -> Refusal:
+        metrics.LIMIT_REFUSALS.labels(limit).inc()
+        return Refusal(503, Code.LIMIT_EXCEEDED, message, limits.retry_after_header(retry_after_s))
+
+    def _refuse_limits(self, peer: str, *, new_handshake: bool) -> None:
+        """Refusal (503 XYW007 + Retry-After) when a limit stops ``peer`` from connecting."""
         srv = self.settings.server
-        if self.draining:
-            raise Refusal(503, Code.LIMIT_EXCEEDED, "gateway is draining", (("Retry-After", "1"),))
-        if len(self.hub.connections) >= srv.max_connections:
-            raise Refusal(503, Code.LIMIT_EXCEEDED, "worker is full", (("Retry-After", "5"),))
-        if srv.max_connections_per_ip and self.per_ip[peer] >= srv.max_connections_per_ip:
-            raise Refusal(
-                503,
-                Code.LIMIT_EXCEEDED,
-                "too many connections from this address",
-                (("Retry-After", "5"),),
-            )
+        if self.shedder.shedding:
+            raise self._refuse("shedding", "gateway is overloaded", srv.shed_retry_after_s)
+        key = limits.address_key(peer)
+        if new_handshake:
+            wait = self.handshake_rate.allow(key, time.monotonic())
+            if wait:
+                raise self._refuse("handshake_rate", "too many handshakes from this address", wait)
+        if len(self.hub.connections) >= self.max_connections:
+            raise self._refuse("worker_full", "worker is full", 5)
+        if srv.max_connections_per_ip and self.per_ip[key] >= srv.max_connections_per_ip:
+            raise self._refuse("per_ip", "too many connections from this address", 5)
+
+    def _refuse_principal(self, principal: Principal | None) -> None:
+        cap = self.settings.server.max_connections_per_principal
+        sub = principal.sub if principal is not None else None
+        if cap and sub and self.per_principal[sub] >= cap:
+            raise self._refuse("per_principal", "too many connections for this principal", 5)
 
     async def authenticate(self, token: str, source: str) -> Principal:
-        """Verify a token; AuthError with XYW005 on anything wrong."""
-        alg, kid = self.verifier.header(token)
+        """Verify a token; AuthError with XYW005 on anything wrong (revoked ``jti`` included)."""
+        _, kid = self.verifier.header(token)
         keys = self.keys
         if keys is None:
             raise AuthError(Code.TOKEN_INVALID, "no verification key configured")
@@ -115,20 +162,29 @@ class Gateway:
         if key is None:
             raise AuthError(Code.TOKEN_INVALID, "unknown signing key")
         lifetime = self.settings.jwt.query_token_max_lifetime_s if source == "query" else None
-        return self.verifier.verify(token, key, max_lifetime_s=lifetime)
+        principal = self.verifier.verify(token, key, max_lifetime_s=lifetime)
+        if principal.jti is not None and principal.jti in self.denylist:
+            raise AuthError(Code.TOKEN_INVALID, "token revoked")
+        return principal
 
     async def admit(
-        self, head: websocket.RequestHead, transport: asyncio.Transport, peer: str
+        self,
+        head: websocket.RequestHead,
+        transport: asyncio.Transport,
+        peer: str,
+        via_proxy: bool = False,
     ) -> WsConnection:
         """Run every handshake check; Refusal with the contract's status and code."""
-        if not self._origin_allowed(head):
+        if not self._origin_allowed(head, via_proxy):
             raise Refusal(403, Code.ORIGIN_DENIED, "origin not allowed")
-        self._refuse_limits(peer)
+        self._refuse_limits(peer, new_handshake=True)
         try:
             accept = websocket.check_upgrade(head)
         except websocket.HandshakeError as exc:
             extra = (("Sec-WebSocket-Version", "13"),) if exc.status == 426 else ()
             raise Refusal(exc.status, exc.code, exc.message, extra) from None
+        if len(head.header_values("host")) != 1:
+            raise Refusal(400, Code.MALFORMED, "exactly one Host header required")
         jwt = self.settings.jwt
         principal: Principal | None = None
         try:
@@ -145,16 +201,8 @@ class Gateway:
                 principal = await self.authenticate(token, source)
         except AuthError as exc:
             raise Refusal(HTTP_STATUS[Code(exc.code)], exc.code, exc.message) from None
-        srv = self.settings.server
-        if principal is not None and principal.sub and srv.max_connections_per_principal:
-            if self.per_principal[principal.sub] >= srv.max_connections_per_principal:
-                raise Refusal(
-                    503,
-                    Code.LIMIT_EXCEEDED,
-                    "too many connections for this principal",
-                    (("Retry-After", "5"),),
-                )
-        self._refuse_limits(peer)
+        self._refuse_principal(principal)
+        self._refuse_limits(peer, new_handshake=False)
         if transport.is_closing():
             raise ConnectionResetError
         offered = websocket.subprotocols(head)
@@ -169,7 +217,7 @@ class Gateway:
             self.acl_for(principal),
         )
         self.hub.add(conn)
-        self.per_ip[peer] += 1
+        self.per_ip[limits.address_key(peer)] += 1
         if principal is not None and principal.sub:
             self.per_principal[principal.sub] += 1
         expires = principal.expires_at if principal is not None else None
@@ -178,6 +226,10 @@ class Gateway:
         )
         if not self.hub.nats_up:
             conn.send_control(websocket.text_frame(protocol.status("down")))
+        if self.draining:
+            # accepted before the listener closed: finish the upgrade, then send the
+            # worker's drain code (1012: reconnect now) instead of refusing it
+            conn.close(self.drain_code, "gateway draining")
         return conn
 
     def acl_for(self, principal: Principal | None) -> SubjectAcl:
@@ -199,9 +251,10 @@ class Gateway:
         if conn not in self.hub.connections:
             return
         self.hub.remove(conn)
-        self.per_ip[conn.peer] -= 1
-        if self.per_ip[conn.peer] <= 0:
-            del self.per_ip[conn.peer]
+        key = limits.address_key(conn.peer)
+        self.per_ip[key] -= 1
+        if self.per_ip[key] <= 0:
+            del self.per_ip[key]
         sub = conn.principal.sub if conn.principal is not None else None
         if sub:
             self.per_principal[sub] -= 1
@@ -211,7 +264,10 @@ class Gateway:
     # -- ops --------------------------------------------------------------
     def error(self, conn: WsConnection, op_id: int | None, code: str, message: str) -> bytes:
         metrics.CLIENT_ERRORS.labels(code).inc()
-        log.info(message, extra={"code": code, "conn": conn.conn_id})
+        if self._error_log.take(1, time.monotonic()):
+            log.info(message, extra={"code": code, "conn": conn.conn_id})
+        else:
+            self.suppressed_error_logs += 1
         return protocol.error(op_id, code, message)
 
     def handle(self, conn: WsConnection, op: protocol.ClientOp | FrameError) -> bytes | None:
@@ -244,14 +300,22 @@ class Gateway:
         return protocol.ack(op.id)
 
     async def reauthenticate(self, conn: WsConnection, op: protocol.Auth) -> None:
-        """The ``auth`` op: same identity, fresh expiry, ACL re-applied."""
+        """The ``auth`` op: same identity, fresh expiry, ACL re-applied.
+
+        A connection never changes identity: the new token must name the same
+        ``sub`` (an anonymous connection may take one identity, once, within
+        the per-principal cap). On refusal the old token stays in force.
+        """
         try:
             principal = await self.authenticate(op.token, "auth")
-            old = conn.principal
+            old = conn.principal  # read after the await: another auth op may have landed
             if old is not None and principal.sub != old.sub:
                 raise AuthError(Code.TOKEN_INVALID, "the new token names a different subject")
-        except AuthError as exc:
-            conn.send_control(websocket.text_frame(self.error(conn, op.id, exc.code, exc.message)))
+            if old is None:
+                self._refuse_principal(principal)
+        except (AuthError, Refusal) as exc:
+            frame = self.error(conn, op.id, exc.code, exc.message)
+            conn.send_control(websocket.text_frame(frame))
             return
         if conn.state != OPEN:
             return
@@ -276,6 +340,7 @@ class Gateway:
         wall = time.time()
         stall = self.settings.outbox.write_timeout_s
         lead = self.settings.jwt.expiring_lead_s
+        leeway = self.settings.jwt.leeway_s
         for conn, since in list(self.closing.items()):
             if now - since > CLOSE_GRACE_S:
                 del self.closing[conn]
@@ -287,7 +352,7 @@ class Gateway:
             principal = conn.principal
             if principal is not None and principal.expires_at is not None:
                 left = principal.expires_at - wall
-                if left <= 0:
+                if left <= -leeway:
                     conn.close(Close.TOKEN_EXPIRED, "token expired")
                 elif left <= lead and not conn.warned:
                     conn.warned = True
@@ -296,9 +361,17 @@ class Gateway:
         for gate, started in list(self.pending_handshakes.items()):
             if now - started > timeout:
                 self.pending_handshakes.pop(gate, None)
+                metrics.HANDSHAKE_TIMEOUTS.inc()
                 transport = getattr(gate, "transport", None)
                 if transport is not None:
                     transport.abort()
+        self.handshake_rate.prune(now)
+        if self.suppressed_error_logs:
+            log.warning(
+                "client error lines suppressed",
+                extra={"fields": {"suppressed": self.suppressed_error_logs}},
+            )
+            self.suppressed_error_logs = 0
         self.hub.publish_counts()
 
     def ping_idle(self, now: float) -> None:

@@ -4,6 +4,12 @@ Signals (from the supervisor): SIGTERM drains (clients get 1001), SIGUSR1
 leaves for a rolling restart (clients get 1012), SIGQUIT exits at once;
 SIGINT and SIGHUP are the supervisor's business. The worker's state file,
 written from the event loop every heartbeat interval, is its heartbeat.
+
+What a worker reads once at start (the TLS certificate and key, the jti
+denylist, the JWT public key) is reloaded by SIGHUP to the supervisor: it
+rolls the workers one at a time and each new worker reads the files again.
+At start the worker also fits its connection cap below the file-descriptor
+limit, and every heartbeat it samples loop lag and RSS for load shedding.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -22,8 +29,9 @@ from aiohttp import web
 from setproctitle import setproctitle
 
 from fanout import logs, metrics, runtime
+from fanout.core import limits
 from fanout.core.auth import KeySet
-from fanout.errors import Close
+from fanout.errors import Close, Code
 from fanout.settings import Settings
 from fanout.supervisor import WORKER_BOOT_ERROR
 from fanout.worker.app import build_app
@@ -32,6 +40,8 @@ from fanout.worker.gateway import Gateway
 from fanout.worker.hub import Hub
 from fanout.worker.jwks import JwksCache
 from fanout.worker.nats_link import NatsAuthError, NatsLink
+from fanout.worker.requests import RequestBroker
+from fanout.worker.revocation import Denylist, DenylistError
 
 log = logging.getLogger("fanout.worker")
 
@@ -55,16 +65,58 @@ def listen_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
     return sock
 
 
+#: TLS 1.2 suites: forward secrecy and AEAD only (TLS 1.3 suites are all fine as they are).
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The WSS server context: TLS >= 1.2, AEAD + ECDHE suites, no compression or renegotiation."""
     if not settings.tls.cert or not settings.tls.key:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if settings.tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_alpn_protocols(["http/1.1"])
     try:
         ctx.load_cert_chain(settings.tls.cert, settings.tls.key)
-    except (OSError, ssl.SSLError) as exc:
-        raise BootError(f"tls.cert/tls.key: cannot load: {exc}") from None
+    except ssl.SSLError as exc:
+        raise BootError(f"tls.cert/tls.key: not a certificate and its key: {exc.reason}") from None
+    except OSError as exc:
+        raise BootError(f"tls.cert/tls.key: cannot read {exc.filename}: {exc.strerror}") from None
     return ctx
+
+
+def fit_fd_limit(configured: int, headroom: int) -> int:
+    """Raise the soft RLIMIT_NOFILE toward the hard one if needed; the cap that fits under it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = configured + headroom
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise RLIMIT_NOFILE", extra={"reason": str(exc)})
+    nofile = -1 if soft == resource.RLIM_INFINITY else soft
+    cap = limits.connection_cap(configured, nofile, headroom)
+    if cap < configured:
+        log.warning(
+            "server.max_connections clamped below the file-descriptor limit",
+            extra={"fields": {"configured": configured, "cap": cap, "nofile": soft}},
+        )
+    return cap
+
+
+def rss_bytes() -> int:
+    """Resident set size now (Linux /proc), else the peak from getrusage."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class Worker:
@@ -96,6 +148,7 @@ class Worker:
             last_error_code=link.last_error,
             loop_lag_s=self.loop_lag,
             generation=self.generation,
+            shedding=self.gateway.shedder.shedding,
         )
 
     async def serve(self) -> int:
@@ -103,6 +156,12 @@ class Worker:
         settings = self.settings
         sock = listen_socket(settings.server.host, settings.server.port)
         ssl_ctx = tls_context(settings)
+        denylist = Denylist()
+        if settings.jwt.denylist_path:
+            try:
+                denylist = Denylist.load(settings.jwt.denylist_path)
+            except DenylistError as exc:
+                raise BootError(f"jwt.denylist_path: {exc}") from None
         keys: KeySet | JwksCache | None = None
         if settings.jwt.public_key:
             try:
@@ -118,6 +177,11 @@ class Worker:
             await keys.start()
         self.hub = hub = Hub(settings, loop)
         self.gateway = gateway = Gateway(settings, hub, keys)
+        gateway.denylist = denylist
+        gateway.max_connections = fit_fd_limit(
+            settings.server.max_connections, settings.server.fd_headroom
+        )
+        metrics.CONNECTION_CAP.set(gateway.max_connections)
         self.link = link = NatsLink(settings.nats, hub.on_nats_message, self.on_nats_status)
         hub.link = link
         try:
@@ -125,17 +189,23 @@ class Worker:
         except NatsAuthError as exc:
             raise BootError(str(exc)) from None
         hub.nats_up = link.connected
+        if settings.requests.whitelist:
+            gateway.requests = RequestBroker(settings, link)
         app = build_app(self.state_dir, self.state, settings.server.ready_quorum, settings.ws.path)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         http_factory = runner.server
         assert http_factory is not None
         server = await loop.create_server(
-            lambda: Gate(gateway, http_factory), sock=sock, ssl=ssl_ctx, backlog=2048
+            lambda: Gate(gateway, http_factory),
+            sock=sock,
+            ssl=ssl_ctx,
+            backlog=2048,
+            ssl_handshake_timeout=settings.server.handshake_timeout_s if ssl_ctx else None,
         )
         self.stopped = asyncio.Event()
-        for sig, code in ((signal.SIGTERM, Close.GOING_AWAY), (signal.SIGUSR1, Close.RESTARTING)):
-            loop.add_signal_handler(sig, self.request_stop, int(code))
+        for sig, close in ((signal.SIGTERM, Close.GOING_AWAY), (signal.SIGUSR1, Close.RESTARTING)):
+            loop.add_signal_handler(sig, self.request_stop, int(close))
         loop.add_signal_handler(signal.SIGQUIT, os._exit, 0)
         self.listening = True
         self.heartbeat()
@@ -145,6 +215,7 @@ class Worker:
         code = self.stop_code or int(Close.GOING_AWAY)
         server.close()
         gateway.draining = True
+        gateway.drain_code = code
         self.heartbeat()
         gateway.close_all(
             code, "gateway restarting" if code == Close.RESTARTING else "shutting down"
@@ -189,6 +260,7 @@ class Worker:
             await asyncio.sleep(interval)
             self.loop_lag = max(0.0, loop.time() - expected)
             metrics.LOOP_LAG.observe(self.loop_lag)
+            self.shed_check()
             now = time.monotonic()
             self.gateway.sweep(now)
             if now >= next_ping:
@@ -197,6 +269,19 @@ class Worker:
             metrics.NATS_CONNECTED.set(1 if self.link.connected else 0)
             self.heartbeat()
             self.update_title(now)
+
+    def shed_check(self) -> None:
+        """Feed the load shedder one sample; log and export when it changes its mind."""
+        shedder = self.gateway.shedder
+        if shedder.update(self.loop_lag, rss_bytes()):
+            metrics.LOAD_SHEDDING.set(1 if shedder.shedding else 0)
+            if shedder.shedding:
+                log.warning(
+                    "shedding new handshakes",
+                    extra={"code": Code.LIMIT_EXCEEDED, "reason": shedder.reason},
+                )
+            else:
+                log.info("load shedding over")
 
     def update_title(self, now: float) -> None:
         if now - self._title_at >= 5.0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -25,26 +26,87 @@ from fanout.settings import Nats
 
 log = logging.getLogger("fanout.nats")
 
+#: An NKey seed: 'S', the key type, then base32 (58 characters in all).
+_SEED_RE = re.compile(r"S[A-Z][A-Z2-7]{56}")
+
 OnMessage = Callable[[str, Msg], None]
 OnStatus = Callable[[bool], None]
 
 
 class NatsAuthError(Exception):
-    """The server rejected our credentials: retrying will not help."""
+    """Credentials or TLS refused, or their files unusable: retrying will not help.
+
+    The message starts with the setting to fix (``nats.tls_ca: ...``) and never
+    holds a secret.
+    """
 
 
 def _tls_context(cfg: Nats) -> ssl.SSLContext | None:
     if not (cfg.tls_ca or cfg.tls_cert or any(u.startswith("tls://") for u in cfg.urls)):
         return None
-    ctx = (
-        ssl.create_default_context(cafile=cfg.tls_ca)
-        if cfg.tls_ca
-        else ssl.create_default_context()
-    )
+    try:
+        ctx = ssl.create_default_context(cafile=cfg.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise NatsAuthError(f"nats.tls_ca: cannot load {cfg.tls_ca}: {_why(exc)}") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cfg.tls_cert and cfg.tls_key:
-        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        try:
+            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise NatsAuthError(
+                f"nats.tls_cert: cannot load {cfg.tls_cert} with its key: {_why(exc)}"
+            ) from None
     return ctx
+
+
+def _why(exc: OSError) -> str:
+    """An OS or TLS error in a few words (no paths beyond the one we name, no secrets)."""
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or "invalid PEM")
+    return exc.strerror or type(exc).__name__
+
+
+def _credential_setting(cfg: Nats) -> str:
+    return "nats.creds" if cfg.creds else "nats.nkey_seed" if cfg.nkey_seed else "nats.urls"
+
+
+def fatal_reason(exc: BaseException, cfg: Nats) -> str | None:
+    """Why ``exc`` means our own configuration is wrong (setting first), or None to retry.
+
+    Our CA does not trust the server → ``nats.tls_ca``; the server refuses our
+    client certificate (TLS alert) → ``nats.tls_cert``; the server refuses our
+    credentials → ``nats.creds`` / ``nats.nkey_seed``.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"nats.tls_ca: the NATS server's certificate is not trusted ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError) and "ALERT" in str(exc.reason):
+        return f"nats.tls_cert: the NATS server refused the client certificate ({exc.reason})"
+    if _is_auth_error(exc):
+        return f"{_credential_setting(cfg)}: the NATS server rejected the credentials"
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "nkeys":
+        return (
+            f"{_credential_setting(cfg)}: NKey and creds authentication need the 'nkeys' "
+            "package (pip install 'nats-py[nkeys]')"
+        )
+    return None
+
+
+def check_files(cfg: Nats) -> None:
+    """Fail fast, naming the setting, when a credential or TLS file cannot be read."""
+    files = [("nats.tls_ca", cfg.tls_ca), ("nats.tls_cert", cfg.tls_cert)]
+    files += [("nats.tls_key", cfg.tls_key), ("nats.creds", cfg.creds)]
+    seed = cfg.nkey_seed
+    if seed and not os.path.isfile(seed) and _SEED_RE.fullmatch(seed.strip()) is None:
+        raise NatsAuthError("nats.nkey_seed: neither a readable file nor an NKey seed (S...)")
+    for setting, path in files:
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise NatsAuthError(f"{setting}: cannot read {path}: {_why(exc)}") from None
+    _tls_context(cfg)
 
 
 def connect_options(cfg: Nats) -> dict[str, Any]:
@@ -86,9 +148,11 @@ class NatsLink:
         self.wanted: dict[str, Subscription | None] = {}
         self.nc: Client | None = None
         self.connected = False
-        self.last_error: str | None = None
+        self.last_error: str | None = Code.NATS_DOWN
         self.reconnects = 0
         self._closed = asyncio.Event()
+        self._first_outcome = asyncio.Event()
+        self._auth_failed: str | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -101,49 +165,53 @@ class NatsLink:
         return f"{u.scheme}://{u.hostname}:{u.port}"
 
     async def start(self) -> None:
-        """First connection attempt; NatsAuthError when credentials are refused."""
-        await self._connect_once(first=True)
-        self._task = asyncio.get_running_loop().create_task(self._keep_alive())
+        """Begin connecting; NatsAuthError when the servers reject our credentials.
 
-    async def _connect_once(self, first: bool) -> None:
-        nc = Client()
+        An unreachable NATS is not a boot error: the worker serves clients (with a
+        ``status`` down frame) while the link keeps trying every configured URL.
+        """
+        check_files(self.cfg)
+        self._task = asyncio.get_running_loop().create_task(self._run())
         try:
-            await nc.connect(
-                **connect_options(self.cfg),
-                error_cb=self._on_error,
-                disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_reconnected,
-                closed_cb=self._on_closed,
-            )
-        except Exception as exc:
-            self.last_error = Code.NATS_DOWN
-            if _is_auth_error(exc):
-                raise NatsAuthError(f"NATS rejected the credentials: {exc}") from None
-            if first:
-                log.warning(
-                    "NATS not reachable, retrying",
-                    extra={"code": Code.NATS_DOWN, "reason": str(exc)},
-                )
-            return
-        self.nc = nc
-        self._closed.clear()
-        self.connected = True
-        self.last_error = None
-        log.info("NATS connected", extra={"fields": {"url": self.url}})
-        for pattern in list(self.wanted):
-            await self._subscribe(pattern)
-        self.on_status(True)
+            await asyncio.wait_for(self._first_outcome.wait(), self.cfg.connect_timeout_s + 1.0)
+        except TimeoutError:
+            log.warning("NATS not reachable yet, retrying", extra={"code": Code.NATS_DOWN})
+        if self._auth_failed is not None:
+            self._task.cancel()
+            raise NatsAuthError(self._auth_failed)
 
-    async def _keep_alive(self) -> None:
-        """Rebuild the client whenever it is closed or was never connected."""
+    async def _run(self) -> None:
+        """Connect (nats-py retries every URL forever), serve, and rebuild after a close."""
         while not self._stopping:
-            if self.nc is None:
+            nc = Client()
+            try:
+                await nc.connect(
+                    **connect_options(self.cfg),
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
+                )
+            except Exception as exc:
+                self.last_error = Code.NATS_DOWN
+                fatal = str(exc) if isinstance(exc, NatsAuthError) else fatal_reason(exc, self.cfg)
+                if fatal is not None:
+                    self._auth_failed = fatal
+                    self._first_outcome.set()
+                log.error(
+                    "NATS connect failed", extra={"code": Code.NATS_DOWN, "reason": str(exc)}
+                )
                 await asyncio.sleep(self.cfg.reconnect_wait_s)
-                try:
-                    await self._connect_once(first=False)
-                except NatsAuthError as exc:
-                    log.error(str(exc), extra={"code": Code.NATS_DOWN})
                 continue
+            self.nc = nc
+            self._closed.clear()
+            self.connected = True
+            self.last_error = None
+            log.info("NATS connected", extra={"fields": {"url": self.url}})
+            for pattern in list(self.wanted):
+                await self._subscribe(pattern)
+            self.on_status(True)
+            self._first_outcome.set()
             await self._closed.wait()
 
     async def _subscribe(self, pattern: str) -> None:
@@ -179,7 +247,11 @@ class NatsLink:
             log.debug("unsubscribe failed", extra={"reason": str(exc)})
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS error", extra={"code": Code.NATS_DOWN, "reason": str(exc)})
+        """nats-py retries its first connect forever: a fatal error at boot must end it."""
+        reason = fatal_reason(exc, self.cfg)
+        if reason is not None and not self._first_outcome.is_set():
+            raise NatsAuthError(reason)
+        log.warning("NATS error", extra={"code": Code.NATS_DOWN, "reason": reason or str(exc)})
 
     async def _on_disconnected(self) -> None:
         if self.connected:

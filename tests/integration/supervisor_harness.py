@@ -6,7 +6,9 @@ writes its state file from an asyncio loop every heartbeat interval, and
 honours SIGTERM / SIGUSR1 (leave), SIGQUIT (exit at once). SIGUSR2 blocks its
 loop (the stuck-worker case). HARNESS_MODE picks a misbehaviour:
 ``bootfail`` (write a boot error, exit 3) or ``slowdrain`` (ignore the leave
-signals' deadline and keep heartbeating for a minute).
+signals' deadline and keep heartbeating for a minute), ``abortproof`` (ignore
+SIGABRT, so a stuck worker needs SIGKILL) or ``crash`` (worker 2 exits 1 right
+after it starts listening: a crash loop).
 
 Usage: python supervisor_harness.py CONFIG STATE_DIR OUT_DIR
 """
@@ -33,6 +35,8 @@ MODE = os.environ.get("HARNESS_MODE", "ok")
 
 def tiny_worker(settings: Settings, index: int, state_dir: Path) -> int:
     setproctitle(f"fanout worker {index}")
+    if MODE == "abortproof":
+        signal.signal(signal.SIGABRT, signal.SIG_IGN)
     if MODE == "bootfail":
         runtime.write_boot_error(state_dir, f"port {settings.server.port} is in use (harness)")
         return WORKER_BOOT_ERROR
@@ -41,7 +45,6 @@ def tiny_worker(settings: Settings, index: int, state_dir: Path) -> int:
 
 async def _serve(settings: Settings, index: int, state_dir: Path) -> int:
     loop = asyncio.get_running_loop()
-    supervisor = runtime.read_supervisor_state(state_dir)
     now = time.time()
     state = runtime.WorkerState(
         pid=os.getpid(),
@@ -56,7 +59,7 @@ async def _serve(settings: Settings, index: int, state_dir: Path) -> int:
         nats_url=settings.nats.urls[0],
         last_error_code=None,
         loop_lag_s=0.0,
-        generation=supervisor.generation if supervisor else -1,
+        generation=int(os.environ["FANOUT_GENERATION"]),
     )
     runtime.write_state(state_dir, state)
 
@@ -82,6 +85,10 @@ async def _serve(settings: Settings, index: int, state_dir: Path) -> int:
     loop.add_signal_handler(signal.SIGQUIT, os._exit, 0)
     loop.add_signal_handler(signal.SIGUSR2, time.sleep, 60)
     interval = settings.server.heartbeat_interval_s
+    if MODE == "crash" and index == 2:
+        runtime.write_state(state_dir, state)
+        await asyncio.sleep(interval)
+        return 1
     for _ in range(100_000):
         state.heartbeat_at = time.time()
         runtime.write_state(state_dir, state)

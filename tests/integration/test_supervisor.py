@@ -8,6 +8,7 @@ started because no NATS url is configured.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -262,18 +264,45 @@ def test_killed_worker_is_replaced_within_a_second(start: Callable[..., Gateway]
     assert gw.supervisor().restarts == {**REASONS, "signal": 1}
 
 
-def test_worker_with_a_blocked_loop_is_killed_and_replaced(start: Callable[..., Gateway]) -> None:
-    gw = start(workers=2, worker_timeout_s=1.0)
+@pytest.mark.parametrize(("mode", "signal_name"), [("ok", "SIGABRT"), ("abortproof", "SIGKILL")])
+def test_worker_with_a_blocked_loop_is_killed_and_replaced(
+    start: Callable[..., Gateway], mode: str, signal_name: str
+) -> None:
+    gw = start(workers=2, mode=mode, worker_timeout_s=1.0)
     stuck = gw.by_index()[2]
     os.kill(stuck.pid, signal.SIGUSR2)
+    blocked_at = time.monotonic()
     wait_for(
         lambda: (s := gw.by_index().get(2)) and s.pid != stuck.pid,
         6.0,
         "worker 2 replaced",
     )
+    took = time.monotonic() - blocked_at
+    # 1 s without a heartbeat, then SIGABRT; SIGKILL 2 s later when SIGABRT is ignored
+    assert (0.9 < took < 2.5) if signal_name == "SIGABRT" else (2.9 < took < 4.5)
     assert gw.supervisor().restarts == {**REASONS, "timeout": 1}
     [line] = gw.exits(stuck.pid)
-    assert (line["worker"], line["reason"], line["signal"]) == (2, "timeout", "SIGABRT")
+    assert (line["worker"], line["reason"], line["signal"]) == (2, "timeout", signal_name)
+    assert gw.by_index()[1].pid != stuck.pid and len(gw.listening()) == 2
+
+
+def test_crash_loop_backs_off_exponentially(start: Callable[..., Gateway]) -> None:
+    gw = start(workers=2, mode="crash", wait=False)
+
+    def starts() -> list[float]:
+        return [
+            datetime.fromisoformat(e["time"]).timestamp()
+            for e in gw.log_lines()
+            if e["msg"] == "worker started" and e["worker"] == 2
+        ]
+
+    times = wait_for(lambda: t if len(t := starts()) >= 6 else None, 10.0, "six starts of worker 2")
+    gaps = [b - a for a, b in itertools.pairwise(times)][:5]
+    # each gap: the crashed worker's short life (~0.1 s) plus 0.1, 0.2, 0.4, 0.8, 1.6 s
+    for k, gap in enumerate(gaps):
+        assert 0.1 * 2**k <= gap < 0.1 * 2**k + 1.0, gaps
+    assert gw.supervisor().restarts["crash"] >= 5
+    assert [s.index for s in gw.listening()] in ([1], [1, 2])
 
 
 def test_workers_that_cannot_boot_stop_the_supervisor_with_exit_2(

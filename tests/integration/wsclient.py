@@ -56,9 +56,7 @@ class WsClient:
                 aiohttp.WSMsgType.CLOSE,
                 aiohttp.WSMsgType.CLOSED,
                 aiohttp.WSMsgType.CLOSING,
-            ):
-                raise ConnectionClosed(self.ws.close_code)
-            elif msg.type == aiohttp.WSMsgType.ERROR:
+            ) or msg.type == aiohttp.WSMsgType.ERROR:
                 raise ConnectionClosed(self.ws.close_code)
         frame = self.frames[self._next]
         self._next += 1

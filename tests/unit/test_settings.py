@@ -36,7 +36,11 @@ def test_seed_environment_names() -> None:
     s = settings.load(environ=env)
     assert s.nats.urls == ["nats://a:4222", "tls://b:4222"]
     assert (s.nats.tls_ca, s.nats.tls_cert, s.nats.tls_key, s.nats.creds) == (
-        "/ca.pem", "/c.pem", "/k.pem", "/g.creds")
+        "/ca.pem",
+        "/c.pem",
+        "/k.pem",
+        "/g.creds",
+    )
     assert s.jwt.jwks_url == "https://id/jwks.json"
     assert (s.jwt.issuer, s.jwt.audience) == ("iss", "aud")
     assert s.ws.allowed_origins == ["https://a.example", "https://b.example"]
@@ -44,16 +48,21 @@ def test_seed_environment_names() -> None:
 
 
 def test_public_key_and_nkey_seed_names() -> None:
-    s = settings.load(environ={"JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----", "NATS_NKEY_SEED": "SUAB"})
+    s = settings.load(
+        environ={"JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----", "NATS_NKEY_SEED": "SUAB"}
+    )
     assert s.jwt.public_key.startswith("-----BEGIN")
     assert settings.redacted(s)["nats"]["nkey_seed"] == "<redacted>"
 
 
 def test_generic_env_names_and_types() -> None:
-    s = settings.load(environ={
-        "FANOUT_SERVER_PORT": "9000", "FANOUT_WS_AUTH_REQUIRED": "false",
-        "FANOUT_OUTBOX_POLICIES": '{"xy.md.tick.>": "latest"}',
-    })
+    s = settings.load(
+        environ={
+            "FANOUT_SERVER_PORT": "9000",
+            "FANOUT_WS_AUTH_REQUIRED": "false",
+            "FANOUT_OUTBOX_POLICIES": '{"xy.md.tick.>": "latest"}',
+        }
+    )
     assert s.server.port == 9000 and s.ws.auth_required is False
     assert s.outbox.policies == {"xy.md.tick.>": "latest"}
 
@@ -87,7 +96,7 @@ def test_toml_file_and_unknown_keys(tmp_path: Path) -> None:
     assert settings.load(good, environ={}).server.port == 9100
     assert settings.load(good, environ={"FANOUT_SERVER_PORT": "9200"}).server.port == 9200
     bad = tmp_path / "b.toml"
-    bad.write_text('[server]\nprot = 1\n')
+    bad.write_text("[server]\nprot = 1\n")
     with pytest.raises(settings.ConfigError) as err:
         settings.load(bad, environ={})
     assert err.value.field == "server.prot"

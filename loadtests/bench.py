@@ -1,0 +1,800 @@
+#!/usr/bin/env python3
+"""Load bench: one scenario against the gateway or nats-server's own WebSocket, one report.
+
+Starts a nats-server, the server under test (``fanout serve --workers N`` with a
+dev key pair, or nats-server's native WebSocket listener with ``--server
+natsws``), M client processes (picows on uvloop) holding the connections, and a
+publisher speaking raw NATS. The publisher puts ``{"t": <CLOCK_MONOTONIC ns>,
+"n": <seq>, "p": <padding>}`` into every payload, so each client measures
+latency and counts what it got. The figure that survives a noisy shared machine
+is the server's CPU time per delivery (user + sys of the server's process tree,
+read from ``/proc`` before and after the measured phase), so compare servers in
+the same run::
+
+    python loadtests/bench.py --connections 1000 --rate 20 --duration 20
+    python loadtests/bench.py --connections 1000 --rate 20 --duration 20 --server natsws
+
+Everything is on loopback; every wait is bounded; every process it starts is
+stopped on exit, Ctrl-C included. One JSON line on stdout, then a human table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import contextlib
+import json
+import math
+import multiprocessing as mp
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import picows
+import uvloop
+
+from fanout.devtoken import generate_keypair, make_token
+from fanout.embedded_nats import EmbeddedNats, free_port, wait_for_port
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+HOST = "127.0.0.1"
+SUBJECT = "xy.md.bench.{}"
+#: per-client-process shared counters: connected, warmed, received, failed
+SLOTS = 4
+CONNECTED, WARMED, RECEIVED, FAILED = range(SLOTS)
+MAX_LATENCY_SAMPLES = 4_000_000
+#: a lock-free ``multiprocessing.Array("q")``: ctypes arrays have no precise static type
+Counters = Any
+
+
+# --- /proc accounting --------------------------------------------------------------------------
+def proc_stat(pid: int) -> tuple[int, int, int] | None:
+    """``(ppid, utime, stime)`` in clock ticks, or None when the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[1]), int(fields[11]), int(fields[12])
+
+
+def proc_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` (0 when gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+    except OSError:
+        return 0
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = proc_stat(int(entry))
+            if st is not None:
+                children.setdefault(st[0], []).append(int(entry))
+    out: list[int] = []
+    todo = [root]
+    while todo and len(out) < 10_000:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+@dataclass
+class CpuSnapshot:
+    ticks: dict[int, tuple[int, int]]
+
+    @classmethod
+    def take(cls, pids: Iterable[int]) -> CpuSnapshot:
+        ticks = {}
+        for pid in pids:
+            st = proc_stat(pid)
+            if st is not None:
+                ticks[pid] = (st[1], st[2])
+        return cls(ticks)
+
+    def since(self, before: CpuSnapshot) -> tuple[float, float, int]:
+        """User and system seconds spent between the snapshots, and processes that vanished."""
+        user = sys_ = 0
+        for pid, (u, s) in self.ticks.items():
+            u0, s0 = before.ticks.get(pid, (0, 0))
+            user += u - u0
+            sys_ += s - s0
+        lost = len(set(before.ticks) - set(self.ticks))
+        return user / CLK_TCK, sys_ / CLK_TCK, lost
+
+
+def raise_nofile() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (children inherit it); returns the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+# --- publisher (raw NATS protocol, its own process) -------------------------------------------
+def nats_handshake(host: str, port: int, name: str) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=5.0)
+    buf = b""
+    deadline = time.monotonic() + 5.0
+    while b"\r\n" not in buf and time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("nats-server closed during INFO")
+        buf += chunk
+    connect = json.dumps({"verbose": False, "pedantic": False, "name": name}).encode()
+    sock.sendall(b"CONNECT " + connect + b"\r\nPING\r\n")
+    buf = b""
+    while b"PONG\r\n" not in buf and time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk or b"-ERR" in chunk:
+            raise ConnectionError(f"nats-server refused: {chunk!r}")
+        buf += chunk
+    sock.setblocking(False)
+    return sock
+
+
+def answer_pings(sock: socket.socket) -> None:
+    """Read what the server sent (only PING matters to a publisher) without blocking."""
+    for _ in range(100):
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        if not data:
+            raise ConnectionError("nats-server closed the publisher")
+        if b"PING\r\n" in data:
+            send_all(sock, b"PONG\r\n")
+
+
+def send_all(sock: socket.socket, data: bytes, timeout_s: float = 10.0) -> None:
+    view = memoryview(data)
+    deadline = time.monotonic() + timeout_s
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError("publisher send stalled") from None
+            time.sleep(0.0005)
+
+
+def make_payload(n: int, size: int) -> bytes:
+    head = b'{"t":%d,"n":%d,"p":"' % (time.monotonic_ns(), n)
+    return head + b"x" * max(0, size - len(head) - 2) + b'"}'
+
+
+def publisher_main(port: int, subjects: int, rate: float, burst: int, size: int,
+                   duration: float, ctl: Connection) -> None:
+    """Warm up (seq 0) until told ``go``, then publish the measured phase and report."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = nats_handshake(HOST, port, "bench-publisher")
+    names = [SUBJECT.format(s).encode() for s in range(subjects)]
+    warm_deadline = time.monotonic() + 600
+    while time.monotonic() < warm_deadline:
+        if ctl.poll(0.1):
+            if ctl.recv() != "go":
+                return
+            break
+        answer_pings(sock)
+        send_all(sock, b"".join(pub(name, make_payload(0, size)) for name in names))
+    interval = burst * subjects / rate
+    ticks = max(1, math.ceil(duration / interval))
+    seq = 0
+    late = 0
+    start = time.monotonic()
+    for tick in range(ticks):
+        target = start + tick * interval
+        now = time.monotonic()
+        if now < target:
+            time.sleep(target - now)
+        elif now - target > interval:
+            late += 1
+        parts: list[bytes] = []
+        for b in range(burst):
+            payload_seq = seq + b + 1
+            parts.extend(pub(name, make_payload(payload_seq, size)) for name in names)
+        seq += burst
+        send_all(sock, b"".join(parts))
+        if tick % 64 == 0:
+            answer_pings(sock)
+    end = time.monotonic()
+    send_all(sock, b"PING\r\n")
+    ctl.send({"per_subject": seq, "start": start, "end": end, "late_ticks": late, "ticks": ticks})
+    ctl.recv()
+    sock.close()
+
+
+def pub(subject: bytes, payload: bytes) -> bytes:
+    return b"PUB %s %d\r\n%s\r\n" % (subject, len(payload), payload)
+
+
+# --- clients (picows on uvloop, their own processes) -----------------------------------------
+class Data(msgspec.Struct):
+    t: int = 0
+    n: int = -1
+
+
+class Frame(msgspec.Struct):
+    op: str
+    id: int | None = None
+    subject: str = ""
+    data: Data | None = None
+    count: int = 0
+    code: str = ""
+
+
+FRAMES = msgspec.json.Decoder(Frame | list[Frame])
+DATA = msgspec.json.Decoder(Data)
+
+
+class Stats:
+    """What one client process saw; latencies in µs."""
+
+    def __init__(self, record_latency: bool) -> None:
+        self.received = 0
+        self.warmed = 0
+        self.dropped = 0
+        self.gaps = 0
+        self.failed = 0
+        self.closes: Counter[str] = Counter()
+        self.lat = array.array("q")
+        self.record = record_latency
+
+    def on_data(self, listener: BenchListener, data: Data) -> None:
+        n = data.n
+        if n <= 0:
+            if not listener.warm:
+                listener.warm = True
+                self.warmed += 1
+            return
+        self.received += 1
+        if n != listener.last_n + 1 and listener.last_n >= 0:
+            self.gaps += max(0, n - listener.last_n - 1)
+        listener.last_n = n
+        if self.record:
+            self.lat.append((time.monotonic_ns() - data.t) // 1000)
+            if len(self.lat) >= MAX_LATENCY_SAMPLES:
+                self.record = False
+
+
+class BenchListener(picows.WSListener):
+    """One connection; subclasses speak the fanout protocol or NATS over WebSocket."""
+
+    def __init__(self, stats: Stats, ready: asyncio.Future[None]) -> None:
+        super().__init__()
+        self.stats = stats
+        self.ready = ready
+        self.warm = False
+        self.last_n = -1
+        self.transport: picows.WSTransport | None = None
+
+    def on_ws_connected(self, transport: picows.WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_disconnected(self, transport: picows.WSTransport) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("disconnected before ready"))
+
+    def on_close(self, frame: picows.WSFrame) -> None:
+        self.stats.closes[str(int(frame.get_close_code().value))] += 1
+        if self.transport is not None:
+            self.transport.disconnect()
+
+
+class FanoutListener(BenchListener):
+    def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
+        kind = frame.msg_type
+        if kind == picows.WSMsgType.TEXT:
+            decoded = FRAMES.decode(frame.get_payload_as_bytes())
+            for f in decoded if isinstance(decoded, list) else (decoded,):
+                self.on_frame(f)
+        elif kind == picows.WSMsgType.CLOSE:
+            self.on_close(frame)
+
+    def on_frame(self, f: Frame) -> None:
+        if f.data is not None:
+            self.stats.on_data(self, f.data)
+        elif f.op == "dropped":
+            self.stats.dropped += f.count
+        elif f.op in ("ack", "pong") and not self.ready.done():
+            self.ready.set_result(None)
+        elif f.op == "error" and not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"refused: {f.code}"))
+
+
+class NatsWsListener(BenchListener):
+    """NATS client protocol over WebSocket frames (lines may span frames)."""
+
+    def __init__(self, stats: Stats, ready: asyncio.Future[None]) -> None:
+        super().__init__(stats, ready)
+        self.buf = b""
+
+    def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
+        kind = frame.msg_type
+        if kind in (picows.WSMsgType.BINARY, picows.WSMsgType.TEXT):
+            self.on_bytes(transport, frame.get_payload_as_bytes())
+        elif kind == picows.WSMsgType.CLOSE:
+            self.on_close(frame)
+
+    def on_bytes(self, transport: picows.WSTransport, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        pos = 0
+        stats = self.stats
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            if buf.startswith(b"MSG ", pos):
+                size = int(buf[buf.rfind(b" ", pos, eol) + 1 : eol])
+                end = eol + 2 + size
+                if len(buf) < end + 2:
+                    break
+                stats.on_data(self, DATA.decode(buf[eol + 2 : end]))
+                pos = end + 2
+                continue
+            line = buf[pos:eol]
+            pos = eol + 2
+            if line == b"PING":
+                transport.send(picows.WSMsgType.BINARY, b"PONG\r\n")
+            elif line == b"PONG" and not self.ready.done():
+                self.ready.set_result(None)
+            elif line.startswith(b"-ERR") and not self.ready.done():
+                self.ready.set_exception(ConnectionError(line.decode(errors="replace")))
+        self.buf = buf[pos:]
+
+
+@dataclass
+class ClientJob:
+    index: int
+    kind: str
+    url: str
+    token: str | None
+    first: int
+    count: int
+    subjects: int
+    read_buffer: int = 16 * 1024
+    record_latency: bool = True
+    concurrency: int = 64
+    lifetime_s: float = 3600.0
+    subscribe: bool = True
+
+
+async def open_connection(job: ClientJob, conn_no: int, stats: Stats,
+                          keep: list[picows.WSTransport]) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    natsws = job.kind == "natsws"
+    listener_cls: type[BenchListener] = NatsWsListener if natsws else FanoutListener
+    headers = {"Authorization": f"Bearer {job.token}"} if job.token else None
+    transport, _ = await picows.ws_connect(
+        lambda: listener_cls(stats, ready),
+        job.url,
+        extra_headers=headers,
+        read_buffer_init_size=job.read_buffer,
+        websocket_handshake_timeout=20,
+    )
+    keep.append(transport)
+    subject = SUBJECT.format(conn_no % job.subjects).encode()
+    if natsws:
+        connect = b'CONNECT {"verbose":false,"pedantic":false,"protocol":1,"headers":false}\r\n'
+        sub = b"SUB %s 1\r\n" % subject if job.subscribe else b""
+        transport.send(picows.WSMsgType.BINARY, connect + sub + b"PING\r\n")
+    elif job.subscribe:
+        op = b'{"op":"sub","id":1,"subject":"%s"}' % subject
+        transport.send(picows.WSMsgType.TEXT, op)
+    else:
+        transport.send(picows.WSMsgType.TEXT, b'{"op":"ping","id":1}')
+    await asyncio.wait_for(ready, 20)
+
+
+async def client_async(job: ClientJob, counters: Counters, ctl: Connection) -> None:
+    stats = Stats(job.record_latency)
+    keep: list[picows.WSTransport] = []
+    base = job.index * SLOTS
+    sem = asyncio.Semaphore(job.concurrency)
+
+    async def one(conn_no: int) -> None:
+        async with sem:
+            try:
+                await open_connection(job, conn_no, stats, keep)
+            except (OSError, TimeoutError, picows.WSError, ConnectionError):
+                stats.failed += 1
+
+    connecting = asyncio.gather(*(one(job.first + i) for i in range(job.count)))
+    deadline = time.monotonic() + job.lifetime_s
+    command: str | None = None
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        counters[base + CONNECTED] = len(keep) if connecting.done() else 0
+        counters[base + WARMED] = stats.warmed
+        counters[base + RECEIVED] = stats.received
+        counters[base + FAILED] = stats.failed
+        if ctl.poll():
+            command = ctl.recv()
+            break
+    connecting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await connecting
+    if command == "report":
+        ctl.send({
+            "received": stats.received,
+            "dropped": stats.dropped,
+            "gaps": stats.gaps,
+            "failed": stats.failed,
+            "closes": dict(stats.closes),
+            "lat": stats.lat.tobytes(),
+        })
+    for transport in keep:
+        transport.disconnect(graceful=False)
+
+
+def client_main(job: ClientJob, counters: Counters, ctl: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise_nofile()
+    uvloop.run(client_async(job, counters, ctl))
+
+
+# --- orchestration ------------------------------------------------------------------------------
+@dataclass
+class Procs:
+    """Everything started, so ``stop`` can end it all (Ctrl-C included)."""
+
+    nats: EmbeddedNats | None = None
+    gateway: subprocess.Popen[bytes] | None = None
+    children: list[mp.process.BaseProcess] = field(default_factory=list)
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def stop(self) -> None:
+        for child in self.children:
+            if child.is_alive():
+                child.terminate()
+        for child in self.children:
+            child.join(2)
+            if child.is_alive():
+                child.kill()
+                child.join(2)
+        gw, self.gateway = self.gateway, None
+        if gw is not None and gw.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(gw.pid, signal.SIGTERM)
+            try:
+                gw.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(gw.pid, signal.SIGKILL)
+                gw.wait(5)
+        if self.nats is not None:
+            self.nats.stop()
+            self.nats = None
+        if self.tmp is not None:
+            self.tmp.cleanup()
+            self.tmp = None
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    prefixes = ("FANOUT_", "NATS_", "JWT_", "WS_", "PROMETHEUS_MULTIPROC_DIR")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env.update(extra)
+    return env
+
+
+def start_gateway(procs: Procs, nats_url: str, workers: int, max_conns: int,
+                  extra_env: Sequence[str], log_path: Path) -> tuple[int, str]:
+    """``fanout serve`` with a fresh dev key pair; returns (port, token)."""
+    assert procs.tmp is not None
+    keys = Path(procs.tmp.name)
+    private, public = generate_keypair("ec")
+    (keys / "public.pem").write_bytes(public)
+    token = make_token(private_key_pem=private, sub="bench", subjects=["xy.md.>"], ttl_s=86_000)
+    port = free_port()
+    env = clean_env({
+        "NATS_URLS": nats_url,
+        "JWT_PUBLIC_KEY": str(keys / "public.pem"),
+        "FANOUT_SERVER_HOST": HOST,
+        "FANOUT_SERVER_PORT": str(port),
+        "FANOUT_SERVER_MAX_CONNECTIONS": str(max_conns),
+        "FANOUT_LOG_LEVEL": "warning",
+    })
+    for item in extra_env:
+        name, _, value = item.partition("=")
+        env[name] = value
+    procs.gateway = subprocess.Popen(
+        [sys.executable, "-m", "fanout.cli", "serve", "--workers", str(workers)],
+        env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if procs.gateway.poll() is not None:
+            raise RuntimeError(f"gateway exited {procs.gateway.returncode}; log: {log_path}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(
+            f"http://{HOST}:{port}/readyz", timeout=1
+        ) as resp:
+            if resp.status == 200:
+                return port, token
+        time.sleep(0.1)
+    raise RuntimeError(f"gateway not ready in 30 s; log: {log_path}")
+
+
+def wait_until(pred: Callable[[], bool], timeout_s: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def percentile(sorted_values: Sequence[int], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return float(sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))])
+
+
+def server_pids(procs: Procs) -> list[int]:
+    if procs.gateway is not None:
+        return process_tree(procs.gateway.pid)
+    assert procs.nats is not None and procs.nats.proc is not None
+    return [procs.nats.proc.pid]
+
+
+def start_servers(procs: Procs, server: str, workers: int, max_conns: int,
+                  gateway_env: Sequence[str], log_dir: str | None) -> tuple[str, str | None]:
+    """nats-server, plus the gateway unless ``server`` is natsws; returns (ws url, token)."""
+    procs.tmp = tempfile.TemporaryDirectory(prefix="fanout-bench-")
+    natsws = server == "natsws"
+    ws_port = free_port()
+    conf = f"websocket {{ host: {HOST}, port: {ws_port}, no_tls: true }}\n" if natsws else None
+    procs.nats = EmbeddedNats(config_text=conf)
+    procs.nats.start()
+    if natsws:
+        if not wait_for_port(HOST, ws_port, 10):
+            raise RuntimeError("nats-server websocket listener did not start")
+        return f"ws://{HOST}:{ws_port}/", None
+    log_path = Path(log_dir or procs.tmp.name) / "gateway.log"
+    port, token = start_gateway(procs, procs.nats.url, workers, max_conns, gateway_env, log_path)
+    return f"ws://{HOST}:{port}/ws", token
+
+
+def spawn_client(procs: Procs, job: ClientJob, counters: Counters) -> tuple[Connection, int]:
+    """One client process (forked: the bench's modules are already imported)."""
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=client_main, args=(job, counters, child), daemon=True)
+    proc.start()
+    procs.children.append(proc)
+    assert proc.pid is not None
+    return parent, proc.pid
+
+
+def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
+    nofile = raise_nofile()
+    natsws = args.server == "natsws"
+    url, token = start_servers(procs, args.server, args.workers, args.connections + 1000,
+                               args.gateway_env, args.log_dir)
+    assert procs.nats is not None and procs.nats.proc is not None
+    nats_pid = procs.nats.proc.pid
+    time.sleep(0.3)
+    rss_idle = sum(proc_rss(p) for p in workers_of(procs))
+
+    m = max(1, min(args.clients, args.connections))
+    counters: Counters = mp.Array("q", m * SLOTS, lock=False)
+    pipes: list[Connection] = []
+    client_pids: list[int] = []
+    per = [args.connections // m + (1 if i < args.connections % m else 0) for i in range(m)]
+    first = 0
+    for i, count in enumerate(per):
+        job = ClientJob(i, args.server, url, token, first, count, args.subjects,
+                        record_latency=not args.no_latency)
+        pipe, pid = spawn_client(procs, job, counters)
+        pipes.append(pipe)
+        client_pids.append(pid)
+        first += count
+
+    def total(slot: int) -> int:
+        return sum(counters[i * SLOTS + slot] for i in range(m))
+
+    connect_timeout = 30 + args.connections / 200
+    done = wait_until(lambda: all(counters[i * SLOTS + CONNECTED] + counters[i * SLOTS + FAILED]
+                                  >= per[i] for i in range(m)), connect_timeout)
+    if not done or total(FAILED):
+        raise RuntimeError(f"connected {total(CONNECTED)}/{args.connections}, "
+                           f"failed {total(FAILED)} (RLIMIT_NOFILE {nofile})")
+    rss_connected = sum(proc_rss(p) for p in workers_of(procs))
+
+    ctx = mp.get_context("fork")
+    pub_parent, pub_child = ctx.Pipe()
+    publisher = ctx.Process(
+        target=publisher_main,
+        args=(procs.nats.port, args.subjects, args.rate, args.burst, args.payload,
+              args.duration, pub_child),
+        daemon=True,
+    )
+    publisher.start()
+    procs.children.append(publisher)
+    if not wait_until(lambda: total(WARMED) >= args.connections, 30):
+        raise RuntimeError(f"only {total(WARMED)}/{args.connections} connections got a message")
+    time.sleep(0.5)
+
+    spids = server_pids(procs)
+    cpu0 = CpuSnapshot.take(spids)
+    client0 = CpuSnapshot.take(client_pids)
+    nats0 = CpuSnapshot.take([nats_pid])
+    wall0 = time.monotonic()
+    pub_parent.send("go")
+    if not pub_parent.poll(args.duration + 60):
+        raise RuntimeError("publisher did not finish")
+    published = pub_parent.recv()
+    subscribers = Counter(i % args.subjects for i in range(args.connections))
+    expected = published["per_subject"] * sum(subscribers.values())
+    drain_limit = max(5.0, args.duration)
+    last, last_change = -1, time.monotonic()
+    drain_deadline = time.monotonic() + drain_limit
+    while time.monotonic() < drain_deadline:
+        got = total(RECEIVED)
+        if got >= expected:
+            break
+        if got != last:
+            last, last_change = got, time.monotonic()
+        elif time.monotonic() - last_change > 2.0:
+            break
+        time.sleep(0.02)
+    wall1 = time.monotonic()
+    cpu1 = CpuSnapshot.take(spids)
+    client1 = CpuSnapshot.take(client_pids)
+    nats1 = CpuSnapshot.take([nats_pid])
+    rss_end = sum(proc_rss(p) for p in workers_of(procs))
+    pub_parent.send("bye")
+
+    reports = []
+    for pipe in pipes:
+        pipe.send("report")
+    for pipe in pipes:
+        if not pipe.poll(60):
+            raise RuntimeError("a client process did not report")
+        reports.append(pipe.recv())
+    received = sum(r["received"] for r in reports)
+    lat = array.array("q")
+    for r in reports:
+        lat.frombytes(r["lat"])
+    ordered = sorted(lat)
+    closes: Counter[str] = Counter()
+    for r in reports:
+        closes.update(r["closes"])
+
+    user, sys_, lost_procs = cpu1.since(cpu0)
+    cu, cs, _ = client1.since(client0)
+    nu, ns, _ = nats1.since(nats0)
+    pub_s = published["end"] - published["start"]
+    per_delivery = 1e6 / received if received else float("nan")
+    return {
+        "server": args.server,
+        "workers": args.workers if not natsws else None,
+        "connections": args.connections,
+        "subjects": args.subjects,
+        "rate": args.rate,
+        "burst": args.burst,
+        "payload": args.payload,
+        "duration_s": round(pub_s, 3),
+        "measured_s": round(wall1 - wall0, 3),
+        "published": published["per_subject"] * args.subjects,
+        "late_ticks": published["late_ticks"],
+        "expected": expected,
+        "delivered": received,
+        "lost": expected - received,
+        "dropped_notices": sum(r["dropped"] for r in reports),
+        "gaps": sum(r["gaps"] for r in reports),
+        "closes": dict(closes),
+        "deliveries_per_s": round(received / pub_s, 1) if pub_s > 0 else None,
+        "latency_ms": {
+            "p50": percentile(ordered, 0.50) / 1000,
+            "p99": percentile(ordered, 0.99) / 1000,
+            "max": (ordered[-1] / 1000) if ordered else float("nan"),
+            "samples": len(ordered),
+        },
+        "server_cpu_s": {"user": user, "sys": sys_},
+        "server_cpu_us_per_delivery": round((user + sys_) * per_delivery, 3),
+        "server_user_us_per_delivery": round(user * per_delivery, 3),
+        "server_sys_us_per_delivery": round(sys_ * per_delivery, 3),
+        "server_procs_lost": lost_procs,
+        "client_cpu_us_per_delivery": round((cu + cs) * per_delivery, 3),
+        "nats_cpu_s": round(nu + ns, 3) if not natsws else None,
+        "rss_per_conn_kib": round(rss_connected / args.connections / 1024, 2),
+        "rss_delta_per_conn_kib": round((rss_connected - rss_idle) / args.connections / 1024, 2),
+        "rss_end_mib": round(rss_end / 2**20, 1),
+    }
+
+
+def workers_of(procs: Procs) -> list[int]:
+    """The processes holding client sockets: gateway workers, or nats-server itself."""
+    if procs.gateway is not None:
+        return [p for p in process_tree(procs.gateway.pid) if p != procs.gateway.pid]
+    assert procs.nats is not None and procs.nats.proc is not None
+    return [procs.nats.proc.pid]
+
+
+def table(result: dict[str, Any]) -> str:
+    lat = result["latency_ms"]
+    rows = [
+        ("server", f"{result['server']} (workers {result['workers']})"),
+        ("scenario", f"{result['connections']} conns, {result['subjects']} subjects, "
+                     f"{result['rate']} msg/s, burst {result['burst']}, "
+                     f"{result['payload']} B, {result['duration_s']} s"),
+        ("deliveries/s", f"{result['deliveries_per_s']}"),
+        ("delivered / expected", f"{result['delivered']} / {result['expected']} "
+                                 f"(lost {result['lost']}, dropped notices "
+                                 f"{result['dropped_notices']}, gaps {result['gaps']})"),
+        ("latency ms p50/p99/max", f"{lat['p50']:.2f} / {lat['p99']:.2f} / {lat['max']:.2f}"),
+        ("server CPU-µs/delivery", f"{result['server_cpu_us_per_delivery']:.3f} "
+                                   f"(user {result['server_user_us_per_delivery']:.3f}, "
+                                   f"sys {result['server_sys_us_per_delivery']:.3f})"),
+        ("client CPU-µs/delivery", f"{result['client_cpu_us_per_delivery']:.3f}"),
+        ("RSS per connection KiB", f"{result['rss_per_conn_kib']} "
+                                   f"(delta over idle {result['rss_delta_per_conn_kib']})"),
+        ("closes", json.dumps(result["closes"])),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--server", choices=["fanout", "natsws"], default="fanout")
+    p.add_argument("--connections", type=int, default=1000)
+    p.add_argument("--subjects", type=int, default=1)
+    p.add_argument("--rate", type=float, default=20.0, help="messages/s published (all subjects)")
+    p.add_argument("--burst", type=int, default=1, help="messages per subject per tick")
+    p.add_argument("--payload", type=int, default=100, help="payload bytes")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--clients", type=int, default=2, help="client processes")
+    p.add_argument("--no-latency", action="store_true", help="do not record latencies")
+    p.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the gateway, e.g. FANOUT_OUTBOX_WRITE_DELAY_MS=1")
+    p.add_argument("--log-dir", help="keep the gateway log here")
+    args = p.parse_args(argv)
+    if args.connections < 1 or args.subjects < 1 or args.rate <= 0 or args.burst < 1:
+        p.error("connections, subjects, burst must be >= 1 and rate > 0")
+    if not 1 <= args.duration <= 3600:
+        p.error("duration must be 1..3600 s")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    procs = Procs()
+    try:
+        result = run(args, procs)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        procs.stop()
+    print(json.dumps(result), flush=True)
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
