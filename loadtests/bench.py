@@ -635,6 +635,7 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
     time.sleep(0.5)
 
     spids = server_pids(procs)
+    print(f"measuring; server pids {' '.join(map(str, spids))}", file=sys.stderr, flush=True)
     cpu0 = CpuSnapshot.take(spids)
     client0 = CpuSnapshot.take(client_pids)
     nats0 = CpuSnapshot.take([nats_pid])
