@@ -498,7 +498,8 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def start_gateway(procs: Procs, nats_url: str, workers: int, max_conns: int,
-                  extra_env: Sequence[str], log_path: Path) -> tuple[int, str]:
+                  extra_env: Sequence[str], log_path: Path,
+                  src: str | None = None) -> tuple[int, str]:
     """``fanout serve`` with a fresh dev key pair; returns (port, token)."""
     assert procs.tmp is not None
     keys = Path(procs.tmp.name)
@@ -517,6 +518,8 @@ def start_gateway(procs: Procs, nats_url: str, workers: int, max_conns: int,
     for item in extra_env:
         name, _, value = item.partition("=")
         env[name] = value
+    if src is not None:
+        env["PYTHONPATH"] = str(Path(src).resolve())
     procs.gateway = subprocess.Popen(
         [sys.executable, "-m", "fanout.cli", "serve", "--workers", str(workers)],
         env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -557,7 +560,8 @@ def server_pids(procs: Procs) -> list[int]:
 
 
 def start_servers(procs: Procs, server: str, workers: int, max_conns: int,
-                  gateway_env: Sequence[str], log_dir: str | None) -> tuple[str, str | None]:
+                  gateway_env: Sequence[str], log_dir: str | None,
+                  src: str | None = None) -> tuple[str, str | None]:
     """nats-server, plus the gateway unless ``server`` is natsws; returns (ws url, token)."""
     procs.tmp = tempfile.TemporaryDirectory(prefix="fanout-bench-")
     natsws = server == "natsws"
@@ -570,7 +574,8 @@ def start_servers(procs: Procs, server: str, workers: int, max_conns: int,
             raise RuntimeError("nats-server websocket listener did not start")
         return f"ws://{HOST}:{ws_port}/", None
     log_path = Path(log_dir or procs.tmp.name) / "gateway.log"
-    port, token = start_gateway(procs, procs.nats.url, workers, max_conns, gateway_env, log_path)
+    port, token = start_gateway(procs, procs.nats.url, workers, max_conns, gateway_env, log_path,
+                                src)
     return f"ws://{HOST}:{port}/ws", token
 
 
@@ -589,7 +594,7 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
     nofile = raise_nofile()
     natsws = args.server == "natsws"
     url, token = start_servers(procs, args.server, args.workers, args.connections + 1000,
-                               args.gateway_env, args.log_dir)
+                               args.gateway_env, args.log_dir, args.gateway_src)
     assert procs.nats is not None and procs.nats.proc is not None
     nats_pid = procs.nats.proc.pid
     time.sleep(0.3)
@@ -687,6 +692,7 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
     pub_s = published["end"] - published["start"]
     per_delivery = 1e6 / received if received else float("nan")
     return {
+        "label": args.label,
         "server": args.server,
         "workers": args.workers if not natsws else None,
         "connections": args.connections,
@@ -771,6 +777,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for the gateway, e.g. FANOUT_OUTBOX_WRITE_DELAY_MS=1")
     p.add_argument("--log-dir", help="keep the gateway log here")
+    p.add_argument("--gateway-src", metavar="DIR",
+                   help="run the gateway from another source tree (PYTHONPATH), e.g. an export "
+                        "of the previous revision: before/after in the same session")
+    p.add_argument("--label", default="", help="a name for this run in the JSON line")
     args = p.parse_args(argv)
     if args.connections < 1 or args.subjects < 1 or args.rate <= 0 or args.burst < 1:
         p.error("connections, subjects, burst must be >= 1 and rate > 0")

@@ -12,11 +12,18 @@ subscription's policy decides:
 
 Every eviction is remembered per subject, and the next drain starts with one
 ``dropped`` notice per subject, before any further ``msg``.
+
+Sharing: within one flush cycle every subscriber of a NATS subscription gets
+the same frames in the same order. A :class:`Batch` holds them once; an idle,
+writable client only remembers where its part of the batch starts
+(:meth:`ClientQueue.share`), so a thousand such clients cost no per-client
+append and write one joined ``bytes`` object between them. A client that gets
+anything else (another subscription's frame, a backed-up transport) first
+*settles*: its shared part is copied into its own queue under the usual caps.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 
 DROP_OLDEST = 0
@@ -25,69 +32,156 @@ DISCONNECT = 2
 POLICY_NAMES = ("drop_oldest", "latest", "disconnect")
 POLICIES = {name: i for i, name in enumerate(POLICY_NAMES)}
 
-#: ``push`` results
-QUEUED = 0
-DROPPED = 1
-CUT = 2
+#: ``push`` / ``settle`` result when the ``disconnect`` policy cuts the client (else: drops).
+CUT = -1
 
 Pending = tuple[str, bytes]
+
+
+class Batch:
+    """The frames one NATS subscription delivered during the current flush cycle."""
+
+    __slots__ = ("frames", "items", "joined", "nbytes", "policy")
+
+    def __init__(self, policy: int) -> None:
+        self.policy = policy
+        self.items: list[Pending] = []
+        self.frames: list[bytes] = []
+        self.nbytes = 0
+        self.joined: bytes | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def append(self, item: Pending) -> None:
+        self.items.append(item)
+        self.frames.append(item[1])
+        self.nbytes += len(item[1])
+        self.joined = None
+
+    def data(self, start: int) -> bytes:
+        """Frames ``start:`` as one bytes object; the whole batch is joined once and shared."""
+        frames = self.frames
+        if start:
+            return frames[start] if len(frames) - start == 1 else b"".join(frames[start:])
+        joined = self.joined
+        if joined is None:
+            joined = self.joined = frames[0] if len(frames) == 1 else b"".join(frames)
+        return joined
+
+    def clear(self) -> None:
+        """End of the flush cycle: nobody refers to these frames any more."""
+        self.items.clear()
+        self.frames.clear()
+        self.nbytes = 0
+        self.joined = None
 
 
 class ClientQueue:
     """The pending frames of one client; all sizes are bounded by its caps."""
 
-    __slots__ = ("dropped", "frames", "latest", "max_bytes", "max_messages", "nbytes")
+    __slots__ = (
+        "dropped",
+        "frames",
+        "latest",
+        "max_bytes",
+        "max_messages",
+        "nbytes",
+        "shared",
+        "shared_from",
+    )
 
     def __init__(self, max_messages: int, max_bytes: int) -> None:
-        self.frames: deque[Pending] = deque()
+        self.frames: list[Pending] = []
         self.latest: dict[str, bytes] = {}
         self.dropped: dict[str, int] = {}
         self.nbytes = 0
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        self.shared: Batch | None = None
+        self.shared_from = 0
 
     def __len__(self) -> int:
-        return len(self.frames) + len(self.latest)
+        """Messages waiting (queued, latest values and the shared part of a batch)."""
+        shared = self.shared
+        tail = len(shared.items) - self.shared_from if shared is not None else 0
+        return len(self.frames) + len(self.latest) + tail
+
+    def idle(self) -> bool:
+        """Nothing pending at all, not even a drop notice: the client may share a batch."""
+        return not (self.frames or self.latest or self.dropped or self.shared)
+
+    def share(self, batch: Batch) -> None:
+        """Take the batch's last frame, and the frames appended after it, as pending."""
+        self.shared = batch
+        self.shared_from = len(batch.items) - 1
+
+    def settle(self, backed_up: bool) -> int:
+        """Copy the shared part of the batch into this queue (caps apply): drops or CUT."""
+        batch = self.shared
+        if batch is None:
+            return 0
+        self.shared = None
+        total = 0
+        for item in batch.items[self.shared_from :]:
+            result = self.push(item, batch.policy, backed_up)
+            if result == CUT:
+                return CUT
+            total += result
+        return total
 
     def push(self, item: Pending, policy: int, backed_up: bool) -> int:
-        """Queue one frame; QUEUED, DROPPED (something was evicted) or CUT (disconnect)."""
+        """Queue one frame; the number of messages dropped to make room, or CUT.
+
+        A shared part must be settled first (the hub does): order is kept.
+        """
         subject, frame = item
         size = len(frame)
-        result = QUEUED
-        if policy == LATEST and (backed_up or subject in self.latest):
-            old = self.latest.get(subject)
-            self.latest[subject] = frame
+        dropped = 0
+        latest = self.latest
+        if policy == LATEST and (backed_up or subject in latest):
+            old = latest.get(subject)
+            latest[subject] = frame
             self.nbytes += size
             if old is not None:
                 self.nbytes -= len(old)
                 self.dropped[subject] = self.dropped.get(subject, 0) + 1
-                result = DROPPED
+                dropped = 1
         else:
             self.frames.append(item)
             self.nbytes += size
-        if self.nbytes > self.max_bytes or len(self.frames) + len(self.latest) > self.max_messages:
+        if self.nbytes > self.max_bytes or len(self.frames) + len(latest) > self.max_messages:
             if policy == DISCONNECT:
                 return CUT
-            self._evict()
-            result = DROPPED
-        return result
+            dropped += self._evict()
+        return dropped
 
-    def _evict(self) -> None:
+    def _evict(self) -> int:
         """Drop oldest pending frames until both caps hold again (at least one stays)."""
         frames, latest, dropped = self.frames, self.latest, self.dropped
-        while (self.nbytes > self.max_bytes or len(frames) + len(latest) > self.max_messages) and (
-            len(frames) + len(latest) > 1
-        ):
-            if frames:
-                subject, frame = frames.popleft()
+        evicted = 0
+        nbytes = self.nbytes
+        held = len(frames) + len(latest)
+        while (nbytes > self.max_bytes or held > self.max_messages) and held > 1:
+            if evicted < len(frames):
+                subject, frame = frames[evicted]
             else:
                 subject = next(iter(latest))
                 frame = latest.pop(subject)
-            self.nbytes -= len(frame)
+            evicted += 1
+            held -= 1
+            nbytes -= len(frame)
             dropped[subject] = dropped.get(subject, 0) + 1
+        del frames[:evicted]
+        self.nbytes = nbytes
+        return evicted
 
     def drain(self, notice: Callable[[str, int], bytes]) -> bytes:
         """Everything pending as one write: drop notices, queued frames, then latest values."""
+        shared = self.shared
+        if shared is not None and not (self.frames or self.latest or self.dropped):
+            self.shared = None
+            return shared.data(self.shared_from)
         parts: list[bytes] = []
         if self.dropped:
             parts.extend(notice(subject, count) for subject, count in self.dropped.items())
@@ -98,5 +192,8 @@ class ClientQueue:
         if self.latest:
             parts.extend(self.latest.values())
             self.latest.clear()
+        if shared is not None:
+            self.shared = None
+            parts.append(shared.data(self.shared_from))
         self.nbytes = 0
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)

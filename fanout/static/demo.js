@@ -12,6 +12,7 @@ const BUCKET_MS = 500; // → the chart shows the last minute
 const MAX_ROWS = 50;
 const STALE_MS = 5_000;
 const LOG_MAX = 40;
+const CHART_MS = 250; // redraw a sparkline at most 4 times a second (canvas work dominates otherwise)
 
 const CLOSE_TEXT = /** @type {Record<number, string>} */ ({
   1000: "normal", 1001: "gateway draining", 1002: "protocol error", 1003: "binary frame", 1006: "connection lost",
@@ -57,7 +58,8 @@ Object.assign(window, { fanoutDemo: { client } }); // for tests and the console
 /**
  * @typedef {{symbol: string, tr: HTMLTableRowElement, cells: HTMLElement[], canvas: HTMLCanvasElement,
  *   price: number, seq: number|null, at: number, dir: number, dirAt: number,
- *   hist: Float64Array, head: number, count: number, bucketAt: number, chartDirty: boolean, shown: string[]}} Row
+ *   hist: Float64Array, head: number, count: number, bucketAt: number, chartDirty: boolean, drawnAt: number,
+ *   shownPrice: number, shownDir: string, shown: string[]}} Row
  */
 /** @type {Map<string, Row>} */
 const rows = new Map();
@@ -117,7 +119,8 @@ function addRow(symbol) {
   el.empty.hidden = true;
   /** @type {Row} */
   const r = { symbol, tr, cells, canvas, price: NaN, seq: null, at: 0, dir: 0, dirAt: 0,
-    hist: new Float64Array(HISTORY), head: -1, count: 0, bucketAt: 0, chartDirty: true, shown: [] };
+    hist: new Float64Array(HISTORY), head: -1, count: 0, bucketAt: 0, chartDirty: true, drawnAt: -Infinity,
+    shownPrice: NaN, shownDir: "", shown: [] };
   rows.set(symbol, r);
   return r;
 }
@@ -138,10 +141,12 @@ function setText(node, text) {
 /** Fraction digits by magnitude, so a row keeps its width. @param {number} p */
 const digitsFor = (p) => (Math.abs(p) >= 1000 ? 2 : Math.abs(p) >= 1 ? 4 : 6);
 
+/** toLocaleString builds a formatter per call: far too slow per frame, so keep one per precision. */
+const formatters = new Map([2, 4, 6].map((d) => [d, new Intl.NumberFormat("en-US", { minimumFractionDigits: d, maximumFractionDigits: d })]));
+
 /** @param {number} p @param {number} [digits] */
 function fmtPrice(p, digits = digitsFor(p)) {
-  if (!Number.isFinite(p)) return "–";
-  return p.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+  return Number.isFinite(p) ? /** @type {Intl.NumberFormat} */ (formatters.get(digits)).format(p) : "–";
 }
 
 /** @param {number} ms */
@@ -160,6 +165,20 @@ function cell(r, i, text, cls) {
   if (cls !== undefined) r.cells[i].className = cls;
 }
 
+/** Price and change: formatted only when the price or its colour changes. @param {Row} r @param {string} dirCls */
+function priceCells(r, dirCls) {
+  r.shownPrice = r.price;
+  r.shownDir = dirCls;
+  cell(r, 1, fmtPrice(r.price), `num price${dirCls}`);
+  const oldest = r.count ? r.hist[(r.head - r.count + 1 + HISTORY) % HISTORY] : NaN;
+  const change = r.price - oldest;
+  if (!Number.isFinite(change) || !oldest) return cell(r, 2, "–", "num change");
+  const sign = change > 0 ? "+" : change < 0 ? "−" : "±";
+  const pct = Math.abs((change / oldest) * 100).toFixed(2);
+  const cls = `num change${change > 0 ? " up" : change < 0 ? " down" : ""}`;
+  cell(r, 2, `${sign}${fmtPrice(Math.abs(change), digitsFor(r.price))} (${sign}${pct}%)`, cls);
+}
+
 function render() {
   rafPending = false;
   if (!dirty && !logDirty) return;
@@ -167,20 +186,13 @@ function render() {
   if (dirty) {
     dirty = false;
     for (const r of rows.values()) {
-      const oldest = r.count ? r.hist[(r.head - r.count + 1 + HISTORY) % HISTORY] : NaN;
-      const change = r.price - oldest;
       const dirCls = now - r.dirAt < 600 ? (r.dir > 0 ? " up" : r.dir < 0 ? " down" : "") : "";
-      cell(r, 1, fmtPrice(r.price), `num price${dirCls}`);
-      if (Number.isFinite(change) && oldest) {
-        const sign = change > 0 ? "+" : change < 0 ? "−" : "±";
-        const pct = Math.abs((change / oldest) * 100).toFixed(2);
-        cell(r, 2, `${sign}${fmtPrice(Math.abs(change), digitsFor(r.price))} (${sign}${pct}%)`, `num change${change > 0 ? " up" : change < 0 ? " down" : ""}`);
-      } else cell(r, 2, "–");
+      if (r.price !== r.shownPrice || dirCls !== r.shownDir) priceCells(r, dirCls);
       cell(r, 3, r.seq === null ? "–" : String(r.seq));
       const age = now - r.at;
       cell(r, 4, fmtAge(age));
       r.tr.classList.toggle("stale", age > STALE_MS);
-      if (r.chartDirty) { r.chartDirty = false; drawSpark(r); }
+      if (r.chartDirty && now - r.drawnAt >= CHART_MS) { r.chartDirty = false; r.drawnAt = now; drawSpark(r); }
     }
     const s = client.stats;
     setText(el.rate, String(Math.round(rate)));
@@ -330,7 +342,7 @@ el.form.addEventListener("submit", async (ev) => {
     const reply = await client.request(subject, payload, { timeoutMs });
     const ms = Math.round(performance.now() - t0);
     const body = reply.data instanceof Uint8Array ? `${reply.data.length} bytes (binary)` : JSON.stringify(reply.data, null, 2);
-    showResult("ok", "", `reply in ${ms} ms`, body, reply.hdr.traceparent);
+    showResult("ok", "", `in ${ms} ms`, body, reply.hdr.traceparent);
   } catch (e) {
     const err = /** @type {import("/fanout.js").FanoutError} */ (e);
     const code = err.code ?? "ERROR";

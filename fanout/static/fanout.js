@@ -43,8 +43,7 @@ export class FanoutError extends Error {
     super(`${code}: ${message}`);
     this.name = "FanoutError";
     this.code = code;
-    /** @type {number|undefined} */
-    this.retryAfterMs = retryAfterMs;
+    /** @type {number|undefined} */ this.retryAfterMs = retryAfterMs;
   }
 }
 
@@ -98,22 +97,15 @@ export class FanoutClient extends EventTarget {
     super();
     this.url = url;
     this._opts = opts;
-    /** @type {typeof WebSocket} */
-    this._WS = opts.WebSocket ?? globalThis.WebSocket;
+    /** @type {typeof WebSocket} */ this._WS = opts.WebSocket ?? globalThis.WebSocket;
     this._pingMs = opts.pingIntervalMs ?? 25_000;
     this._pongMs = opts.pongTimeoutMs ?? 10_000;
-    /** @type {State} */
-    this._state = "idle";
-    /** @type {WebSocket|null} */
-    this._ws = null;
-    /** @type {Map<string, Sub>} */
-    this._subs = new Map();
-    /** @type {Set<Sub>} wildcard subscriptions, matched per message */
-    this._wild = new Set();
-    /** @type {Map<number, Pending>} */
-    this._pending = new Map();
-    /** @type {string[]} */
-    this._out = [];
+    /** @type {State} */ this._state = "idle";
+    /** @type {WebSocket|null} */ this._ws = null;
+    /** @type {Map<string, Sub>} */ this._subs = new Map();
+    /** @type {Set<Sub>} wildcard subscriptions, matched per message */ this._wild = new Set();
+    /** @type {Map<number, Pending>} */ this._pending = new Map();
+    /** @type {string[]} */ this._out = [];
     this._flushQueued = false;
     this._nextId = 1;
     this._gen = 0; // bumped whenever a pending async step (token, timer) must be ignored
@@ -121,18 +113,12 @@ export class FanoutClient extends EventTarget {
     this._everOpened = false;
     this._openedAt = this._lastRecv = this._pingSentAt = 0;
     this._maxFrame = 1 << 20;
-    /** @type {ReturnType<typeof setTimeout>|null} */
-    this._timer = this._pingTimer = null;
-    /** @type {string|null} the token of the current connection */
-    this._token = null;
-    /** @type {Stats} */
-    this.stats = { messages: 0, dropped: 0, reconnects: 0, lastCloseCode: null };
-    /** @type {Record<string, any>|null} the last `welcome` frame */
-    this.welcome = null;
-    /** @type {number|null} token expiry (unix s), null when anonymous */
-    this.expiresAt = null;
-    /** @type {"up"|"down"|"unknown"} */
-    this.natsStatus = "unknown";
+    /** @type {ReturnType<typeof setTimeout>|null} */ this._timer = this._pingTimer = null;
+    /** @type {string|null} the token of the current connection */ this._token = null;
+    /** @type {Stats} */ this.stats = { messages: 0, dropped: 0, reconnects: 0, lastCloseCode: null };
+    /** @type {Record<string, any>|null} the last `welcome` frame */ this.welcome = null;
+    /** @type {number|null} token expiry (unix s), null when anonymous */ this.expiresAt = null;
+    /** @type {"up"|"down"|"unknown"} */ this.natsStatus = "unknown";
   }
 
   /** @returns {State} */
@@ -201,8 +187,7 @@ export class FanoutClient extends EventTarget {
         () => this._settle(id, new FanoutError("XYW012", "request timed out (client)")),
         timeoutMs + REQUEST_GRACE_MS,
       );
-      /** @type {Pending} */
-      const p = { op: "request", subject, text, sent: false, resolve, reject, timer };
+      /** @type {Pending} */ const p = { op: "request", subject, text, sent: false, resolve, reject, timer };
       this._pending.set(id, p);
       if (this._state === "open") this._sendRequest(p);
       else this.connect();
@@ -228,8 +213,7 @@ export class FanoutClient extends EventTarget {
 
   async _dial() {
     const gen = ++this._gen;
-    /** @type {string|null} */
-    let token = null;
+    /** @type {string|null} */ let token = null;
     try {
       token = this._opts.token ? await this._opts.token() : null;
     } catch (e) {
@@ -287,8 +271,7 @@ export class FanoutClient extends EventTarget {
   /** After 4001/4005: reconnect only with a fresh token, else give up. @param {number} code @param {string} reason */
   async _reauth(code, reason) {
     const gen = ++this._gen;
-    /** @type {string|null} */
-    let fresh = null;
+    /** @type {string|null} */ let fresh = null;
     try { fresh = this._opts.token ? await this._opts.token() : null; } catch { fresh = null; }
     if (gen !== this._gen) return;
     if (fresh && fresh !== this._token) return this._retry(this._backoff());
@@ -381,8 +364,7 @@ export class FanoutClient extends EventTarget {
     const ws = this._ws;
     if (!ws || this._state !== "open") return;
     const limit = Math.min(MAX_BATCH_CHARS, Math.floor(this._maxFrame / 3));
-    /** @type {string[]} */
-    let batch = [];
+    /** @type {string[]} */ let batch = [];
     let size = 2;
     const push = () => ws.send(batch.length === 1 ? batch[0] : `[${batch.join(",")}]`);
     for (const s of out) {
@@ -462,8 +444,7 @@ export class FanoutClient extends EventTarget {
   _dispatch(f) {
     this.stats.messages++;
     const subject = f.subject;
-    /** @type {Message|null} */
-    let m = null;
+    /** @type {Message|null} */ let m = null;
     const exact = this._subs.get(subject);
     if (exact && !exact.tokens) m = this._deliver(exact, m, f);
     if (this._wild.size) {

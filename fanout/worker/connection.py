@@ -50,6 +50,7 @@ class WsConnection(asyncio.Protocol):
         "peer",
         "principal",
         "queue",
+        "stalled_size",
         "state",
         "subs",
         "transport",
@@ -82,6 +83,7 @@ class WsConnection(asyncio.Protocol):
         self.dirty = False
         self.paused = False
         self.paused_since = 0.0
+        self.stalled_size = 0
         self.closing_since = 0.0
         self.last_rx = time.monotonic()
         self.state = OPEN
@@ -122,15 +124,13 @@ class WsConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.paused = True
         self.paused_since = time.monotonic()
+        self.stalled_size = self.transport.get_write_buffer_size()
 
     def resume_writing(self) -> None:
         self.paused = False
-        if len(self.queue) and not self.dirty and self.state == OPEN:
-            self.dirty = True
-            self.hub.dirty.append(self)
-            if not self.hub.flush_scheduled:
-                self.hub.flush_scheduled = True
-                self.hub.loop.call_soon(self.hub.flush)
+        queue = self.queue
+        if self.state == OPEN and (len(queue) or queue.dropped):
+            self.hub.mark_dirty(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state != CLOSED:
@@ -178,17 +178,37 @@ class WsConnection(asyncio.Protocol):
 
     # -- outbound ---------------------------------------------------------
     def flush(self) -> int:
-        """Write everything pending in one write; returns the number of messages written."""
-        queue = self.queue
-        n = len(queue)
-        if self.paused or self.state != OPEN or not n:
+        """Write everything pending in one write; returns the number of messages written.
+
+        While the transport is backed up nothing is written, and a shared part of
+        a batch becomes this client's own (under its caps): the batch is reused
+        after this flush cycle.
+        """
+        if self.state != OPEN:
             return 0
-        if n == 1 and not queue.dropped and queue.frames:
-            self.transport.write(queue.frames.popleft()[1])
-            queue.nbytes = 0
-        else:
+        queue = self.queue
+        if self.paused:
+            if queue.shared is not None:
+                self.hub.settle(self)
+            return 0
+        n = len(queue)
+        if n or queue.dropped:
             self.transport.write(queue.drain(_drop_notice))
         return n
+
+    def write_stalled(self, now: float, timeout_s: float) -> bool:
+        """Backed up with no progress for ``timeout_s``: the transport buffer did not shrink.
+
+        Called by the periodic sweep; a slow reader that keeps draining its
+        buffer is not a stalled one.
+        """
+        if not self.paused:
+            return False
+        size = self.transport.get_write_buffer_size()
+        if size < self.stalled_size:
+            self.paused_since = now
+        self.stalled_size = size
+        return now - self.paused_since > timeout_s
 
     def send_control(self, frame: bytes) -> None:
         """Replies and notices: written at once (bounded by the inbound rate limit)."""

@@ -35,13 +35,15 @@ class Hub:
         self.settings = settings
         self.loop = loop
         self.router: SubjectRouter[WsConnection] = SubjectRouter()
+        self.batches: dict[str, outbox.Batch] = {}
+        self.active: list[outbox.Batch] = []
         self.connections: set[WsConnection] = set()
         self.link: NatsLink | None = None
         self.dirty: list[WsConnection] = []
         self.flush_scheduled = False
         self.write_delay_s = settings.outbox.write_delay_ms / 1000.0
         self.max_batch = settings.outbox.max_batch
-        self._policies: dict[str, int] = {}
+        self.max_batch_bytes = settings.outbox.max_bytes
         self.subscription_count = 0
         self.nats_up = False
         self.forwarded = 0
@@ -53,78 +55,157 @@ class Hub:
 
     def policy_for(self, pattern: str) -> int:
         """The outbox policy for a NATS subscription: first configured pattern covering it."""
-        policy = self._policies.get(pattern)
-        if policy is None:
-            name = self.settings.outbox.policy
-            for configured, configured_policy in self.settings.outbox.policies.items():
-                if subjects.is_subset(pattern, configured):
-                    name = configured_policy
-                    break
-            policy = self._policies[pattern] = outbox.POLICIES[name]
-        return policy
+        name = self.settings.outbox.policy
+        for configured, configured_policy in self.settings.outbox.policies.items():
+            if subjects.is_subset(pattern, configured):
+                name = configured_policy
+                break
+        return outbox.POLICIES[name]
 
     def subscribe(self, conn: WsConnection, pattern: str) -> None:
         self.subscription_count += 1
-        if self.router.add(conn, pattern) and self.link is not None:
-            self.link.want(pattern)
+        if self.router.add(conn, pattern):
+            self.batches[pattern] = outbox.Batch(self.policy_for(pattern))
+            if self.link is not None:
+                self.link.want(pattern)
+        self.settle(conn)
 
     def unsubscribe(self, conn: WsConnection, pattern: str) -> None:
         self.subscription_count -= 1
         if self.router.remove(conn, pattern):
-            self._policies.pop(pattern, None)
+            self.batches.pop(pattern, None)
             if self.link is not None:
                 self.link.unwant(pattern)
+        self.settle(conn)
 
     def add(self, conn: WsConnection) -> None:
         self.connections.add(conn)
 
     def remove(self, conn: WsConnection) -> None:
         self.connections.discard(conn)
+        conn.queue.shared = None
         for pattern in list(conn.subs):
             self.unsubscribe(conn, pattern)
         conn.subs.clear()
 
+    def settle(self, conn: WsConnection) -> bool:
+        """A client's shared part of a batch becomes its own (its subscriptions changed,
+        it got another subscription's frame, or it backed up); False when that cut it."""
+        queue = conn.queue
+        if queue.shared is None:
+            return True
+        policy = queue.shared.policy
+        result = queue.settle(conn.paused)
+        if result == outbox.CUT:
+            self.cut_slow_consumer(conn, "outbox full")
+            return False
+        self.dropped[policy] += result
+        return True
+
     def on_nats_message(self, pattern: str, msg: Msg) -> None:
-        """NATS callback: O(recipients) appends of one shared frame, then one scheduled flush."""
+        """NATS callback: the frame is built once and shared; idle clients share the batch.
+
+        Per recipient this is one attribute test when the client already shares
+        the batch, a few when it starts to, and a queue append otherwise.
+        """
         self.nats_messages += 1
-        subscribers = self.router.subscribers(pattern)
-        if not subscribers:
+        batch = self.batches.get(pattern)
+        if batch is None:
             return
         subject = msg.subject
         item = (subject, websocket.text_frame(protocol.encode_msg(subject, msg.data, msg.headers)))
-        policy = self.policy_for(pattern)
+        if not batch.items:
+            self.active.append(batch)
+        start = len(batch.items)
+        batch.append(item)
         dirty = self.dirty
-        max_batch = self.max_batch
-        for conn in subscribers:
-            if conn.overlapping and conn.canonical_pattern(subject) != pattern:
-                continue
+        cut: list[WsConnection] = []
+        for conn in self.router.subscribers(pattern):
             queue = conn.queue
-            result = queue.push(item, policy, conn.paused)
-            if result:
-                if result == outbox.CUT:
-                    self.cut_slow_consumer(conn, "outbox full")
-                    continue
-                self.dropped[policy] += 1
-            if not conn.dirty:
-                conn.dirty = True
-                dirty.append(conn)
-            elif len(queue) >= max_batch and not conn.paused:
-                conn.flush()
-        if not self.flush_scheduled:
+            shared = queue.shared
+            if shared is batch:
+                continue
+            if shared is None and not (
+                conn.paused or conn.overlapping or queue.frames or queue.latest or queue.dropped
+            ):
+                queue.shared = batch
+                queue.shared_from = start
+                if not conn.dirty:
+                    conn.dirty = True
+                    dirty.append(conn)
+            elif self.enqueue(conn, pattern, item, batch.policy):
+                cut.append(conn)
+        for conn in cut:
+            self.cut_slow_consumer(conn, "outbox full")
+        if len(batch.items) >= self.max_batch or batch.nbytes >= self.max_batch_bytes:
+            self.flush()
+        elif not self.flush_scheduled:
             self.flush_scheduled = True
             if self.write_delay_s:
                 self.loop.call_later(self.write_delay_s, self.flush)
             else:
                 self.loop.call_soon(self.flush)
 
+    def enqueue(self, conn: WsConnection, pattern: str, item: outbox.Pending, policy: int) -> bool:
+        """The general path: into the client's own queue. True when the client must be cut."""
+        if conn.overlapping and conn.canonical_pattern(item[0]) != pattern:
+            return False
+        queue = conn.queue
+        paused = conn.paused
+        if queue.shared is not None:
+            shared_policy = queue.shared.policy
+            result = queue.settle(paused)
+            if result == outbox.CUT:
+                return True
+            self.dropped[shared_policy] += result
+        result = queue.push(item, policy, paused)
+        if result:
+            if result == outbox.CUT:
+                return True
+            self.dropped[policy] += result
+        if not conn.dirty:
+            conn.dirty = True
+            self.dirty.append(conn)
+        elif not paused and len(queue.frames) >= self.max_batch:
+            self.forwarded += conn.flush()
+        return False
+
+    def mark_dirty(self, conn: WsConnection) -> None:
+        """Flush ``conn`` in the next flush (its transport drained below the low-water mark)."""
+        if not conn.dirty:
+            conn.dirty = True
+            self.dirty.append(conn)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
     def flush(self) -> None:
-        """Write every dirty client's pending frames, one write each."""
+        """Write every dirty client's pending frames, one write each.
+
+        A client that shares a batch from its start writes the batch's one joined
+        bytes object: the same object for every such client.
+        """
         self.flush_scheduled = False
         dirty, self.dirty = self.dirty, []
         forwarded = 0
         for conn in dirty:
             conn.dirty = False
-            forwarded += conn.flush()
+            queue = conn.queue
+            batch = queue.shared
+            if batch is not None and not conn.paused:
+                queue.shared = None
+                start = queue.shared_from
+                data = batch.joined
+                if data is None or start:
+                    data = batch.data(start)
+                conn.transport.write(data)
+                forwarded += len(batch.items) - start
+            else:
+                forwarded += conn.flush()
+        if self.active:
+            for batch in self.active:
+                batch.clear()
+            self.active.clear()
         self.forwarded += forwarded
 
     def cut_slow_consumer(self, conn: WsConnection, reason: str) -> None:

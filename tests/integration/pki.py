@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import nkeys
+import nkeys  # type: ignore[import-untyped]
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -36,14 +36,19 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _write(directory: Path, stem: str, cert: x509.Certificate,
-           key: ec.EllipticCurvePrivateKey) -> Pem:
+def _write(
+    directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> Pem:
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}-key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     key_path.chmod(0o600)
     return Pem(cert_path, key_path, cert, key)
 
@@ -53,16 +58,27 @@ def make_ca(directory: Path, cn: str = "fanout test CA") -> Pem:
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn)).issuer_name(_name(cn))
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(key, hashes.SHA256())
     )
     return _write(directory, cn.replace(" ", "-"), cert, key)
@@ -75,7 +91,8 @@ def issue(ca: Pem, directory: Path, cn: str, *, client: bool = False) -> Pem:
     usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn)).issuer_name(ca.certificate.subject)
+        .subject_name(_name(cn))
+        .issuer_name(ca.certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -84,9 +101,12 @@ def issue(ca: Pem, directory: Path, cn: str, *, client: bool = False) -> Pem:
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
     if not client:
-        builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
     cert = builder.sign(ca.private_key, hashes.SHA256())
     return _write(directory, cn.replace(" ", "-"), cert, key)
 
@@ -116,7 +136,10 @@ def nats_jwt(issuer: NKey, subject: str, name: str, nats_claims: dict[str, objec
     import hashlib
 
     claims: dict[str, object] = {
-        "iat": int(time.time()), "iss": issuer.public, "name": name, "sub": subject,
+        "iat": int(time.time()),
+        "iss": issuer.public,
+        "name": name,
+        "sub": subject,
         "nats": nats_claims,
     }
     body = json.dumps(claims, separators=(",", ":")).encode()
@@ -129,8 +152,12 @@ def nats_jwt(issuer: NKey, subject: str, name: str, nats_claims: dict[str, objec
 
 def creds_file(path: Path, user_jwt: str, user: NKey) -> Path:
     path.write_text(
-        "-----BEGIN NATS USER JWT-----\n" f"{user_jwt}\n" "------END NATS USER JWT------\n\n"
-        "-----BEGIN USER NKEY SEED-----\n" f"{user.seed}\n" "------END USER NKEY SEED------\n"
+        "-----BEGIN NATS USER JWT-----\n"
+        f"{user_jwt}\n"
+        "------END NATS USER JWT------\n\n"
+        "-----BEGIN USER NKEY SEED-----\n"
+        f"{user.seed}\n"
+        "------END USER NKEY SEED------\n"
     )
     path.chmod(0o600)
     return path

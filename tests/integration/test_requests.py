@@ -1,4 +1,4 @@
-"""Requests end to end (protocol v1.1): WebSocket client → real gateway → real NATS → fanout.service.
+"""Requests end to end (v1.1): WebSocket client → real gateway → real NATS → fanout.service.
 
 One nats-server, one `fanout serve` with requests on (tight limits so every
 rule shows within a second), one `fanout.service` in this process.
@@ -22,7 +22,7 @@ import pytest
 import pytest_asyncio
 
 from fanout.core import metadata as md
-from fanout.devtoken import make_token
+from fanout.devtoken import generate_keypair, make_token
 from fanout.embedded_nats import EmbeddedNats
 from fanout.service import Request, Service, ServiceError
 from fanout.worker.connection import WsConnection
@@ -46,12 +46,23 @@ def nats_module() -> Iterator[EmbeddedNats]:
 
 
 @pytest.fixture(scope="module")
+def keypair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An EC key of our own: loading an RSA private key costs ~50 ms, and we sign 60 tokens."""
+    directory = tmp_path_factory.mktemp("ec-keys")
+    private, public = generate_keypair("ec")
+    (directory / "private.pem").write_bytes(private)
+    (directory / "public.pem").write_bytes(public)
+    return directory / "private.pem", directory / "public.pem"
+
+
+@pytest.fixture(scope="module")
 def gw(
     nats_module: EmbeddedNats, keypair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     gateway = launch_gateway(
         tmp_path_factory.mktemp("gw-requests"),
-        "--workers", "1",
+        "--workers",
+        "1",
         NATS_URLS=nats_module.url,
         JWT_PUBLIC_KEY=str(keypair[1]),
         WS_REQUEST_WHITELIST="svc.>",
@@ -123,7 +134,9 @@ def token_for(keypair: tuple[Path, Path], sub: str, **kw: Any) -> str:
     )
 
 
-async def connect(gw: Gateway, keypair: tuple[Path, Path], sub: str, **kw: Any) -> tuple[WsClient, str]:
+async def connect(
+    gw: Gateway, keypair: tuple[Path, Path], sub: str, **kw: Any
+) -> tuple[WsClient, str]:
     client = await WsClient.connect(gw.ws, token_for(keypair, sub, **kw))
     welcome = await client.recv()
     assert welcome["op"] == "welcome"
@@ -150,11 +163,19 @@ async def test_metadata_reaches_the_service_and_trace_context_comes_back(
     client, conn = await connect(gw, keypair, "alice")
     try:
         before = time.time()
-        reply = await client.op(request(
-            1, "svc.orders.get", {"id": 7},
-            headers={"correlationId": "checkout-42", "causationId": "click-9",
-                     "traceparent": TP, "tracestate": "congo=t61rcWkgMzE"},
-        ))
+        reply = await client.op(
+            request(
+                1,
+                "svc.orders.get",
+                {"id": 7},
+                headers={
+                    "correlationId": "checkout-42",
+                    "causationId": "click-9",
+                    "traceparent": TP,
+                    "tracestate": "congo=t61rcWkgMzE",
+                },
+            )
+        )
         after = time.time()
     finally:
         await client.close()
@@ -197,10 +218,19 @@ async def test_client_headers_are_filtered(
 ) -> None:
     client, conn = await connect(gw, keypair, "alice")
     try:
-        reply = await client.op(request(3, "svc.orders.get", headers={
-            "Fanout-Principal": "mallory", "fanout-conn": "fake", "Authorization": "Bearer forged",
-            "x-tenant": "acme", "X-Other": "dropped",
-        }))
+        reply = await client.op(
+            request(
+                3,
+                "svc.orders.get",
+                headers={
+                    "Fanout-Principal": "mallory",
+                    "fanout-conn": "fake",
+                    "Authorization": "Bearer forged",
+                    "x-tenant": "acme",
+                    "X-Other": "dropped",
+                },
+            )
+        )
         assert reply["op"] == "reply"
         seen = backend.seen[-1]
         assert seen["Fanout-Principal"] == "alice" and seen["Fanout-Conn"] == conn
@@ -247,7 +277,10 @@ async def test_no_responders(gw: Gateway, backend: Backend, keypair: tuple[Path,
     finally:
         await client.close()
     assert frame == {
-        "op": "error", "id": 20, "code": "XYW013", "message": "no responders on svc.nobody.home",
+        "op": "error",
+        "id": 20,
+        "code": "XYW013",
+        "message": "no responders on svc.nobody.home",
     }
 
 
@@ -290,7 +323,9 @@ async def test_in_flight_cap_per_connection(
         assert sorted(f["id"] for f in refused) == list(range(MAX_IN_FLIGHT + 1, MAX_IN_FLIGHT + 6))
         assert {f["code"] for f in refused} == {"XYW007"}
         backend.release.set()
-        replies = [await client.expect(lambda f: f.get("op") == "reply") for _ in range(MAX_IN_FLIGHT)]
+        replies = [
+            await client.expect(lambda f: f.get("op") == "reply") for _ in range(MAX_IN_FLIGHT)
+        ]
         assert {f["data"] for f in replies} == {"late"}
     finally:
         backend.release.clear()
@@ -305,7 +340,10 @@ async def test_timeouts_are_capped_and_open_the_breaker(
         started = time.monotonic()
         frame = await client.op(request(1, "svc.slow.t", timeout_ms=200))
         assert 0.18 <= time.monotonic() - started < 0.8
-        assert (frame["code"], frame["message"]) == ("XYW012", "no reply within 200 ms on svc.slow.t")
+        assert (frame["code"], frame["message"]) == (
+            "XYW012",
+            "no reply within 200 ms on svc.slow.t",
+        )
         started = time.monotonic()
         frame = await client.op(request(2, "svc.slow.t", timeout_ms=60_000))  # capped at 1000 ms
         assert 0.95 <= time.monotonic() - started < 2.0
@@ -358,14 +396,20 @@ async def test_1000_concurrent_requests_over_50_connections(
     clients = await asyncio.gather(*(connect(gw, keypair, f"load-{i}") for i in range(50)))
     try:
         per = BURST
-        await asyncio.gather(*(
-            client.send([request(k, f"svc.echo.{i}", {"n": i * 1000 + k}) for k in range(1, per + 1)])
-            for i, (client, _) in enumerate(clients)
-        ))
+        await asyncio.gather(
+            *(
+                client.send(
+                    [request(k, f"svc.echo.{i}", {"n": i * 1000 + k}) for k in range(1, per + 1)]
+                )
+                for i, (client, _) in enumerate(clients)
+            )
+        )
 
         async def collect(client: WsClient) -> list[dict[str, Any]]:
-            return [await client.expect(lambda f: f.get("op") in ("reply", "error"), 10)
-                    for _ in range(per)]
+            return [
+                await client.expect(lambda f: f.get("op") in ("reply", "error"), 10)
+                for _ in range(per)
+            ]
 
         results = await asyncio.gather(*(collect(client) for client, _ in clients))
     finally:
@@ -400,8 +444,14 @@ def node_with_websocket() -> str | None:
     if node is None:
         return None
     probe = subprocess.run(
-        [node, "--experimental-websocket", "-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"],
-        capture_output=True, timeout=10,
+        [
+            node,
+            "--experimental-websocket",
+            "-e",
+            "process.exit(typeof WebSocket === 'function' ? 0 : 1)",
+        ],
+        capture_output=True,
+        timeout=10,
     )
     return node if probe.returncode == 0 else None
 
@@ -411,9 +461,11 @@ import { FanoutClient } from "./fanout.mjs";
 const [url, token] = process.argv.slice(2);
 const client = new FanoutClient(url, { token: () => token, pingIntervalMs: 0 });
 const out = {};
-const ok = await client.request("svc.orders.get", { id: 7 }, { timeoutMs: 2000, headers: { correlationId: "js-1" } });
+const opts = { timeoutMs: 2000, headers: { correlationId: "js-1" } };
+const ok = await client.request("svc.orders.get", { id: 7 }, opts);
 out.ok = { data: ok.data, corr: ok.hdr["Fanout-Correlation-Id"] };
-for (const [name, subject] of [["none", "svc.nobody"], ["service", "svc.flaky.js"], ["denied", "xy.md.x"]]) {
+const cases = [["none", "svc.nobody"], ["service", "svc.flaky.js"], ["denied", "xy.md.x"]];
+for (const [name, subject] of cases) {
   try { await client.request(subject, null, { timeoutMs: 500 }); out[name] = "resolved"; }
   catch (e) { out[name] = { code: e.code, message: e.message }; }
 }
@@ -431,9 +483,15 @@ async def test_fanout_js_request(
     shutil.copy(ROOT / "fanout" / "static" / "fanout.js", tmp_path / "fanout.mjs")
     (tmp_path / "main.mjs").write_text(JS_CLIENT)
     proc = await asyncio.create_subprocess_exec(
-        node, "--experimental-websocket", "--no-warnings", "main.mjs", gw.ws,
-        token_for(keypair, "js-user"), cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        node,
+        "--experimental-websocket",
+        "--no-warnings",
+        "main.mjs",
+        gw.ws,
+        token_for(keypair, "js-user"),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode == 0, stderr.decode()
@@ -455,13 +513,19 @@ async def test_forwarded_token_is_verified_by_the_service(
     from fanout.service import JwtAuth
 
     gateway = launch_gateway(
-        tmp_path, "--workers", "1",
-        NATS_URLS=nats_module.url, JWT_PUBLIC_KEY=str(keypair[1]),
-        WS_REQUEST_WHITELIST="svc.secure.>", FANOUT_REQUESTS_FORWARD_TOKEN="true",
+        tmp_path,
+        "--workers",
+        "1",
+        NATS_URLS=nats_module.url,
+        JWT_PUBLIC_KEY=str(keypair[1]),
+        WS_REQUEST_WHITELIST="svc.secure.>",
+        FANOUT_REQUESTS_FORWARD_TOKEN="true",
         FANOUT_WS_AUTH_REQUIRED="false",
     )
     nc = await nats.connect(nats_module.url)
-    svc = Service(nc, name="secure").with_auth(JwtAuth(public_key=str(keypair[1]), audience="orders"))
+    svc = Service(nc, name="secure").with_auth(
+        JwtAuth(public_key=str(keypair[1]), audience="orders")
+    )
 
     @svc.handler("svc.secure.whoami")
     async def whoami(req: Request) -> Any:

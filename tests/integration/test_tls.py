@@ -20,10 +20,12 @@ import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nats
-import nkeys
+import nkeys  # type: ignore[import-untyped]
 import pytest
+from nats.aio.client import Client as NatsClient
 
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats
@@ -95,7 +97,7 @@ def client_tls(certs: Pki, client: pki.Pem | None = None) -> ssl.SSLContext:
 
 
 @pytest.fixture
-async def publisher(nats_tls: EmbeddedNats, certs: Pki) -> AsyncIterator[nats.aio.client.Client]:
+async def publisher(nats_tls: EmbeddedNats, certs: Pki) -> AsyncIterator[NatsClient]:
     nc = await nats.connect(
         f"tls://127.0.0.1:{nats_tls.port}",
         tls=client_tls(certs, certs.client),
@@ -105,8 +107,8 @@ async def publisher(nats_tls: EmbeddedNats, certs: Pki) -> AsyncIterator[nats.ai
     await nc.close()
 
 
-def gateway_env(certs: Pki, nats_port: int, public_key: Path, **extra: str) -> dict[str, str]:
-    env = {
+def gateway_env(certs: Pki, nats_port: int, public_key: Path, **extra: str) -> dict[str, Any]:
+    env: dict[str, Any] = {
         "NATS_URLS": f"tls://127.0.0.1:{nats_port}",
         "NATS_TLS_CA": str(certs.ca.cert),
         "NATS_TLS_CERT": str(certs.client.cert),
@@ -130,34 +132,29 @@ def wss_gateway(
 ) -> Iterator[Gateway]:
     env = gateway_env(certs, nats_tls.port, keypair[1])
     gw = launch_gateway(tmp_path_factory.mktemp("gw"), "--workers", "1", start=False, **env)
-    gw.start = _start_over_tls(gw, certs)  # type: ignore[method-assign]
-    gw.start()
+    start_over_tls(gw, certs)
     yield gw
     gw.stop()
 
 
-def _start_over_tls(gw: Gateway, certs: Pki) -> object:
-    """The conftest start() polls plain http; over TLS poll https with our CA."""
-
-    def start(timeout: float = 20.0) -> None:
-        assert gw.log_path is not None
-        gw.proc = subprocess.Popen(
-            [sys.executable, "-m", "fanout.cli", "serve", *gw.args],
-            env=gw.env,
-            stdout=gw.log_path.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if gw.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited {gw.proc.returncode}:\n{gw.logs()}")
-            if https_status(gw.port, "/readyz", certs) == 200:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"gateway not ready:\n{gw.logs()}")
-
-    return start
+def start_over_tls(gw: Gateway, certs: Pki, timeout: float = 20.0) -> None:
+    """Like the conftest start(), but polls /readyz over https with our CA."""
+    assert gw.log_path is not None
+    gw.proc = subprocess.Popen(
+        [sys.executable, "-m", "fanout.cli", "serve", *gw.args],
+        env=gw.env,
+        stdout=gw.log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gw.proc.poll() is not None:
+            raise RuntimeError(f"gateway exited {gw.proc.returncode}:\n{gw.logs()}")
+        if https_status(gw.port, "/readyz", certs) == 200:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"gateway not ready:\n{gw.logs()}")
 
 
 def https_status(port: int, path: str, certs: Pki) -> int | None:
@@ -179,7 +176,7 @@ def token(keypair: tuple[Path, Path], sub: str = "tls-user") -> str:
     )
 
 
-async def wait_for_interest(nc: nats.aio.client.Client, client: WsClient, subject: str) -> None:
+async def wait_for_interest(nc: NatsClient, client: WsClient, subject: str) -> None:
     async with asyncio.timeout(10):
         while True:
             await nc.publish(subject, b'{"probe":true}')
@@ -195,7 +192,7 @@ async def test_wss_to_mtls_nats_with_nkey_end_to_end(
     wss_gateway: Gateway,
     certs: Pki,
     keypair: tuple[Path, Path],
-    publisher: nats.aio.client.Client,
+    publisher: NatsClient,
 ) -> None:
     url = f"wss://localhost:{wss_gateway.port}/ws"
     client = await WsClient.connect(url, token(keypair), ssl=client_tls(certs))
@@ -234,7 +231,11 @@ def test_wss_refuses_old_tls_and_weak_ciphers(wss_gateway: Gateway, certs: Pki) 
     tls12.maximum_version = ssl.TLSVersion.TLSv1_2
     version, cipher = handshake(tls12)
     assert version == "TLSv1.2"
-    assert cipher is not None and cipher.startswith("ECDHE-") and ("GCM" in cipher or "CHACHA" in cipher)
+    assert (
+        cipher is not None
+        and cipher.startswith("ECDHE-")
+        and ("GCM" in cipher or "CHACHA" in cipher)
+    )
     cbc = client_tls(certs)
     cbc.maximum_version = ssl.TLSVersion.TLSv1_2
     cbc.set_ciphers("ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA")
@@ -263,18 +264,31 @@ def operator_chain(tmp: Path) -> tuple[str, dict[str, str], Path, Path]:
     operator = pki.new_nkey(nkeys.PREFIX_BYTE_OPERATOR)
     account = pki.new_nkey(nkeys.PREFIX_BYTE_ACCOUNT)
     op_jwt = pki.nats_jwt(operator, operator.public, "op", {"type": "operator", "version": 2})
-    unlimited = {"subs": -1, "conn": -1, "leaf": -1, "imports": -1, "exports": -1,
-                 "data": -1, "payload": -1, "wildcards": True}
-    acct_jwt = pki.nats_jwt(operator, account.public, "MARKET",
-                            {"type": "account", "version": 2, "limits": unlimited})
+    unlimited = {
+        "subs": -1,
+        "conn": -1,
+        "leaf": -1,
+        "imports": -1,
+        "exports": -1,
+        "data": -1,
+        "payload": -1,
+        "wildcards": True,
+    }
+    acct_jwt = pki.nats_jwt(
+        operator, account.public, "MARKET", {"type": "account", "version": 2, "limits": unlimited}
+    )
     files = []
     for name, perms in (
         ("gateway", {"sub": {"allow": ["xy.md.>", "_INBOX.>"]}, "pub": {"allow": ["svc.>"]}}),
         ("publisher", {"pub": {"allow": ["xy.md.>"]}, "sub": {"deny": [">"]}}),
     ):
         user = pki.new_nkey(nkeys.PREFIX_BYTE_USER)
-        user_jwt = pki.nats_jwt(account, user.public, name, {
-            "type": "user", "version": 2, "subs": -1, "data": -1, "payload": -1, **perms})
+        user_jwt = pki.nats_jwt(
+            account,
+            user.public,
+            name,
+            {"type": "user", "version": 2, "subs": -1, "data": -1, "payload": -1, **perms},
+        )
         files.append(pki.creds_file(tmp / f"{name}.creds", user_jwt, user))
     return op_jwt, {account.public: acct_jwt}, files[0], files[1]
 
@@ -290,8 +304,11 @@ async def test_nats_creds_from_an_operator_chain(
     server.start()
     try:
         gw = make_gateway(  # type: ignore[operator]
-            "--workers", "1",
-            NATS_URLS=server.url, NATS_CREDS=str(gateway_creds), JWT_PUBLIC_KEY=str(keypair[1]),
+            "--workers",
+            "1",
+            NATS_URLS=server.url,
+            NATS_CREDS=str(gateway_creds),
+            JWT_PUBLIC_KEY=str(keypair[1]),
         )
         nc = await nats.connect(server.url, user_credentials=str(publisher_creds))
         client = await WsClient.connect(gw.ws, token(keypair, "creds-user"))
@@ -311,11 +328,14 @@ async def test_nats_creds_from_an_operator_chain(
 
 
 # -- boot errors name the setting, never the secret ----------------------------------------
-def boot(env: dict[str, str], tmp: Path) -> subprocess.CompletedProcess[str]:
+def boot(env: dict[str, Any], tmp: Path) -> subprocess.CompletedProcess[str]:
     gw = launch_gateway(tmp, "--workers", "1", start=False, **env)
     return subprocess.run(
         [sys.executable, "-m", "fanout.cli", "serve", *gw.args],
-        env=gw.env, capture_output=True, text=True, timeout=60,
+        env=gw.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -340,7 +360,10 @@ def test_broken_tls_or_credentials_stop_the_boot_naming_the_setting(
     if what == "other_ca":
         env["NATS_TLS_CA"] = str(certs.other_ca.cert)
     elif what == "stranger":
-        env["NATS_TLS_CERT"], env["NATS_TLS_KEY"] = str(certs.stranger.cert), str(certs.stranger.key)
+        env["NATS_TLS_CERT"], env["NATS_TLS_KEY"] = (
+            str(certs.stranger.cert),
+            str(certs.stranger.key),
+        )
     elif what == "no_client_cert":
         del env["NATS_TLS_CERT"], env["NATS_TLS_KEY"]
     elif what == "missing_ca":

@@ -42,7 +42,9 @@ def principal(sub: str | None = "alice", **claims: object) -> Principal:
     return Principal(sub, MappingProxyType(claims), 2_000_000_000, None)
 
 
-def ctx(subject: str = "svc.orders.get", p: Principal | None = None, **kw: typing.Any) -> RequestContext:
+def ctx(
+    subject: str = "svc.orders.get", p: Principal | None = None, **kw: typing.Any
+) -> RequestContext:
     return RequestContext(subject, p, "10.0.0.1", **kw)
 
 
@@ -293,10 +295,17 @@ def test_chain_order_and_unwinding() -> None:
     assert chain.before(ctx(), 0) is None
     chain.after(ctx(), Outcome.SUCCESS, 0)
     assert log == [
-        "before a", "before b", "before c", "after c success", "after b success", "after a success",
+        "before a",
+        "before b",
+        "before c",
+        "after c success",
+        "after b success",
+        "after a success",
     ]
     log.clear()
-    chain = InterceptorChain([Recorder("a", log), Recorder("b", log, reject=True), Recorder("c", log)])
+    chain = InterceptorChain(
+        [Recorder("a", log), Recorder("b", log, reject=True), Recorder("c", log)]
+    )
     rejection = chain.before(ctx(), 0)
     assert rejection is not None and rejection.message == "b"
     assert log == ["before a", "before b", "after a neutral"]
@@ -322,7 +331,9 @@ def test_from_order() -> None:
     chain = InterceptorChain.from_order(INTERCEPTOR_NAMES, available)
     assert chain.names == INTERCEPTOR_NAMES
     assert InterceptorChain.from_order(["tracing", "deadline", "acl"], available).names == (
-        "tracing", "deadline", "acl",
+        "tracing",
+        "deadline",
+        "acl",
     )
     with pytest.raises(ValueError, match="unknown"):
         InterceptorChain.from_order(["acl", "deadline", "tracing", "magic"], available)

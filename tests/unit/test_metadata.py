@@ -11,7 +11,9 @@ from fanout.core import metadata as md
 
 ULID_TIME = st.integers(min_value=0, max_value=(1 << 48) - 1)
 ENTROPY = st.binary(min_size=10, max_size=10)
-IDS = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=128)
+IDS = st.text(
+    alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=128
+)
 
 
 # -- ULID -----------------------------------------------------------------------------------------
@@ -68,8 +70,14 @@ def test_timestamp_round_trip_to_the_millisecond(ms: int) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["2024-05-01T12:00:00Z", "2024-05-01 12:00:00.123Z", "2024-05-01T12:00:00.123+00:00",
-     "2024-02-30T12:00:00.000Z", "2024-05-01T25:00:00.000Z", ""],
+    [
+        "2024-05-01T12:00:00Z",
+        "2024-05-01 12:00:00.123Z",
+        "2024-05-01T12:00:00.123+00:00",
+        "2024-02-30T12:00:00.000Z",
+        "2024-05-01T25:00:00.000Z",
+        "",
+    ],
 )
 def test_parse_timestamp_is_strict(text: str) -> None:
     with pytest.raises(ValueError):
@@ -287,4 +295,6 @@ def test_json_shape_is_the_origin_plans() -> None:
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert(tree | {"extra": 1}, md.MessageMetadata)
     with pytest.raises(msgspec.ValidationError):
-        msgspec.convert(tree | {"authentication": {"type": "basic", "token": "x"}}, md.MessageMetadata)
+        msgspec.convert(
+            tree | {"authentication": {"type": "basic", "token": "x"}}, md.MessageMetadata
+        )

@@ -223,7 +223,9 @@ def keys() -> tuple[bytes, bytes]:
 async def test_jwt_auth(keys: tuple[bytes, bytes]) -> None:
     private, public = keys
     auth = JwtAuth(public_key=public.decode(), audience="orders")
-    good = make_token(private_key_pem=private, sub="alice", subjects=[], ttl_s=60, audience="orders")
+    good = make_token(
+        private_key_pem=private, sub="alice", subjects=[], ttl_s=60, audience="orders"
+    )
     req = make_request(headers=meta_headers(authentication=md.JwtAuthentication(good)))
 
     async def who(r: Request) -> Any:
@@ -233,7 +235,11 @@ async def test_jwt_auth(keys: tuple[bytes, bytes]) -> None:
 
     wrong_aud = make_token(private_key_pem=private, sub="alice", subjects=[], ttl_s=60)
     other_key = make_token(
-        private_key_pem=generate_keypair("ec")[0], sub="alice", subjects=[], ttl_s=60, audience="orders"
+        private_key_pem=generate_keypair("ec")[0],
+        sub="alice",
+        subjects=[],
+        ttl_s=60,
+        audience="orders",
     )
     for token, reason in ((wrong_aud, "wrong audience"), (other_key, "invalid signature")):
         bad = make_request(headers=meta_headers(authentication=md.JwtAuthentication(token)))

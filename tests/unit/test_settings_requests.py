@@ -9,8 +9,10 @@ from fanout import settings
 DEMO = {"demo.enabled": True}
 
 
-def load(env: dict[str, str] | None = None, **overrides: object) -> settings.Settings:
-    return settings.load(environ=env or {}, overrides=DEMO | overrides)
+def load(
+    env: dict[str, str] | None = None, overrides: dict[str, object] | None = None
+) -> settings.Settings:
+    return settings.load(environ=env or {}, overrides=DEMO | (overrides or {}))
 
 
 def test_defaults_keep_requests_off() -> None:
@@ -24,13 +26,15 @@ def test_defaults_keep_requests_off() -> None:
 
 
 def test_environment_names() -> None:
-    r = load({
-        "WS_REQUEST_WHITELIST": "svc.orders.>, svc.users.*.get",
-        "FANOUT_REQUESTS_FORWARD_TOKEN": "true",
-        "FANOUT_REQUESTS_RATE": "5",
-        "FANOUT_REQUESTS_ALLOWED_HEADERS": "X-Tenant,X-Request-Source",
-        "FANOUT_REQUESTS_INTERCEPTORS": "tracing,acl,deadline",
-    }).requests
+    r = load(
+        {
+            "WS_REQUEST_WHITELIST": "svc.orders.>, svc.users.*.get",
+            "FANOUT_REQUESTS_FORWARD_TOKEN": "true",
+            "FANOUT_REQUESTS_RATE": "5",
+            "FANOUT_REQUESTS_ALLOWED_HEADERS": "X-Tenant,X-Request-Source",
+            "FANOUT_REQUESTS_INTERCEPTORS": "tracing,acl,deadline",
+        }
+    ).requests
     assert r.whitelist == ["svc.orders.>", "svc.users.*.get"]
     assert r.forward_token is True and r.rate == 5.0
     assert r.allowed_headers == ["X-Tenant", "X-Request-Source"]
@@ -46,8 +50,11 @@ def test_environment_names() -> None:
         ({"requests.rate": 0}, "requests.rate", "> 0"),
         ({"requests.burst": 0.5}, "requests.burst", ">= 1"),
         ({"requests.default_timeout_ms": 0}, "requests.default_timeout_ms", "> 0"),
-        ({"requests.default_timeout_ms": 9000, "requests.max_timeout_ms": 8000},
-         "requests.max_timeout_ms", "between"),
+        (
+            {"requests.default_timeout_ms": 9000, "requests.max_timeout_ms": 8000},
+            "requests.max_timeout_ms",
+            "between",
+        ),
         ({"requests.max_timeout_ms": 600_000}, "requests.max_timeout_ms", "300000"),
         ({"requests.breaker_failures": 0}, "requests.breaker_failures", "> 0"),
         ({"requests.breaker_reset_s": 0}, "requests.breaker_reset_s", "> 0"),
@@ -56,13 +63,18 @@ def test_environment_names() -> None:
         ({"requests.allowed_headers": ["Traceparent"]}, "requests.allowed_headers", "gateway"),
         ({"requests.allowed_headers": ["X Tenant"]}, "requests.allowed_headers", "not a name"),
         ({"requests.interceptors": ["acl", "deadline"]}, "requests.interceptors", "tracing"),
-        ({"requests.interceptors": ["acl", "acl", "deadline", "tracing"]},
-         "requests.interceptors", "twice"),
+        (
+            {"requests.interceptors": ["acl", "acl", "deadline", "tracing"]},
+            "requests.interceptors",
+            "twice",
+        ),
     ],
 )
-def test_validation_names_the_field(overrides: dict[str, object], field: str, fragment: str) -> None:
+def test_validation_names_the_field(
+    overrides: dict[str, object], field: str, fragment: str
+) -> None:
     with pytest.raises(settings.ConfigError) as err:
-        load(**overrides)
+        load(overrides=overrides)
     assert err.value.field == field
     assert fragment in err.value.message
 

@@ -1,0 +1,60 @@
+"""One gateway, one NATS server and one well-behaved neighbour per test module.
+
+A module may set ``GATEWAY_ENV`` (a dict of extra settings) for its gateway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+import pytest_asyncio
+from nats.aio.client import Client as NatsClient
+
+from fanout.embedded_nats import EmbeddedNats
+from tests.conftest import Gateway
+from tests.security.hostile import Neighbour, Signer, start_gateway
+
+
+@pytest.fixture(scope="module")
+def nats_mod() -> Iterator[EmbeddedNats]:
+    with EmbeddedNats() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def signer(keypair: tuple[Path, Path]) -> Signer:
+    private, public = keypair
+    return Signer(private.read_bytes(), public.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def gw(
+    request: pytest.FixtureRequest,
+    nats_mod: EmbeddedNats,
+    keypair: tuple[Path, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Gateway]:
+    env = getattr(request.module, "GATEWAY_ENV", {})
+    gateway = start_gateway(tmp_path_factory.mktemp("gw"), nats_mod.url, keypair[1], **env)
+    yield gateway
+    gateway.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def nc(nats_mod: EmbeddedNats) -> AsyncIterator[NatsClient]:
+    client = await nats.connect(nats_mod.url)
+    yield client
+    await client.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def neighbour(gw: Gateway, nc: NatsClient, signer: Signer) -> AsyncIterator[Neighbour]:
+    n = Neighbour(nc, "xy.md.neighbour.feed")
+    await n.start(gw.port, signer.token(sub="neighbour", jti="neighbour-jti"))
+    await n.check()
+    yield n
+    await n.check()
+    await n.stop()

@@ -1,0 +1,309 @@
+"""Connection abuse: slow-loris, silent and half-open sockets, clients that never read,
+connect/close loops, and the per-address / per-principal / handshake-rate limits
+(with X-Forwarded-For believed only from the trusted proxy).
+
+Each case asserts the exact outcome (close code, status + code, or a cut at the
+deadline) and then that the neighbour on the same worker lost nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import time
+import urllib.request
+
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from tests.conftest import Gateway, http_get
+from tests.security.hostile import (
+    Neighbour,
+    Signer,
+    close_code,
+    connect_raw,
+    fresh_ip,
+    handshake,
+    open_ws,
+    read_frame,
+    read_json,
+    send_request,
+    text,
+    upgrade_request,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+GATEWAY_ENV = {
+    "FANOUT_WS_PING_INTERVAL_S": "1",
+    "FANOUT_WS_IDLE_TIMEOUT_S": "3",
+    "FANOUT_OUTBOX_WRITE_TIMEOUT_S": "2",
+}
+
+
+def metric(gw: Gateway, name: str) -> float:
+    _, body, _ = http_get(gw.http + "/metrics")
+    found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", body.decode(), re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+async def wait_metric(gw: Gateway, name: str, above: float, timeout: float = 10.0) -> float:
+    async with asyncio.timeout(timeout):
+        while (value := await asyncio.to_thread(metric, gw, name)) <= above:
+            await asyncio.sleep(0.2)
+    return value
+
+
+async def cut_after(reader: asyncio.StreamReader, timeout: float = 8.0) -> float:
+    """Seconds until the server closes the socket (EOF or reset), reading whatever comes."""
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout):
+            while await reader.read(65536):
+                pass
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - started
+
+
+async def test_slow_loris_head_cut_at_handshake_timeout(gw: Gateway, neighbour: Neighbour) -> None:
+    before = await asyncio.to_thread(metric, gw, "fanout_handshake_timeouts_total")
+    reader, writer = await connect_raw(gw.port)
+    request = upgrade_request(gw.port, xff=fresh_ip())
+    started = time.monotonic()
+
+    async def trickle() -> None:
+        for byte in request:
+            writer.write(bytes([byte]))
+            await asyncio.sleep(1.0)
+
+    task = asyncio.get_running_loop().create_task(trickle())
+    try:
+        elapsed = await cut_after(reader)
+    finally:
+        task.cancel()
+        writer.transport.abort()
+    assert time.monotonic() - started >= 1.9 and elapsed < 4.5
+    assert await wait_metric(gw, "fanout_handshake_timeouts_total", before) >= before + 1
+    await neighbour.check()
+
+
+async def test_silent_socket_cut_at_handshake_timeout(gw: Gateway, neighbour: Neighbour) -> None:
+    reader, writer = await connect_raw(gw.port)
+    try:
+        elapsed = await cut_after(reader)
+    finally:
+        writer.transport.abort()
+    assert 1.9 <= elapsed < 4.5
+    await neighbour.check()
+
+
+async def test_half_open_client_closed_1001_at_idle_timeout(
+    gw: Gateway, signer: Signer, neighbour: Neighbour
+) -> None:
+    ws = await open_ws(gw.port, signer)
+    try:
+        started = time.monotonic()
+        await asyncio.sleep(4.5)  # sends nothing, answers no ping: as if the peer vanished
+        assert await close_code(ws.reader) == 1001
+        assert time.monotonic() - started < 7
+    finally:
+        ws.close()
+    await neighbour.check()
+
+
+async def subscribed_raw(
+    ws_reader: asyncio.StreamReader,
+    ws_writer: asyncio.StreamWriter,
+    nc: NatsClient,
+    subject: str,
+) -> None:
+    ws_writer.write(text({"op": "sub", "id": 1, "subject": subject}))
+    assert await read_json(ws_reader) == [{"op": "ack", "id": 1}]
+    async with asyncio.timeout(5):
+        while True:
+            await nc.publish(subject, b'{"probe":1}')
+            try:
+                async with asyncio.timeout(0.2):
+                    frames = await read_json(ws_reader)
+            except TimeoutError:
+                continue
+            if any(f.get("op") == "msg" for f in frames):
+                return
+
+
+async def flood(nc: NatsClient, subject: str, megabytes: int = 12) -> None:
+    chunk = json.dumps({"pad": "x" * 4000}).encode()
+    for _ in range(megabytes * 256):
+        await nc.publish(subject, chunk)
+    await nc.flush()
+
+
+async def drain_to_close(reader: asyncio.StreamReader) -> int | None:
+    try:
+        async with asyncio.timeout(5):
+            while True:
+                opcode, payload = await read_frame(reader)
+                if opcode == 0x8:
+                    return int.from_bytes(payload[:2], "big")
+    except (asyncio.IncompleteReadError, ConnectionResetError):
+        return None
+
+
+@pytest.mark.parametrize("reads_per_second", [0, 1], ids=["never reads", "reads one byte a second"])
+async def test_client_that_does_not_read_is_cut_4003(
+    reads_per_second: int,
+    gw: Gateway,
+    signer: Signer,
+    nc: NatsClient,
+    neighbour: Neighbour,
+) -> None:
+    subject = f"xy.md.flood.{reads_per_second}"
+    reply = await handshake(gw.port, token=signer.token())
+    reply.close()
+    reader, writer = await connect_raw(gw.port, rcvbuf=4096)
+    writer.write(upgrade_request(gw.port, token=signer.token(), xff=fresh_ip()))
+    await reader.readuntil(b"\r\n\r\n")
+    await read_json(reader)  # welcome
+    await subscribed_raw(reader, writer, nc, subject)
+    before = await asyncio.to_thread(metric, gw, "xy_ws_slow_consumers_total")
+
+    async def sip() -> None:
+        while reads_per_second:
+            await reader.readexactly(1)
+            await asyncio.sleep(1.0)
+
+    sipping = asyncio.get_running_loop().create_task(sip())
+    try:
+        await flood(nc, subject)
+        await neighbour.check()
+        await wait_metric(gw, "xy_ws_slow_consumers_total", before, timeout=15)
+        sipping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sipping
+        assert await drain_to_close(reader) == 4003
+    finally:
+        sipping.cancel()
+        writer.transport.abort()
+    await neighbour.check()
+
+
+async def test_connect_close_loop_leaks_nothing(gw: Gateway, neighbour: Neighbour) -> None:
+    _, body, _ = http_get(gw.http + "/healthz")
+    pid = json.loads(body)["workers"][0]["pid"]
+    baseline = len(os.listdir(f"/proc/{pid}/fd"))
+    for i in range(300):
+        _, writer = await connect_raw(gw.port)
+        if i % 2:
+            writer.write(b"GET /ws HTTP/1.1\r\n")
+        writer.transport.abort()
+    await neighbour.check()
+    async with asyncio.timeout(5):
+        while len(os.listdir(f"/proc/{pid}/fd")) > baseline + 2:
+            await asyncio.sleep(0.1)
+    status, body, _ = http_get(gw.http + "/healthz")
+    assert status == 200 and json.loads(body)["workers"][0]["pid"] == pid
+
+
+async def test_upgrade_close_loop_meets_the_handshake_rate(
+    gw: Gateway, signer: Signer, neighbour: Neighbour
+) -> None:
+    address = fresh_ip()
+    statuses = []
+    for _ in range(8):
+        reply = await handshake(gw.port, token=signer.token(), xff=address)
+        statuses.append(reply.status)
+        last = reply
+        reply.close()
+    assert statuses[:6] == [101] * 6
+    assert statuses[6:] == [503, 503]
+    assert last.json() == {"code": "XYW007", "message": "too many handshakes from this address"}
+    assert int(last.headers["retry-after"]) >= 1
+    await asyncio.sleep(0.6)  # 2 handshakes/s: one token back
+    reply = await handshake(gw.port, token=signer.token(), xff=address)
+    reply.close()
+    assert reply.status == 101
+    await neighbour.check()
+
+
+async def test_per_address_cap(gw: Gateway, signer: Signer, neighbour: Neighbour) -> None:
+    address = fresh_ip()
+    held = [await handshake(gw.port, token=signer.token(), xff=address) for _ in range(4)]
+    try:
+        assert [r.status for r in held] == [101] * 4
+        reply = await handshake(gw.port, token=signer.token(), xff=address)
+        reply.close()
+        assert reply.status == 503 and reply.json()["code"] == "XYW007"
+        assert reply.json()["message"] == "too many connections from this address"
+        assert reply.headers["retry-after"] == "5"
+    finally:
+        for r in held:
+            r.close()
+    await neighbour.check()
+
+
+async def test_per_principal_cap(gw: Gateway, signer: Signer, neighbour: Neighbour) -> None:
+    held = [await handshake(gw.port, token=signer.token(sub="greedy")) for _ in range(3)]
+    try:
+        assert [r.status for r in held] == [101] * 3
+        reply = await handshake(gw.port, token=signer.token(sub="greedy"))
+        reply.close()
+        assert reply.status == 503
+        assert reply.json() == {
+            "code": "XYW007",
+            "message": "too many connections for this principal",
+        }
+    finally:
+        for r in held:
+            r.close()
+    await neighbour.check()
+
+
+async def test_forwarded_for_from_an_untrusted_peer_is_ignored(
+    gw: Gateway, signer: Signer, neighbour: Neighbour
+) -> None:
+    """127.0.0.1 is no proxy: rotating X-Forwarded-For does not escape its per-address cap."""
+    held = []
+    try:
+        for _ in range(4):
+            request = upgrade_request(gw.port, token=signer.token(), xff=fresh_ip())
+            held.append(await send_request(gw.port, request, source="127.0.0.1"))
+        assert [r.status for r in held] == [101] * 4
+        request = upgrade_request(gw.port, token=signer.token(), xff=fresh_ip())
+        reply = await send_request(gw.port, request, source="127.0.0.1")
+        reply.close()
+        assert (reply.status, reply.json()["code"]) == (503, "XYW007")
+    finally:
+        for r in held:
+            r.close()
+    await neighbour.check()
+
+
+async def test_spoofed_left_hops_of_a_trusted_chain_are_ignored(
+    gw: Gateway, signer: Signer, neighbour: Neighbour
+) -> None:
+    """Only the hop the trusted proxy appended counts: the client's own prefix is ignored."""
+    real = fresh_ip()
+    held = []
+    try:
+        for _ in range(4):
+            chain = f"{fresh_ip()}, {real}"
+            held.append(await handshake(gw.port, token=signer.token(), xff=chain))
+        assert [r.status for r in held] == [101] * 4
+        reply = await handshake(gw.port, token=signer.token(), xff=f"{fresh_ip()}, {real}")
+        reply.close()
+        assert (reply.status, reply.json()["code"]) == (503, "XYW007")
+    finally:
+        for r in held:
+            r.close()
+    await neighbour.check()
+
+
+def test_metrics_count_every_limit(gw: Gateway) -> None:
+    with urllib.request.urlopen(gw.http + "/metrics", timeout=5) as resp:
+        text_ = resp.read().decode()
+    for limit in ("handshake_rate", "per_ip", "per_principal"):
+        assert re.search(rf'^fanout_limit_refusals_total\{{limit="{limit}"\}} [1-9]', text_, re.M)
+    assert re.search(r'^fanout_disconnects_total\{close_code="4003"\} [1-9]', text_, re.M)
