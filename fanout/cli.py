@@ -25,6 +25,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["demo.enabled"] = True
         out["ws.auth_required"] = False
         out["server.host"] = "127.0.0.1"
+        if not ({"WS_REQUEST_WHITELIST", "FANOUT_REQUESTS_WHITELIST"} & set(os.environ)):
+            out["requests.whitelist"] = ["svc.orders.>"]
     for flag, path in (
         ("workers", "server.workers"),
         ("host", "server.host"),
@@ -53,9 +55,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.setup(cfg.log.level)
     side: list[Any] = []
     if cfg.demo.enabled:
-        from fanout.demo import run_publisher
+        from fanout.demo import run_orders_service, run_publisher
 
         side.append(("demo-publisher", run_publisher))
+        side.append(("demo-orders", run_orders_service))
     from fanout.runtime import make_state_dir
 
     def worker_target(s: settings.Settings, index: int, state_dir: Path) -> int:

@@ -71,3 +71,23 @@ def run_publisher(settings: Settings) -> int:
 
     uvloop.run(main())
     return 0
+
+
+def run_orders_service(settings: Settings) -> int:
+    """Side-process entry point: the demo order book on ``svc.orders.*`` until SIGTERM."""
+    from fanout.demo_orders import build
+
+    logs.setup(settings.log.level)
+    setproctitle("fanout demo-orders")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        nc = await nats.connect(settings.nats.urls[0], name="fanout-demo-orders")
+        async with build(nc):
+            await stop.wait()
+        await nc.drain()
+
+    uvloop.run(main())
+    return 0

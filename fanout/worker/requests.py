@@ -302,6 +302,15 @@ class RequestBroker:
             states[new] += 1
         worst = max((s for s, n in states.items() if n > 0), default=BreakerState.CLOSED)
         metrics.CIRCUIT_STATE.labels(pattern).set(worst)
-        log.info(
-            "circuit %s", new.name.lower(), extra={"subject": subject, "reason": old.name.lower()}
+        opened = new == BreakerState.OPEN
+        log.log(
+            logging.WARNING if opened else logging.INFO,
+            "circuit %s for %s",
+            new.name.lower(),
+            subject,
+            extra={
+                "code": Code.CIRCUIT_OPEN if opened else None,
+                "subject": subject,
+                "fields": {"from": old.name.lower(), "to": new.name.lower()},
+            },
         )

@@ -365,6 +365,12 @@ async def test_demo_mode_serves_ticks_anonymously(tmp_path: Path) -> None:
         tick = await client.expect(lambda f: f.get("op") == "msg", timeout=5)
         assert tick["subject"] == "xy.md.tick.demo"
         assert {"symbol", "price", "ts", "seq"} <= set(tick["data"])
+        created = await client.op(
+            {"op": "request", "id": 2, "subject": "svc.orders.create",
+             "data": {"item": "tea", "qty": 2}, "timeout_ms": 3000},
+            timeout=5,
+        )
+        assert created["op"] == "reply" and created["data"]["item"] == "tea"
         await client.close()
         status, body, _ = http_get(gateway.http + "/")
         assert status == 200 and b"fanout" in body.lower()

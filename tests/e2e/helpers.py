@@ -1,0 +1,82 @@
+"""Small helpers shared by the browser tests: gateway introspection and in-page probes."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+from playwright.async_api import Page
+
+from tests.conftest import Gateway, http_get
+
+#: Records the client's events with their page time: ``window.events`` is a list of
+#: ``{type, at, detail}``. The argument is a JS expression for the client.
+RECORD_EVENTS = """(client) => {
+  window.events = [];
+  for (const type of ["open", "close", "welcome", "expiring", "authrenewed", "authfailed",
+                      "dropped", "error", "status", "unsubscribed"]) {
+    client.addEventListener(type, (e) => window.events.push({type, at: performance.now(), detail: e.detail}));
+  }
+}"""
+
+#: Counts WebSocket constructions in the page (installed before any page script runs).
+COUNT_SOCKETS = """(() => {
+  const Native = window.WebSocket;
+  window.socketsOpened = 0;
+  window.WebSocket = class extends Native {
+    constructor(...args) { super(...args); window.socketsOpened++; }
+  };
+})()"""
+
+#: What the demo page shows, read from its stable ids, plus the client's own numbers.
+DEMO_VIEW = """() => {
+  const text = (id) => document.getElementById(id).textContent;
+  const c = window.fanoutDemo.client;
+  return {
+    state: text("state"), dataState: document.getElementById("state").dataset.state,
+    nats: text("nats"), rate: text("rate"), total: text("total"), drops: text("drops"),
+    reconnects: text("reconnects"), lastSeq: text("last-seq"),
+    symbols: [...document.querySelectorAll("#ticks tr[data-symbol]")].map((tr) => tr.dataset.symbol),
+    prices: [...document.querySelectorAll("#ticks tr[data-symbol] td.price")].map((td) => td.textContent),
+    log: [...document.querySelectorAll("#log li")].map((li) => li.textContent),
+    client: {state: c.state, ...c.stats, conn: c.welcome && c.welcome.conn, expiresAt: c.expiresAt},
+  };
+}"""
+
+
+async def demo_view(page: Page) -> dict[str, Any]:
+    view: dict[str, Any] = await page.evaluate(DEMO_VIEW)
+    return view
+
+
+def worker_pids(gw: Gateway) -> dict[int, int]:
+    """index → pid of the live workers, from /healthz."""
+    _, body, _ = http_get(gw.http + "/healthz")
+    return {w["index"]: w["pid"] for w in json.loads(body)["workers"]}
+
+
+def wait_for_new_worker(gw: Gateway, old_pid: int, timeout_s: float = 10.0) -> int:
+    """The pid of worker 1 once it is no longer ``old_pid`` (bounded wait)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pid = worker_pids(gw).get(1)
+        if pid is not None and pid != old_pid:
+            return pid
+        time.sleep(0.05)
+    raise AssertionError(f"worker 1 still {old_pid} after {timeout_s} s")
+
+
+def counter(gw: Gateway, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample from /metrics (0 when absent)."""
+    status, body, _ = http_get(gw.http + "/metrics")
+    assert status == 200
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.compile(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? ([0-9.eE+-]+)$", re.M)
+    total = 0.0
+    for match in pattern.finditer(body.decode()):
+        got = ",".join(sorted((match[1] or "").split(","))) if match[1] else ""
+        if got == want:
+            total += float(match[2])
+    return total
