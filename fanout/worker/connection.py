@@ -53,6 +53,7 @@ class WsConnection(asyncio.Protocol):
         "stalled_size",
         "state",
         "subs",
+        "token",
         "transport",
         "warned",
     )
@@ -79,6 +80,8 @@ class WsConnection(asyncio.Protocol):
         self.queue = ClientQueue(settings.outbox.max_messages, settings.outbox.max_bytes)
         self.bucket = TokenBucket(settings.ws.inbound_rate, settings.ws.inbound_burst)
         self.subs: dict[str, None] = {}
+        #: The verified raw JWT, kept only for ``requests.forward_token``.
+        self.token: str | None = None
         self.overlapping = False
         self.dirty = False
         self.paused = False

@@ -216,6 +216,8 @@ class Gateway:
             principal,
             self.acl_for(principal),
         )
+        if principal is not None and self.settings.requests.forward_token:
+            conn.token = token
         self.hub.add(conn)
         self.per_ip[limits.address_key(peer)] += 1
         if principal is not None and principal.sub:
@@ -322,6 +324,8 @@ class Gateway:
         if old is None and principal.sub:
             self.per_principal[principal.sub] += 1
         conn.principal = principal
+        if self.settings.requests.forward_token:
+            conn.token = op.token
         conn.warned = False
         conn.acl = self.acl_for(principal)
         frames: list[bytes] = []

@@ -198,7 +198,7 @@ class RequestBroker:
     ) -> dict[str, str]:
         now = self.wall()
         message_id = metadata.new_ulid(now, self.entropy(10))
-        token = getattr(conn, "token", None) if self.forward_token else None
+        token = conn.token if self.forward_token else None
         meta = metadata.MessageMetadata(
             message_id=message_id,
             timestamp=metadata.iso_timestamp(now),

@@ -21,6 +21,7 @@ from typing import Any
 
 import nats
 import pytest
+from nats.aio.client import Client as NatsClient
 
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats
@@ -48,7 +49,7 @@ def token(keypair: tuple[Path, Path]) -> str:
 
 
 @pytest.fixture
-async def nc(nats_module: EmbeddedNats) -> AsyncIterator[nats.aio.client.Client]:
+async def nc(nats_module: EmbeddedNats) -> AsyncIterator[NatsClient]:
     client = await nats.connect(nats_module.url)
     yield client
     await client.close()
@@ -72,9 +73,9 @@ def metric(gw: Gateway, name: str, **labels: str) -> float:
     total = 0.0
     want = [f'{k}="{v}"' for k, v in labels.items()]
     for line in body.decode().splitlines():
-        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
-            if all(w in line for w in want):
-                total += float(line.rsplit(" ", 1)[1])
+        series = line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ")
+        if series and all(w in line for w in want):
+            total += float(line.rsplit(" ", 1)[1])
     return total
 
 
@@ -145,10 +146,9 @@ class SlowClient:
                     n, off = int.from_bytes(buf[2:4], "big"), 4
                 elif n == 127 and len(buf) >= 10:
                     n, off = int.from_bytes(buf[2:10], "big"), 10
-                if n < 126 or off > 2:
-                    if len(buf) >= off + n:
-                        self.buf = buf[off + n:]
-                        return buf[0] & 0x0F, buf[off:off + n]
+                if (n < 126 or off > 2) and len(buf) >= off + n:
+                    self.buf = buf[off + n:]
+                    return buf[0] & 0x0F, buf[off:off + n]
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
@@ -177,7 +177,7 @@ def payload(n: int, size: int = 0) -> bytes:
     return json.dumps({"n": n, "p": "x" * size}).encode()
 
 
-async def wait_for_interest(nc: nats.aio.client.Client, client: WsClient, subject: str) -> int:
+async def wait_for_interest(nc: NatsClient, client: WsClient, subject: str) -> int:
     """Publish probes (n=0) until one arrives; returns how many were published."""
     sent = 0
     async with asyncio.timeout(5):
@@ -191,7 +191,7 @@ async def wait_for_interest(nc: nats.aio.client.Client, client: WsClient, subjec
                 continue
 
 
-async def fill_until(gw: Gateway, nc: nats.aio.client.Client, subject: str, first: int,
+async def fill_until(gw: Gateway, nc: NatsClient, subject: str, first: int,
                      name: str = "fanout_send_queue_max") -> int:
     """Publish big messages until metric ``name`` is positive (by default: some outbox
     holds frames, so the slow client is backed up); returns the next sequence number."""
@@ -223,7 +223,7 @@ def msg_count(client: WsClient) -> int:
 
 async def test_stalled_client_is_cut_while_fifty_others_get_everything(
     make_gateway: Callable[..., Gateway], nats_module: EmbeddedNats,
-    keypair: tuple[Path, Path], token: str, nc: nats.aio.client.Client,
+    keypair: tuple[Path, Path], token: str, nc: NatsClient,
 ) -> None:
     gw = start(make_gateway, nats_module, keypair,
                FANOUT_OUTBOX_WRITE_TIMEOUT_S=str(WRITE_TIMEOUT_S))
@@ -269,7 +269,7 @@ async def test_stalled_client_is_cut_while_fifty_others_get_everything(
 
 async def test_latest_policy_delivers_the_newest_value_after_a_dropped_count(
     make_gateway: Callable[..., Gateway], nats_module: EmbeddedNats,
-    keypair: tuple[Path, Path], token: str, nc: nats.aio.client.Client,
+    keypair: tuple[Path, Path], token: str, nc: NatsClient,
 ) -> None:
     gw = start(make_gateway, nats_module, keypair,
                FANOUT_OUTBOX_WRITE_TIMEOUT_S="30",
@@ -320,7 +320,7 @@ async def test_latest_policy_delivers_the_newest_value_after_a_dropped_count(
 
 async def test_disconnect_policy_cuts_on_a_full_outbox_before_the_stall_deadline(
     make_gateway: Callable[..., Gateway], nats_module: EmbeddedNats,
-    keypair: tuple[Path, Path], token: str, nc: nats.aio.client.Client,
+    keypair: tuple[Path, Path], token: str, nc: NatsClient,
 ) -> None:
     gw = start(make_gateway, nats_module, keypair,
                FANOUT_OUTBOX_WRITE_TIMEOUT_S="30",

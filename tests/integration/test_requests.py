@@ -25,7 +25,6 @@ from fanout.core import metadata as md
 from fanout.devtoken import generate_keypair, make_token
 from fanout.embedded_nats import EmbeddedNats
 from fanout.service import Request, Service, ServiceError
-from fanout.worker.connection import WsConnection
 from tests.conftest import Gateway, http_get, launch_gateway
 from tests.integration.wsclient import WsClient
 
@@ -503,10 +502,6 @@ async def test_fanout_js_request(
 
 
 # -- forward_token: the service verifies the browser's own JWT -------------------------------------
-@pytest.mark.skipif(
-    "token" not in WsConnection.__slots__,
-    reason="requests.forward_token needs WsConnection.token (the raw token kept by the gateway)",
-)
 async def test_forwarded_token_is_verified_by_the_service(
     nats_module: EmbeddedNats, keypair: tuple[Path, Path], tmp_path: Path
 ) -> None:

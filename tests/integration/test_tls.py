@@ -212,7 +212,7 @@ async def test_wss_to_mtls_nats_with_nkey_end_to_end(
     assert https_status(wss_gateway.port, "/healthz", certs) == 200
     logs = wss_gateway.logs()
     assert certs.gateway_user.seed not in logs
-    assert '"NATS connected"' in logs or "NATS connected" in logs
+    assert '"msg":"NATS connected"' in logs
 
 
 def test_wss_refuses_old_tls_and_weak_ciphers(wss_gateway: Gateway, certs: Pki) -> None:

@@ -176,8 +176,10 @@ def _with_jti(keypair: tuple[Path, Path], jti: str) -> str:
     )
 
 
-def test_revoked_jti_refused_at_the_handshake(gw: Gateway, keypair: tuple[Path, Path]) -> None:
-    status, body = refused(gw.port, token=_with_jti(keypair, "revoked-1"))
+async def test_revoked_jti_refused_at_the_handshake(
+    gw: Gateway, keypair: tuple[Path, Path]
+) -> None:
+    status, body = await asyncio.to_thread(refused, gw.port, token=_with_jti(keypair, "revoked-1"))
     assert (status, body) == (401, {"code": "XYW005", "message": "token revoked"})
 
 
