@@ -28,10 +28,12 @@ def gateway_health(states: list[runtime.WorkerState], quorum: float) -> dict[str
     subs = sum(s.subscriptions for s in states)
     connected = [s for s in states if s.nats_connected]
     errors = [s for s in sorted(states, key=lambda s: s.heartbeat_at) if s.last_error_code]
+    # a draining worker is leaving (rolling restart or shutdown): judge the ones that serve
+    serving = [s for s in states if not s.draining]
     ready = (
-        bool(states)
-        and len(connected) >= quorum * len(states)
-        and not any(s.draining or s.shedding for s in states)
+        bool(serving)
+        and sum(s.nats_connected for s in serving) >= quorum * len(serving)
+        and not any(s.shedding for s in serving)
     )
     return {
         "status": "ok" if ready else "degraded",
@@ -75,7 +77,7 @@ def build_app(
         health = gateway_health(states(), quorum)
         if health["ready"]:
             return web.json_response({"ready": True, "workers": len(health["workers"])})
-        draining = any(w["draining"] for w in health["workers"])
+        draining = all(w["draining"] for w in health["workers"])
         shedding = any(w["shedding"] for w in health["workers"])
         code = Code.LIMIT_EXCEEDED if draining or shedding else Code.NATS_DOWN
         message = (

@@ -224,7 +224,17 @@ async def test_sighup_rolling_restart_refuses_no_handshake(
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     failures.append(repr(exc))
 
+    not_ready: list[int] = []
+
+    async def readiness_loop() -> None:
+        while not stop.is_set():
+            status, _, _ = await asyncio.to_thread(http_get, gw.http + "/readyz")
+            if status != 200:
+                not_ready.append(status)
+            await asyncio.sleep(0.05)
+
     loops = [asyncio.create_task(reconnect_loop()) for _ in range(3)]
+    loops.append(asyncio.create_task(readiness_loop()))
     try:
         await asyncio.sleep(0.3)
         assert gw.proc is not None
@@ -243,3 +253,4 @@ async def test_sighup_rolling_restart_refuses_no_handshake(
         gw.stop()
     assert failures == []
     assert successes > 10
+    assert not_ready == []  # draining workers are leaving; the gateway stays ready
