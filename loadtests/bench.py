@@ -186,6 +186,7 @@ def publisher_main(port: int, subjects: int, rate: float, burst: int, size: int,
                    duration: float, ctl: Connection) -> None:
     """Warm up (seq 0) until told ``go``, then publish the measured phase and report."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sock = nats_handshake(HOST, port, "bench-publisher")
     names = [SUBJECT.format(s).encode() for s in range(subjects)]
     warm_deadline = time.monotonic() + 600
@@ -449,6 +450,7 @@ async def client_async(job: ClientJob, counters: Counters, ctl: Connection) -> N
 
 def client_main(job: ClientJob, counters: Counters, ctl: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise_nofile()
     uvloop.run(client_async(job, counters, ctl))
 
@@ -462,8 +464,12 @@ class Procs:
     gateway: subprocess.Popen[bytes] | None = None
     children: list[mp.process.BaseProcess] = field(default_factory=list)
     tmp: tempfile.TemporaryDirectory[str] | None = None
+    stalled: list[socket.socket] = field(default_factory=list)
 
     def stop(self) -> None:
+        for sock in self.stalled:
+            sock.close()
+        self.stalled.clear()
         for child in self.children:
             if child.is_alive():
                 child.terminate()
@@ -520,9 +526,12 @@ def start_gateway(procs: Procs, nats_url: str, workers: int, max_conns: int,
         env[name] = value
     if src is not None:
         env["PYTHONPATH"] = str(Path(src).resolve())
+    # cwd is the scratch dir: ``python -m`` puts the cwd first on sys.path, which would
+    # shadow --gateway-src with whatever tree the bench was started from.
     procs.gateway = subprocess.Popen(
         [sys.executable, "-m", "fanout.cli", "serve", "--workers", str(workers)],
         env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=keys,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -535,6 +544,40 @@ def start_gateway(procs: Procs, nats_url: str, workers: int, max_conns: int,
                 return port, token
         time.sleep(0.1)
     raise RuntimeError(f"gateway not ready in 30 s; log: {log_path}")
+
+
+def stalled_client(url: str, token: str | None, subject: str, natsws: bool) -> socket.socket:
+    """A subscriber that never reads (4 KiB receive buffer): the slow consumer under test."""
+    host_port, _, path = url.removeprefix("ws://").partition("/")
+    host, _, port = host_port.partition(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect((host, int(port)))
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    sock.sendall((f"GET /{path} HTTP/1.1\r\nHost: {host_port}\r\nUpgrade: websocket\r\n"
+                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  f"Sec-WebSocket-Version: 13\r\n{auth}\r\n").encode())
+    head = b""
+    for _ in range(100):
+        if b"\r\n\r\n" in head:
+            break
+        head += sock.recv(4096)
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError(f"stalled client refused: {head[:40]!r}")
+    if natsws:
+        sock.sendall(masked_frame(0x2, b'CONNECT {"verbose":false}\r\nSUB %s 1\r\n'
+                                  % subject.encode()))
+    else:
+        sock.sendall(masked_frame(0x1, b'{"op":"sub","id":1,"subject":"%s"}' % subject.encode()))
+    return sock
+
+
+def masked_frame(opcode: int, payload: bytes) -> bytes:
+    """A client frame (< 126 bytes of payload) with an all-zero mask: the payload as is."""
+    if len(payload) >= 126:
+        raise ValueError("short frames only")
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
 
 
 def wait_until(pred: Callable[[], bool], timeout_s: float, step: float = 0.05) -> bool:
@@ -624,6 +667,9 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
         raise RuntimeError(f"connected {total(CONNECTED)}/{args.connections}, "
                            f"failed {total(FAILED)} (RLIMIT_NOFILE {nofile})")
     rss_connected = sum(proc_rss(p) for p in workers_of(procs))
+    for i in range(args.stalled):
+        procs.stalled.append(stalled_client(url, token, SUBJECT.format(i % args.subjects),
+                                            natsws))
 
     ctx = mp.get_context("fork")
     pub_parent, pub_child = ctx.Pipe()
@@ -727,6 +773,8 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
         "rss_per_conn_kib": round(rss_connected / args.connections / 1024, 2),
         "rss_delta_per_conn_kib": round((rss_connected - rss_idle) / args.connections / 1024, 2),
         "rss_end_mib": round(rss_end / 2**20, 1),
+        "rss_growth_mib": round((rss_end - rss_connected) / 2**20, 1),
+        "stalled": args.stalled,
     }
 
 
@@ -756,6 +804,8 @@ def table(result: dict[str, Any]) -> str:
         ("client CPU-µs/delivery", f"{result['client_cpu_us_per_delivery']:.3f}"),
         ("RSS per connection KiB", f"{result['rss_per_conn_kib']} "
                                    f"(delta over idle {result['rss_delta_per_conn_kib']})"),
+        ("RSS end / growth MiB", f"{result['rss_end_mib']} / {result['rss_growth_mib']} "
+                                 f"({result['stalled']} stalled subscribers)"),
         ("closes", json.dumps(result["closes"])),
     ]
     width = max(len(name) for name, _ in rows)
@@ -781,6 +831,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="run the gateway from another source tree (PYTHONPATH), e.g. an export "
                         "of the previous revision: before/after in the same session")
     p.add_argument("--label", default="", help="a name for this run in the JSON line")
+    p.add_argument("--stalled", type=int, default=0,
+                   help="extra subscribers that never read (slow consumers under test)")
     args = p.parse_args(argv)
     if args.connections < 1 or args.subjects < 1 or args.rate <= 0 or args.burst < 1:
         p.error("connections, subjects, burst must be >= 1 and rate > 0")
@@ -789,8 +841,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so ``finally`` stops every process we started."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    interrupt_on_sigterm()
     procs = Procs()
     try:
         result = run(args, procs)

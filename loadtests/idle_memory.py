@@ -34,6 +34,7 @@ from bench import (
     ClientJob,
     Counters,
     Procs,
+    interrupt_on_sigterm,
     raise_nofile,
     spawn_client,
     start_servers,
@@ -69,7 +70,8 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
     nofile = raise_nofile()
     if args.connections + 100 > nofile:
         raise RuntimeError(f"RLIMIT_NOFILE hard limit {nofile} is too low for the worker")
-    url, token = start_servers(procs, args.server, 1, args.connections + 100, [], None)
+    url, token = start_servers(procs, args.server, 1, args.connections + 100, [], None,
+                               args.gateway_src)
     workers = workers_of(procs)
     if len(workers) != 1:
         raise RuntimeError(f"expected one worker, found {workers}")
@@ -102,6 +104,7 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
         return round(float(last[key] - first[key]) / k, 2)
 
     return {
+        "label": args.label,
         "server": args.server,
         "connections": k,
         "subscribed": args.subscribe,
@@ -140,6 +143,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subscribe", action="store_true", help="each connection subscribes once")
     p.add_argument("--subjects", type=int, default=100)
     p.add_argument("--settle", type=float, default=1.5, help="seconds before each reading")
+    p.add_argument("--gateway-src", metavar="DIR", help="run the gateway from this source tree")
+    p.add_argument("--label", default="")
     args = p.parse_args(argv)
     if not 1 <= args.steps <= 50 or args.connections < args.steps:
         p.error("need 1 <= steps <= 50 and connections >= steps")
@@ -148,6 +153,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    interrupt_on_sigterm()
     procs = Procs()
     try:
         result = run(args, procs)

@@ -48,7 +48,9 @@ SYMBOLS = 4  # the demo publisher's default symbols
 def start_gateway(port: int, interval_s: float) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FANOUT_", "NATS_", "JWT_"))}
     env.update(
-        FANOUT_SERVER_PORT=str(port), FANOUT_DEMO_INTERVAL_S=str(interval_s), FANOUT_LOG_LEVEL="warning"
+        FANOUT_SERVER_PORT=str(port),
+        FANOUT_DEMO_INTERVAL_S=str(interval_s),
+        FANOUT_LOG_LEVEL="warning",
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "fanout.cli", "serve", "--demo", "--workers", "1"],
@@ -127,7 +129,9 @@ def main() -> int:
     port = free_port()
     proc = start_gateway(port, args.interval)
     try:
-        view = asyncio.run(capture(f"http://127.0.0.1:{port}/", args.out, args.seconds, args.scheme))
+        view = asyncio.run(
+            capture(f"http://127.0.0.1:{port}/", args.out, args.seconds, args.scheme)
+        )
     finally:
         stop_gateway(proc)
     print(f"wrote {args.out} ({view})")

@@ -317,7 +317,11 @@ on("status", ({ nats, code }) => { note(nats === "up" ? "good" : "bad", `NATS ${
 on("dropped", ({ subject, count }) => note("warn", `dropped ${count} on ${subject} (XYW003)`, `drop:${subject}`));
 on("unsubscribed", ({ subject, code }) => note("bad", `unsubscribed from ${subject} by the gateway (${code})`));
 on("error", ({ code, message, op, subject }) => note("bad", `${code}${op ? ` on ${op}` : ""}${subject ? ` ${subject}` : ""}: ${message}`));
-on("expiring", () => note("warn", "token expiring: renewing"));
+// the page's ?token= is its only token, so the client cannot renew it: say what to do instead
+on("expiring", ({ expires_at }) => {
+  const at = typeof expires_at === "number" ? ` at ${new Date(expires_at * 1000).toLocaleTimeString("en-GB")}` : " soon";
+  note("warn", `token expires${at}: reload with a fresh ?token= to stay connected`);
+});
 on("authrenewed", () => { note("good", "token renewed"); showExpiry(); });
 on("authfailed", ({ code }) => note("bad", `authentication failed (${code}); not reconnecting — reload with a fresh ?token=`));
 

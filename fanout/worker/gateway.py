@@ -326,14 +326,17 @@ class Gateway:
         conn.principal = principal
         if self.settings.requests.forward_token:
             conn.token = op.token
-        conn.warned = False
+        # warn again only if the new token leaves more than the lead time (else: once a second)
+        expires = principal.expires_at
+        conn.warned = expires is not None and (
+            expires - time.time() <= self.settings.jwt.expiring_lead_s
+        )
         conn.acl = self.acl_for(principal)
         frames: list[bytes] = []
         for pattern in list(conn.subs):
             if conn.acl.check(pattern) is not None:
                 conn.remove_sub(pattern)
                 frames.append(protocol.unsubscribed(pattern, Code.SUBJECT_DENIED))
-        expires = principal.expires_at
         frames.append(protocol.ack(op.id) if expires is None else protocol.ack(op.id, expires))
         for frame in frames:
             conn.send_control(websocket.text_frame(frame))

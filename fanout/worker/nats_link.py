@@ -254,6 +254,8 @@ class NatsLink:
         log.warning("NATS error", extra={"code": Code.NATS_DOWN, "reason": reason or str(exc)})
 
     async def _on_disconnected(self) -> None:
+        if self._stopping:
+            return
         if self.connected:
             self.connected = False
             self.last_error = Code.NATS_DOWN

@@ -17,7 +17,8 @@ RECORD_EVENTS = """(client) => {
   window.events = [];
   for (const type of ["open", "close", "welcome", "expiring", "authrenewed", "authfailed",
                       "dropped", "error", "status", "unsubscribed"]) {
-    client.addEventListener(type, (e) => window.events.push({type, at: performance.now(), detail: e.detail}));
+    const record = (e) => window.events.push({type, at: performance.now(), detail: e.detail});
+    client.addEventListener(type, record);
   }
 }"""
 
@@ -38,8 +39,8 @@ DEMO_VIEW = """() => {
     state: text("state"), dataState: document.getElementById("state").dataset.state,
     nats: text("nats"), rate: text("rate"), total: text("total"), drops: text("drops"),
     reconnects: text("reconnects"), lastSeq: text("last-seq"),
-    symbols: [...document.querySelectorAll("#ticks tr[data-symbol]")].map((tr) => tr.dataset.symbol),
-    prices: [...document.querySelectorAll("#ticks tr[data-symbol] td.price")].map((td) => td.textContent),
+    symbols: [...document.querySelectorAll("#ticks tr[data-symbol]")].map((r) => r.dataset.symbol),
+    prices: [...document.querySelectorAll("#ticks td.price")].map((d) => d.textContent),
     log: [...document.querySelectorAll("#log li")].map((li) => li.textContent),
     client: {state: c.state, ...c.stats, conn: c.welcome && c.welcome.conn, expiresAt: c.expiresAt},
   };

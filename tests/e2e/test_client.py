@@ -14,12 +14,12 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import jwt
 import nats
 import pytest
 import pytest_asyncio
+from nats.aio.client import Client as NatsClient
 from playwright.async_api import Page
 from playwright.async_api import TimeoutError as PageTimeout
 
@@ -80,7 +80,7 @@ def auth_gw(
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def nc(nats_srv: EmbeddedNats) -> AsyncIterator[nats.aio.client.Client]:
+async def nc(nats_srv: EmbeddedNats) -> AsyncIterator[NatsClient]:
     client = await nats.connect(nats_srv.url)
     yield client
     await client.close()
@@ -106,7 +106,7 @@ async def open_test_page(page: Page, gw: Gateway) -> None:
 
 
 async def until_received(
-    nc: nats.aio.client.Client, page: Page, subject: str, seen: str, timeout_s: float = 5.0
+    nc: NatsClient, page: Page, subject: str, seen: str, timeout_s: float = 5.0
 ) -> None:
     """Publish probes until the page's ``seen`` expression is true (the gateway's SUB is async)."""
     deadline = time.monotonic() + timeout_s
@@ -121,24 +121,27 @@ async def until_received(
     raise AssertionError(f"no probe on {subject} reached the page in {timeout_s} s")
 
 
-
 #: In-page responsiveness probes: the longest gap of a 50 ms timer, and the time from a
 #: click on "Send request" to its answer shown in ``#req-result``.
 MONITOR = """() => {
   const m = window.monitor = {gaps: [], submitAt: null, answeredMs: null};
   let last = performance.now();
   setInterval(() => { const now = performance.now(); m.gaps.push(now - last); last = now; }, 50);
-  document.getElementById("req-form").addEventListener("submit", () => { m.submitAt = performance.now(); });
+  const form = document.getElementById("req-form");
+  form.addEventListener("submit", () => { m.submitAt = performance.now(); });
   const box = document.getElementById("req-result");
   new MutationObserver(() => {
-    if (m.submitAt !== null && m.answeredMs === null && ["ok", "error"].includes(box.dataset.status)) {
+    const answered = ["ok", "error"].includes(box.dataset.status);
+    if (m.submitAt !== null && m.answeredMs === null && answered) {
       m.answeredMs = performance.now() - m.submitAt;
     }
   }).observe(box, {attributes: true});
 }"""
 
 #: Every message is either delivered or reported dropped (loss is never silent).
-ACCOUNTED = "(n) => { const s = window.fanoutDemo.client.stats; return s.messages + s.dropped >= n; }"
+ACCOUNTED = (
+    "(n) => { const s = window.fanoutDemo.client.stats; return s.messages + s.dropped >= n; }"
+)
 
 #: The page shows the client's numbers.
 SHOWN = """() => {
@@ -168,17 +171,19 @@ async def start_publisher(
     return asyncio.create_task(proc.communicate())
 
 
-async def open_demo(page: Page, gw: Gateway, nc: nats.aio.client.Client, prefix: str) -> int:
+async def open_demo(page: Page, gw: Gateway, nc: NatsClient, prefix: str) -> int:
     """The demo page subscribed to ``prefix.*``, live; returns the probe messages it got."""
     await page.goto(f"{gw.http}/?subject={prefix}.*")
     await page.wait_for_function("() => window.fanoutDemo.client.state === 'open'", timeout=5_000)
-    await until_received(nc, page, f"{prefix}.probe", "() => window.fanoutDemo.client.stats.messages > 0")
+    await until_received(
+        nc, page, f"{prefix}.probe", "() => window.fanoutDemo.client.stats.messages > 0"
+    )
     probes: int = await page.evaluate("window.fanoutDemo.client.stats.messages")
     return probes
 
 
 async def test_page_survives_10k_messages_per_second(
-    page: Page, anon_gw: Gateway, nats_srv: EmbeddedNats, nc: nats.aio.client.Client
+    page: Page, anon_gw: Gateway, nats_srv: EmbeddedNats, nc: NatsClient
 ) -> None:
     probes = await open_demo(page, anon_gw, nc, "xy.md.flood")
     await page.evaluate(MONITOR)
@@ -222,12 +227,14 @@ async def test_page_survives_10k_messages_per_second(
 
 
 async def test_drops_are_shown_when_the_page_falls_behind(
-    page: Page, anon_gw: Gateway, nats_srv: EmbeddedNats, nc: nats.aio.client.Client
+    page: Page, anon_gw: Gateway, nats_srv: EmbeddedNats, nc: NatsClient
 ) -> None:
     """A busy main thread stops Chromium reading the socket; the gateway drops and says so."""
     probes = await open_demo(page, anon_gw, nc, "xy.md.big")
     publisher = await start_publisher(nats_srv.url, "xy.md.big", 20_000, 1.0, 5, pad=2_000)
-    await page.evaluate("() => { const t = performance.now(); while (performance.now() - t < 2500) {} }")
+    await page.evaluate(
+        "() => { const t = performance.now(); while (performance.now() - t < 2500) {} }"
+    )
     sent = int((await asyncio.wait_for(publisher, 15))[0])
     await page.wait_for_function(ACCOUNTED, arg=sent + probes, timeout=10_000)
     await page.wait_for_function(SHOWN, timeout=2_000)
@@ -258,13 +265,17 @@ STANDALONE = """() => {
 
 #: A request's rejection as plain values (requests are off on this gateway).
 REQUEST = """async () => {
-  try { await window.api.c.request("svc.orders.get", {order_id: "o-1"}, {timeoutMs: 1000}); return null; }
-  catch (e) { return {name: e.name, code: e.code, isFanoutError: e instanceof window.fanout.FanoutError,
-                      state: window.api.c.state}; }
+  try {
+    await window.api.c.request("svc.orders.get", {order_id: "o-1"}, {timeoutMs: 1000});
+    return null;
+  } catch (e) {
+    const isFanoutError = e instanceof window.fanout.FanoutError;
+    return {name: e.name, code: e.code, isFanoutError, state: window.api.c.state};
+  }
 }"""
 
 
-async def barrier(nc: nats.aio.client.Client, page: Page) -> None:
+async def barrier(nc: NatsClient, page: Page) -> None:
     """One message on the barrier subject has reached the page (published after everything else)."""
     before = await page.evaluate("window.api.got.barrier")
     await nc.publish("xy.md.api.barrier", b"{}")
@@ -272,9 +283,7 @@ async def barrier(nc: nats.aio.client.Client, page: Page) -> None:
     await page.wait_for_function("(n) => window.api.got.barrier > n", arg=before, timeout=3_000)
 
 
-async def test_fanout_js_standalone_api(
-    page: Page, anon_gw: Gateway, nc: nats.aio.client.Client
-) -> None:
+async def test_fanout_js_standalone_api(page: Page, anon_gw: Gateway, nc: NatsClient) -> None:
     await open_test_page(page, anon_gw)
     await page.evaluate(STANDALONE)
     assert await page.evaluate("window.api.types") == ["function", "function"]
@@ -347,7 +356,7 @@ async def test_expired_token_ends_in_4005_and_authfailed(
     page: Page, auth_gw: Gateway, keypair: tuple[Path, Path]
 ) -> None:
     await page.add_init_script(COUNT_SOCKETS)
-    await page.goto(f"{auth_gw.http}/?token={token_for(keypair, 3)}")
+    await page.goto(f"{auth_gw.http}/?token={token_for(keypair, 4)}")
     await page.wait_for_function("() => window.fanoutDemo.client.state === 'open'", timeout=5_000)
     await page.evaluate(RECORD_EVENTS, await page.evaluate_handle("window.fanoutDemo.client"))
     await page.wait_for_function(
@@ -358,13 +367,15 @@ async def test_expired_token_ends_in_4005_and_authfailed(
     events = await page.evaluate("window.events.map((e) => [e.type, e.detail.code ?? null])")
     view = await demo_view(page)
     assert ["close", 4005] in events and ["authfailed", 4005] in events
-    assert await page.evaluate(
-        "window.events.find((e) => e.type === 'close').detail.reconnectInMs"
-    ) is None
+    assert (
+        await page.evaluate("window.events.find((e) => e.type === 'close').detail.reconnectInMs")
+        is None
+    )
     assert view["state"] == "closed" and view["client"]["lastCloseCode"] == 4005
     assert await page.evaluate("window.socketsOpened") == 1
     assert counter(auth_gw, "fanout_handshake_failures_total", code="XYW005") == refused
     assert any("authentication failed (4005)" in line for line in view["log"])
+    assert any("token expires at" in line for line in view["log"])  # the `expiring` notice
 
 
 #: The client on the test page takes its tokens from the test (``window.nextToken``).
@@ -378,7 +389,7 @@ RENEWING = """() => {
 
 
 async def test_token_refresh_on_expiring_keeps_the_connection(
-    page: Page, auth_gw: Gateway, keypair: tuple[Path, Path], nc: nats.aio.client.Client
+    page: Page, auth_gw: Gateway, keypair: tuple[Path, Path], nc: NatsClient
 ) -> None:
     issued: list[str] = []
 
@@ -391,7 +402,7 @@ async def test_token_refresh_on_expiring_keeps_the_connection(
     await page.evaluate(RECORD_EVENTS, await page.evaluate_handle(RENEWING))
     await page.wait_for_function("() => window.api.c.state === 'open'", timeout=5_000)
     first_conn = await page.evaluate("window.api.c.welcome.conn")
-    assert await page.evaluate("window.api.c.expiresAt") == exp_of(issued[0])
+    assert await page.evaluate("window.api.c.welcome.expires_at") == exp_of(issued[0])
     # the lead time (3600 s) exceeds the token's life, so the next sweep sends `expiring`
     await page.wait_for_function(
         "() => window.events.some((e) => e.type === 'authrenewed')", timeout=5_000

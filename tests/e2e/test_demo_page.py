@@ -73,9 +73,7 @@ async def test_demo_page_shows_live_ticks_within_5_s(page: Page, demo_gw: Gatewa
     )
 
 
-async def test_kill_9_worker_page_reconnects_and_resubscribes(
-    page: Page, demo_gw: Gateway
-) -> None:
+async def test_kill_9_worker_page_reconnects_and_resubscribes(page: Page, demo_gw: Gateway) -> None:
     before = await open_live(page, demo_gw)
     old = worker_pids(demo_gw)[1]
     os.kill(old, signal.SIGKILL)
@@ -105,9 +103,7 @@ async def test_kill_9_worker_page_reconnects_and_resubscribes(
     assert reconnect_s < 15
 
 
-async def test_sighup_rolling_restart_reconnects_within_2_s(
-    page: Page, demo_gw: Gateway
-) -> None:
+async def test_sighup_rolling_restart_reconnects_within_2_s(page: Page, demo_gw: Gateway) -> None:
     before = await open_live(page, demo_gw)
     old = worker_pids(demo_gw)[1]
     assert demo_gw.proc is not None

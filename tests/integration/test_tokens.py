@@ -135,6 +135,23 @@ async def test_auth_renews_and_reapplies_the_acl(
         await client.close()
 
 
+async def test_renewal_inside_the_lead_time_is_not_nagged_every_second(
+    gw: Gateway, keypair: tuple[Path, Path]
+) -> None:
+    """A fresh token that itself expires within the lead time gets no new `expiring` storm."""
+    client = await WsClient.connect(gw.ws, tok(keypair, "nag", ttl=2))
+    try:
+        await client.recv()
+        await client.expect(lambda f: f.get("op") == "expiring", timeout=4)
+        await client.send({"op": "auth", "id": 1, "token": tok(keypair, "nag", ttl=3)})
+        assert (await client.expect(lambda f: f.get("id") == 1))["op"] == "ack"
+        with pytest.raises(TimeoutError):
+            await client.expect(lambda f: f.get("op") == "expiring", timeout=2.2)
+        assert await client.closed_code(timeout=4) == 4005
+    finally:
+        await client.close()
+
+
 @pytest.mark.parametrize(
     "case",
     ["different sub", "expired token", "revoked jti", "garbage"],
