@@ -7,6 +7,7 @@ own NATS connection, so the demo traffic looks exactly like a real publisher's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import signal
@@ -48,10 +49,8 @@ async def publish_ticks(
                 prices[symbol] = price
                 tick = Tick(symbol=symbol, price=round(price, 4), ts=now_ms, seq=seq)
                 await nc.publish(f"xy.md.tick.{symbol}", encoder.encode(tick))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
-            except TimeoutError:
-                pass
     finally:
         await nc.drain()
 

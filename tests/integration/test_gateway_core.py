@@ -282,7 +282,7 @@ def test_healthz_and_metrics(gw: Gateway) -> None:
     assert len(health["workers"]) == 1
     status, body, _ = http_get(gw.http + "/readyz")
     assert status == 200
-    status, body, headers = http_get(gw.http + "/metrics")
+    status, body, _ = http_get(gw.http + "/metrics")
     assert status == 200
     text = body.decode()
     for series in (
