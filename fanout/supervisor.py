@@ -512,6 +512,9 @@ class Supervisor:
                 self._on_exit(self._children.pop(pid), os.waitstatus_to_exitcode(status))
 
     def _on_exit(self, child: _Child, code: int) -> None:
+        last = runtime.read_state(self.state_dir, child.pid)
+        if last is not None and last.listening:  # it served, even if we had not looked yet
+            self._ever_ready = True
         runtime.remove_state(self.state_dir, child.pid)
         from prometheus_client import multiprocess
 

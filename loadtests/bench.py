@@ -546,6 +546,20 @@ def start_gateway(procs: Procs, nats_url: str, workers: int, max_conns: int,
     raise RuntimeError(f"gateway not ready in 30 s; log: {log_path}")
 
 
+def gateway_counters(url: str) -> dict[str, float]:
+    """Totals from the gateway's /metrics (they are published once per second)."""
+    host_port = url.removeprefix("ws://").partition("/")[0]
+    names = ("xy_ws_slow_consumers_total", "xy_ws_messages_dropped_total",
+             "xy_ws_messages_forwarded_total")
+    out = dict.fromkeys(names, 0.0)
+    with urllib.request.urlopen(f"http://{host_port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in out:
+                out[name] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def stalled_client(url: str, token: str | None, subject: str, natsws: bool) -> socket.socket:
     """A subscriber that never reads (4 KiB receive buffer): the slow consumer under test."""
     host_port, _, path = url.removeprefix("ws://").partition("/")
@@ -714,6 +728,10 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
     client1 = CpuSnapshot.take(client_pids)
     nats1 = CpuSnapshot.take([nats_pid])
     rss_end = sum(proc_rss(p) for p in workers_of(procs))
+    counters_end: dict[str, float] = {}
+    if not natsws:
+        time.sleep(1.2)
+        counters_end = gateway_counters(url)
     pub_parent.send("bye")
 
     reports = []
@@ -775,6 +793,8 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
         "rss_end_mib": round(rss_end / 2**20, 1),
         "rss_growth_mib": round((rss_end - rss_connected) / 2**20, 1),
         "stalled": args.stalled,
+        "slow_consumers_cut": counters_end.get("xy_ws_slow_consumers_total"),
+        "dropped_total": counters_end.get("xy_ws_messages_dropped_total"),
     }
 
 
@@ -805,7 +825,8 @@ def table(result: dict[str, Any]) -> str:
         ("RSS per connection KiB", f"{result['rss_per_conn_kib']} "
                                    f"(delta over idle {result['rss_delta_per_conn_kib']})"),
         ("RSS end / growth MiB", f"{result['rss_end_mib']} / {result['rss_growth_mib']} "
-                                 f"({result['stalled']} stalled subscribers)"),
+                                 f"({result['stalled']} stalled subscribers, "
+                                 f"{result['slow_consumers_cut']} cut)"),
         ("closes", json.dumps(result["closes"])),
     ]
     width = max(len(name) for name, _ in rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -82,13 +83,23 @@ class Gateway:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.logs()}")
             try:
-                status, _, _ = http_get(self.http + ("/readyz" if wait_ready else "/healthz"), 1.0)
-                if status == 200:
+                status, _, _ = http_get(
+                    self.http + ("/readyz" if wait_ready else "/healthz"), 1.0
+                )
+                if status == 200 and (not wait_ready or self._all_workers_up()):
                     return
             except OSError:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"gateway not ready in {timeout}s:\n{self.logs()}")
+
+    def _all_workers_up(self) -> bool:
+        """Every worker asked for with ``--workers N`` is listening (ready = the first one)."""
+        if "--workers" not in self.args:
+            return True
+        wanted = int(self.args[self.args.index("--workers") + 1])
+        status, body, _ = http_get(self.http + "/healthz", 1.0)
+        return status == 200 and len(json.loads(body)["workers"]) >= wanted
 
     def logs(self) -> str:
         assert self.log_path is not None

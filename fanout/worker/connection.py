@@ -50,7 +50,6 @@ class WsConnection(asyncio.Protocol):
         "peer",
         "principal",
         "queue",
-        "stalled_size",
         "state",
         "subs",
         "token",
@@ -86,7 +85,6 @@ class WsConnection(asyncio.Protocol):
         self.dirty = False
         self.paused = False
         self.paused_since = 0.0
-        self.stalled_size = 0
         self.closing_since = 0.0
         self.last_rx = time.monotonic()
         self.state = OPEN
@@ -127,7 +125,6 @@ class WsConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.paused = True
         self.paused_since = time.monotonic()
-        self.stalled_size = self.transport.get_write_buffer_size()
 
     def resume_writing(self) -> None:
         self.paused = False
@@ -198,20 +195,6 @@ class WsConnection(asyncio.Protocol):
         if n or queue.dropped:
             self.transport.write(queue.drain(_drop_notice))
         return n
-
-    def write_stalled(self, now: float, timeout_s: float) -> bool:
-        """Backed up with no progress for ``timeout_s``: the transport buffer did not shrink.
-
-        Called by the periodic sweep; a slow reader that keeps draining its
-        buffer is not a stalled one.
-        """
-        if not self.paused:
-            return False
-        size = self.transport.get_write_buffer_size()
-        if size < self.stalled_size:
-            self.paused_since = now
-        self.stalled_size = size
-        return now - self.paused_since > timeout_s
 
     def send_control(self, frame: bytes) -> None:
         """Replies and notices: written at once (bounded by the inbound rate limit)."""

@@ -1,10 +1,13 @@
 """NATS messages → client outboxes → one write per dirty client per loop iteration.
 
 The hot path: a NATS message is encoded once (JSON body and WebSocket frame
-header), the shared bytes are appended to every recipient's outbox, and a
-single flush callback per loop iteration writes each dirty client's pending
-frames with one ``transport.write``. No await per client, no per-recipient
-encoding. Counts are plain ints, moved into Prometheus once per sweep.
+header) into its subscription's :class:`~fanout.core.outbox.Batch`. Idle,
+writable recipients share the batch (no per-client append); the others get
+the shared bytes appended to their own outbox. A single flush callback per loop
+iteration writes each dirty client's pending frames with one
+``transport.write`` — the same joined bytes object for every client sharing a
+batch from its start. No await per client, no per-recipient encoding. Counts
+are plain ints, moved into Prometheus once per sweep.
 """
 
 from __future__ import annotations

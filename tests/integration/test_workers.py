@@ -254,3 +254,27 @@ async def test_sighup_rolling_restart_refuses_no_handshake(
     assert failures == []
     assert successes > 10
     assert not_ready == []  # draining workers are leaving; the gateway stays ready
+
+
+async def test_worker_killed_right_after_it_served_is_replaced_not_a_boot_failure(
+    nats_srv: EmbeddedNats, keypair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The supervisor may not have read the state file yet: serving once counts as booted."""
+    gw = launch_gateway(
+        tmp_path, "--workers", "1", NATS_URLS=nats_srv.url, JWT_PUBLIC_KEY=str(keypair[1])
+    )
+    try:
+        first = worker_pids(gw)[1]
+        os.kill(first, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    current = worker_pids(gw).get(1)
+                except OSError:
+                    current = None
+                if current not in (None, first):
+                    break
+                assert gw.proc is not None and gw.proc.poll() is None, gw.logs()
+                await asyncio.sleep(0.05)
+    finally:
+        gw.stop()
