@@ -73,6 +73,20 @@ async def test_demo_page_shows_live_ticks_within_5_s(page: Page, demo_gw: Gatewa
     )
 
 
+async def test_request_box_gets_a_reply_from_the_demo_orders_service(
+    page: Page, demo_gw: Gateway
+) -> None:
+    """`--demo` runs the orders service (fanout.service); the page's request op reaches it."""
+    await open_live(page, demo_gw)
+    await page.click("#req-send")
+    await page.wait_for_function(
+        "() => document.getElementById('req-result').dataset.status === 'ok'", timeout=5_000
+    )
+    text = await page.inner_text("#req-result")
+    assert '"item": "tea"' in text and '"qty": 2' in text
+    assert "traceparent 00-" in text
+
+
 async def test_kill_9_worker_page_reconnects_and_resubscribes(page: Page, demo_gw: Gateway) -> None:
     before = await open_live(page, demo_gw)
     old = worker_pids(demo_gw)[1]
