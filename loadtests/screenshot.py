@@ -101,6 +101,11 @@ async def capture(
                 timeout=10_000,
             )
             await asyncio.sleep(seconds)
+            await page.click("#req-send")  # show a reply from the demo orders service too
+            await page.wait_for_function(
+                "() => document.getElementById('req-result').dataset.status === 'ok'",
+                timeout=5_000,
+            )
             view: dict[str, object] = await page.evaluate(
                 """() => ({state: document.getElementById("state").textContent,
                   rows: document.querySelectorAll("#ticks tr[data-symbol]").length,
