@@ -871,23 +871,32 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_tool(
+    name: str,
+    args: argparse.Namespace,
+    scenario: Callable[[argparse.Namespace, Procs], dict[str, Any]],
+    render: Callable[[dict[str, Any]], str],
+) -> int:
+    """Run one load scenario; every process it started is stopped, whatever happens."""
     interrupt_on_sigterm()
     procs = Procs()
     try:
-        result = run(args, procs)
+        result = scenario(args, procs)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except RuntimeError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
+        print(f"{name} failed: {exc}", file=sys.stderr)
         return 1
     finally:
         procs.stop()
     print(json.dumps(result), flush=True)
-    print(table(result))
+    print(render(result))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_tool("bench", parse_args(argv), run, table)
 
 
 if __name__ == "__main__":

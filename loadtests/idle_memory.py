@@ -19,7 +19,6 @@ worker inherits it); everything runs on loopback and is stopped on exit.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import sys
 import time
@@ -34,8 +33,8 @@ from bench import (
     ClientJob,
     Counters,
     Procs,
-    interrupt_on_sigterm,
     raise_nofile,
+    run_tool,
     spawn_client,
     start_servers,
     wait_until,
@@ -152,22 +151,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    interrupt_on_sigterm()
-    procs = Procs()
-    try:
-        result = run(args, procs)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"idle_memory failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        procs.stop()
-    print(json.dumps(result), flush=True)
-    print(table(result))
-    return 0
+    return run_tool("idle_memory", parse_args(argv), run, table)
 
 
 if __name__ == "__main__":
