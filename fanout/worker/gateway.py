@@ -94,6 +94,8 @@ class Gateway:
         self.closing: dict[WsConnection, float] = {}
         self.draining = False
         self.drain_code = int(Close.GOING_AWAY)
+        #: One tuple for every connection's ACL (a list would be copied per connection).
+        self._whitelist = tuple(settings.ws.subject_whitelist)
         self.requests: RequestHandler | None = None
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
@@ -237,7 +239,7 @@ class Gateway:
     def acl_for(self, principal: Principal | None) -> SubjectAcl:
         ws = self.settings.ws
         return SubjectAcl.from_claims(
-            ws.subject_whitelist,
+            self._whitelist,
             None if principal is None else principal.claims,
             self.settings.jwt.subjects_claim,
             allow_full_wildcard=ws.allow_full_wildcard,
