@@ -117,7 +117,7 @@ class WsConnection(asyncio.Protocol):
                 self.send_control(websocket.pong_frame(payload))
             elif opcode == websocket.OP_CLOSE:
                 code, _ = websocket.parse_close_payload(payload)
-                self.close(Close.NORMAL if code is None else code, "", echo=True)
+                self.close(Close.NORMAL if code is None else code, "")
 
     def eof_received(self) -> bool:
         return False
@@ -201,7 +201,7 @@ class WsConnection(asyncio.Protocol):
         if self.state == OPEN:
             self.transport.write(frame)
 
-    def close(self, code: int, reason: str, *, echo: bool = False) -> None:
+    def close(self, code: int, reason: str) -> None:
         """Send a close frame and let the transport flush; the sweep aborts laggards."""
         if self.state != OPEN:
             return
