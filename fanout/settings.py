@@ -8,11 +8,15 @@ the field it is about, so an operator can fix it from one line.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
+import sys
 import tomllib
-from collections.abc import Mapping
+import typing
+import urllib.parse
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -199,6 +203,25 @@ SEED_ENV: dict[str, str] = {
 #: Settings whose values are secrets: redacted by ``check-config`` and never logged.
 SECRET_FIELDS = frozenset({"nats.nkey_seed", "tls.key", "nats.tls_key"})
 
+#: Settings that name a file the gateway reads (``jwt.public_key`` may hold PEM text instead,
+#: ``nats.nkey_seed`` the seed itself): checked at load so ``serve`` never fails on them later.
+FILE_FIELDS = (
+    "tls.cert",
+    "tls.key",
+    "nats.tls_ca",
+    "nats.tls_cert",
+    "nats.tls_key",
+    "nats.creds",
+    "nats.nkey_seed",
+    "jwt.public_key",
+    "jwt.denylist_path",
+)
+
+#: ``FANOUT_*`` variables that are not settings but belong to fanout itself.
+INTERNAL_ENV = frozenset({"FANOUT_CONFIG", "FANOUT_GENERATION"})
+
+_NKEY_SEED_RE = re.compile(r"S[A-Z][A-Z2-7]{56}")
+
 
 def _field_types() -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -234,21 +257,42 @@ def _env_value(path: str, raw: str) -> Any:
     return raw
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Dotted-path overrides from the seed's names and ``FANOUT_SECTION_FIELD`` variables."""
+def _warn_stderr(message: str) -> None:
+    print(f"fanout: warning: {message}", file=sys.stderr)
+
+
+_SECTIONS = frozenset(path.partition(".")[0] for path in FIELD_TYPES)
+
+
+def env_overrides(
+    environ: Mapping[str, str], warn: Callable[[str], None] = _warn_stderr
+) -> dict[str, Any]:
+    """Dotted-path overrides from the seed's names and ``FANOUT_SECTION_FIELD`` variables.
+
+    Other tools share the prefix (``FANOUT_LOCUST_KEY``), so a variable outside every
+    section is only warned about; inside a known section it is surely a typo and fails.
+    """
     out: dict[str, Any] = {}
     for name, path in SEED_ENV.items():
         if name in environ:
             out[path] = _env_value(path, environ[name])
-    for name, value in environ.items():
-        if not name.startswith("FANOUT_") or name in ("FANOUT_CONFIG", "FANOUT_GENERATION"):
+    for name in sorted(environ):
+        if not name.startswith("FANOUT_") or name in INTERNAL_ENV:
             continue
         section, _, field = name[len("FANOUT_") :].lower().partition("_")
         path = f"{section}.{field}"
-        if path not in FIELD_TYPES:
-            raise ConfigError(name, "no such setting")
-        out[path] = _env_value(path, value)
+        if path in FIELD_TYPES:
+            out[path] = _env_value(path, environ[name])
+        elif section in _SECTIONS:
+            raise ConfigError(name, f"no setting {path}{_did_you_mean(path)}")
+        else:
+            warn(f"{name} is not a fanout setting; ignored")
     return out
+
+
+def _did_you_mean(path: str) -> str:
+    close = difflib.get_close_matches(path, FIELD_TYPES, n=1, cutoff=0.8)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _merge(tree: dict[str, Any], overrides: Mapping[str, Any]) -> None:
@@ -260,22 +304,41 @@ def _merge(tree: dict[str, Any], overrides: Mapping[str, Any]) -> None:
         node[field] = value
 
 
+def _literal_values(tp: Any) -> list[str]:
+    """The allowed values of every ``Literal`` inside a field's type (lists, dicts, optionals)."""
+    if typing.get_origin(tp) is Literal:
+        return [str(v) for v in typing.get_args(tp)]
+    return [v for arg in typing.get_args(tp) for v in _literal_values(arg)]
+
+
 def _error_path(exc: msgspec.ValidationError) -> tuple[str, str]:
     text = str(exc)
     message, sep, where = text.rpartition(" - at `$.")
-    path = where.rstrip("`").replace("[", ".").replace("]", "") if sep else ""
-    unknown = re.match(r"Object contains unknown field `([^`]+)`", message if sep else text)
+    if not sep:
+        return "config", text
+    # msgspec writes list indexes as [3] and elides dict keys as [...]: name the setting.
+    path = ".".join(re.split(r"[.\[]", where.rstrip("`"))[:2])
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", message)
     if unknown:
         return ".".join(filter(None, (path, unknown.group(1)))), "unknown setting"
-    return (path, message) if sep else ("config", text)
+    values = _literal_values(FIELD_TYPES.get(path))
+    if message.startswith("Invalid enum value") and values:
+        message = f"{message}; valid values: {', '.join(values)}"
+    return path, message
 
 
 def load(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    *,
+    check_files: bool = True,
+    warn: Callable[[str], None] = _warn_stderr,
 ) -> Settings:
-    """Build and validate the settings; raises :class:`ConfigError` naming the field."""
+    """Build and validate the settings; raises :class:`ConfigError` naming the field.
+
+    ``check_files=False`` checks structure only (example configs naming production paths).
+    """
     environ = os.environ if environ is None else environ
     tree: dict[str, Any] = {}
     if path is None and environ.get("FANOUT_CONFIG"):
@@ -287,7 +350,7 @@ def load(
             raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
-    _merge(tree, env_overrides(environ))
+    _merge(tree, env_overrides(environ, warn))
     _merge(tree, overrides or {})
     try:
         settings = msgspec.convert(tree, Settings, strict=False)
@@ -295,7 +358,45 @@ def load(
         field, message = _error_path(exc)
         raise ConfigError(field, message) from None
     validate(settings)
+    if check_files:
+        validate_files(settings)
     return settings
+
+
+def _setting(s: Settings, path: str) -> Any:
+    section, _, field = path.partition(".")
+    return getattr(getattr(s, section), field)
+
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` cannot be read (``None`` when it can)."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
+def validate_files(s: Settings) -> None:
+    """Every file a setting names exists and is readable now, by this user.
+
+    Run by ``check-config``, ``serve`` and every SIGHUP reload, so a missing key file
+    fails before any worker forks, naming the setting and the path.
+    """
+    for field in FILE_FIELDS:
+        value = _setting(s, field)
+        if not value or (field == "jwt.public_key" and "-----BEGIN" in value):
+            continue
+        if field == "nats.nkey_seed":
+            # Never echo it: a mistyped seed is still a secret.
+            _check(
+                _NKEY_SEED_RE.fullmatch(value.strip()) is not None or not _unreadable(value),
+                field,
+                "neither a readable file nor an NKey seed (S...)",
+            )
+            continue
+        why = _unreadable(value)
+        _check(why is None, field, f"cannot read {value}: {why}")
 
 
 def _check(cond: bool, field: str, message: str) -> None:
@@ -425,9 +526,31 @@ def _validate_requests(r: Requests, max_subject_bytes: int) -> None:
     _check(not missing, "requests.interceptors", f"required interceptors missing: {missing}")
 
 
+def redact_url(value: str) -> str:
+    """``nats://user:pw@host:4222`` → ``nats://<redacted>@host:4222``; other text unchanged.
+
+    The whole userinfo goes: a NATS token URL carries its secret as the user name.
+    """
+    parts = urllib.parse.urlsplit(value)
+    if not parts.scheme or "@" not in parts.netloc:
+        return value
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"<redacted>@{host}"))
+
+
+def _redact_urls(node: Any) -> Any:
+    if isinstance(node, str):
+        return redact_url(node)
+    if isinstance(node, list):
+        return [_redact_urls(item) for item in node]
+    if isinstance(node, dict):
+        return {key: _redact_urls(value) for key, value in node.items()}
+    return node
+
+
 def redacted(s: Settings) -> dict[str, Any]:
-    """The effective settings as plain data, secrets replaced; safe to print."""
-    tree: dict[str, Any] = msgspec.to_builtins(s)
+    """The effective settings as plain data, secrets and URL credentials replaced; safe to print."""
+    tree: dict[str, Any] = _redact_urls(msgspec.to_builtins(s))
     for path in SECRET_FIELDS:
         section, _, field = path.partition(".")
         if tree[section].get(field):

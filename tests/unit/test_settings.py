@@ -48,8 +48,9 @@ def test_seed_environment_names() -> None:
 
 
 def test_public_key_and_nkey_seed_names() -> None:
+    seed = "SU" + "A" * 56
     s = settings.load(
-        environ={"JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----", "NATS_NKEY_SEED": "SUAB"}
+        environ={"JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----", "NATS_NKEY_SEED": seed}
     )
     assert s.jwt.public_key.startswith("-----BEGIN")
     assert settings.redacted(s)["nats"]["nkey_seed"] == "<redacted>"
