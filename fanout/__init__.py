@@ -1,4 +1,3 @@
 """fanout: a multiprocess, sharded NATS -> WebSocket fan-out gateway."""
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 1

@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fanout import PROTOCOL_VERSION, __version__, settings
+from fanout import __version__, settings
+from fanout.core.protocol import PROTOCOL_VERSION
 
 EXIT_CONFIG = 2
+VERSION = f"fanout {__version__} (protocol v{PROTOCOL_VERSION})"
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,6 +85,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _patterns(text: str | None) -> list[str] | None:
+    return None if text is None else [s.strip() for s in text.split(",") if s.strip()]
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     from fanout import devtoken
 
@@ -92,16 +98,23 @@ def cmd_token(args: argparse.Namespace) -> int:
         token = devtoken.make_token(
             private_key_pem=key,
             sub=args.sub,
-            subjects=[s.strip() for s in args.subjects.split(",") if s.strip()],
+            subjects=_patterns(args.subjects),
             ttl_s=ttl,
             kid=args.kid,
             issuer=args.iss,
             audience=args.aud,
-            requests=[s.strip() for s in (args.requests or "").split(",") if s.strip()],
+            requests=_patterns(args.requests) or (),
         )
     except (OSError, ValueError) as exc:
         print(f"fanout token: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    cap = settings.Jwt().max_lifetime_s
+    if ttl > cap:
+        print(
+            f"fanout token: warning: --ttl {args.ttl} ({ttl} s) is longer than the gateway's"
+            f" default jwt.max_lifetime_s ({cap} s): it refuses this token unless that is raised",
+            file=sys.stderr,
+        )
     print(token)
     return 0
 
@@ -110,23 +123,31 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     from fanout import devtoken
 
     out = Path(args.out)
+    priv_path, pub_path = out / "private.pem", out / "public.pem"
+    for path in (priv_path, pub_path):
+        if path.exists() and not args.force:
+            print(
+                f"fanout keygen: {path} exists; use --force to replace the key pair",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
     out.mkdir(parents=True, exist_ok=True)
     private, public = devtoken.generate_keypair(args.kind)
-    priv_path = out / "private.pem"
     priv_path.write_bytes(private)
     os.chmod(priv_path, 0o600)
-    (out / "public.pem").write_bytes(public)
-    print(f"wrote {priv_path} and {out / 'public.pem'}")
+    pub_path.write_bytes(public)
+    print(f"wrote {priv_path} and {pub_path}")
     return 0
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    print(f"fanout {__version__} (protocol v{PROTOCOL_VERSION})")
+    print(VERSION)
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fanout", description="NATS -> WebSocket fan-out gateway")
+    p.add_argument("-V", "--version", action="version", version=VERSION)
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the supervisor and its workers")
@@ -137,33 +158,54 @@ def parser() -> argparse.ArgumentParser:
         help="embedded NATS + demo publisher, anonymous read of xy.md.>, 127.0.0.1",
     )
     serve.add_argument("--workers", type=int, help="worker processes (default: one per CPU)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--host", help="listen address (server.host, default 0.0.0.0)")
+    serve.add_argument(
+        "--port", type=int, help="listen port shared by all workers (server.port, default 8080)"
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="log.level (default info)",
+    )
     serve.set_defaults(func=cmd_serve)
 
-    check = sub.add_parser("check-config", help="validate and print the effective config")
-    check.add_argument("--config")
-    check.add_argument("--demo", action="store_true")
+    check = sub.add_parser(
+        "check-config",
+        help="validate the config (files it names must be readable) and print it, secrets redacted",
+    )
+    check.add_argument("--config", help="TOML file (also FANOUT_CONFIG)")
+    check.add_argument("--demo", action="store_true", help="as `serve --demo` would run")
     check.set_defaults(func=cmd_check_config)
 
     token = sub.add_parser("token", help="print a development JWT")
-    token.add_argument("--sub", required=True)
-    token.add_argument("--subjects", default="", help="comma-separated patterns (claim 'subjects')")
-    token.add_argument("--requests", default="", help="comma-separated patterns (claim 'requests')")
-    token.add_argument("--ttl", default="1h", help="e.g. 90s, 15m, 1h, 2d")
+    token.add_argument("--sub", required=True, help="the principal (claim 'sub')")
+    token.add_argument(
+        "--subjects",
+        help="comma-separated patterns (claim 'subjects'); omitted: ws.subject_whitelist applies",
+    )
+    token.add_argument(
+        "--requests",
+        help="comma-separated patterns (claim 'requests'); omitted: the token may request nothing",
+    )
+    token.add_argument(
+        "--ttl",
+        default="1h",
+        help="lifetime, e.g. 90s, 15m, 1h, 24h (default 1h); the gateway refuses tokens"
+        " living longer than jwt.max_lifetime_s (default 24h)",
+    )
     token.add_argument("--key", required=True, help="private key PEM (RSA, EC P-256 or Ed25519)")
-    token.add_argument("--kid")
-    token.add_argument("--iss")
-    token.add_argument("--aud")
+    token.add_argument("--kid", help="key id header, to pick the key from a JWKS")
+    token.add_argument("--iss", help="issuer claim (match jwt.issuer)")
+    token.add_argument("--aud", help="audience claim (match jwt.audience)")
     token.set_defaults(func=cmd_token)
 
     keygen = sub.add_parser("keygen", help="write a development key pair (private.pem, public.pem)")
-    keygen.add_argument("--out", default=".")
+    keygen.add_argument("--out", default=".", help="directory (default: the current one)")
     keygen.add_argument("--kind", default="rsa", choices=["rsa", "ec", "ed25519"])
+    keygen.add_argument("--force", action="store_true", help="replace an existing key pair")
     keygen.set_defaults(func=cmd_keygen)
 
-    version = sub.add_parser("version")
+    version = sub.add_parser("version", help="print the version and the protocol version")
     version.set_defaults(func=cmd_version)
     return p
 

@@ -53,7 +53,7 @@ def make_token(
     *,
     private_key_pem: bytes,
     sub: str,
-    subjects: Sequence[str],
+    subjects: Sequence[str] | None,
     ttl_s: int,
     kid: str | None = None,
     issuer: str | None = None,
@@ -62,7 +62,11 @@ def make_token(
     extra: Mapping[str, object] | None = None,
     now: float | None = None,
 ) -> str:
-    """A signed JWT for ``sub``; ``extra`` adds claims but may not override the ones above."""
+    """A signed JWT for ``sub``; ``extra`` adds claims but may not override the ones above.
+
+    ``subjects=None`` leaves the claim out, so the gateway's whitelist alone applies;
+    ``[]`` grants nothing.
+    """
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
     key, alg = _load_signing_key(private_key_pem)
@@ -71,7 +75,9 @@ def make_token(
         raise ValueError(f"extra claims may not set {clashing}")
     iat = int(time.time() if now is None else now)
     claims: dict[str, object] = dict(extra or {})
-    claims.update(sub=sub, subjects=list(subjects), iat=iat, exp=iat + ttl_s, jti=uuid.uuid4().hex)
+    claims.update(sub=sub, iat=iat, exp=iat + ttl_s, jti=uuid.uuid4().hex)
+    if subjects is not None:
+        claims["subjects"] = list(subjects)
     if requests:
         claims["requests"] = list(requests)
     if issuer is not None:

@@ -17,7 +17,10 @@ import msgspec
 
 from fanout.errors import Code
 
-PROTOCOL_VERSION = 1
+#: The protocol this server speaks, "major.minor": a minor version only adds. The
+#: ``welcome`` frame's ``v`` is the major, which changes only for something incompatible.
+PROTOCOL_VERSION = "1.1"
+_WIRE_MAJOR = int(PROTOCOL_VERSION.partition(".")[0])
 
 
 #: Client ids are echoed to JavaScript: keep them exact there (Number.MAX_SAFE_INTEGER).
@@ -232,7 +235,7 @@ class Unsubscribed(_Frame, tag="unsubscribed"):
 
 
 def welcome(conn: str, expires_at: int | None, limits: Limits) -> bytes:
-    return _encode(Welcome(PROTOCOL_VERSION, conn, expires_at, limits))
+    return _encode(Welcome(_WIRE_MAJOR, conn, expires_at, limits))
 
 
 def ack(id: int, expires_at: int | msgspec.UnsetType = msgspec.UNSET) -> bytes:
