@@ -366,8 +366,13 @@ async def test_demo_mode_serves_ticks_anonymously(tmp_path: Path) -> None:
         assert tick["subject"] == "xy.md.tick.demo"
         assert {"symbol", "price", "ts", "seq"} <= set(tick["data"])
         created = await client.op(
-            {"op": "request", "id": 2, "subject": "svc.orders.create",
-             "data": {"item": "tea", "qty": 2}, "timeout_ms": 3000},
+            {
+                "op": "request",
+                "id": 2,
+                "subject": "svc.orders.create",
+                "data": {"item": "tea", "qty": 2},
+                "timeout_ms": 3000,
+            },
             timeout=5,
         )
         assert created["op"] == "reply" and created["data"]["item"] == "tea"
@@ -378,7 +383,7 @@ async def test_demo_mode_serves_ticks_anonymously(tmp_path: Path) -> None:
         assert gateway.stop() == 0
 
 
-def test_config_error_exits_2_naming_the_field() -> None:
+def test_config_error_exits_2_naming_the_field(keypair: tuple[Path, Path]) -> None:
     env = gateway_env(FANOUT_SERVER_PORT="99999")
     out = subprocess.run(
         [sys.executable, "-m", "fanout.cli", "check-config"],
@@ -403,9 +408,9 @@ def test_config_error_exits_2_naming_the_field() -> None:
         [sys.executable, "-m", "fanout.cli", "check-config"],
         env=gateway_env(
             NATS_URLS="nats://a:4222, nats://b:4222",
-            NATS_NKEY_SEED="SUAXXXSECRET",
+            NATS_NKEY_SEED="SUAXXXSECRET" + "A" * 46,  # shaped like a seed
             WS_SUBJECT_WHITELIST="xy.md.>,orders.*",
-            JWT_PUBLIC_KEY="/k.pem",
+            JWT_PUBLIC_KEY=str(keypair[1]),
         ),
         capture_output=True,
         text=True,
