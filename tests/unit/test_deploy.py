@@ -77,7 +77,7 @@ def test_dockerfile_healthcheck_uses_the_configured_port() -> None:
     image = parse_dockerfile(DOCKERFILE.read_text())
     port = image.env["FANOUT_SERVER_PORT"]
     assert port == str(settings.Server().port)
-    assert image.expose == [port]
+    assert port in image.expose
     assert "${FANOUT_SERVER_PORT}" in image.healthcheck
     assert not re.search(r":[0-9]+/", image.healthcheck), image.healthcheck
     assert "/healthz" in image.healthcheck
