@@ -350,6 +350,28 @@ def test_sighup_rolls_one_worker_at_a_time_keeping_all_listening(
     assert events.index(("worker listening", new[1])) < events.index(("worker started", new[2]))
 
 
+def test_reload_naming_a_missing_file_is_refused_before_any_fork(
+    start: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    gw = start(workers=1)
+    old = {s.index: s.pid for s in gw.listening()}
+    missing = tmp_path / "gone" / "denylist.txt"
+    with gw.config.open("a") as config:
+        config.write(f'[jwt]\ndenylist_path = "{missing}"\n')
+    gw.send(signal.SIGHUP)
+    refused = wait_for(
+        lambda: [e["msg"] for e in gw.log_lines() if e["msg"].startswith("reload refused")],
+        3.0,
+        "the refused reload",
+    )
+    assert refused == [
+        "reload refused, keeping the old settings: invalid config: jwt.denylist_path:"
+        f" cannot read {missing}: No such file or directory"
+    ]
+    assert {s.index: s.pid for s in gw.listening()} == old
+    assert gw.supervisor().generation == 0
+
+
 def test_bad_reload_keeps_the_old_workers(start: Callable[..., Gateway]) -> None:
     gw = start(workers=2)
     old = {s.index: s.pid for s in gw.listening()}
