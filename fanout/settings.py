@@ -15,7 +15,6 @@ import re
 import sys
 import tomllib
 import typing
-import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -526,16 +525,17 @@ def _validate_requests(r: Requests, max_subject_bytes: int) -> None:
     _check(not missing, "requests.interceptors", f"required interceptors missing: {missing}")
 
 
+#: ``scheme://userinfo@``: userinfo ends at the last '@' before the path, query or fragment.
+_URL_USERINFO_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
 def redact_url(value: str) -> str:
     """``nats://user:pw@host:4222`` → ``nats://<redacted>@host:4222``; other text unchanged.
 
     The whole userinfo goes: a NATS token URL carries its secret as the user name.
+    A regular expression, not ``urlsplit``, so a malformed URL is redacted too.
     """
-    parts = urllib.parse.urlsplit(value)
-    if not parts.scheme or "@" not in parts.netloc:
-        return value
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"<redacted>@{host}"))
+    return _URL_USERINFO_RE.sub(r"\1<redacted>@", value, count=1)
 
 
 def _redact_urls(node: Any) -> Any:

@@ -202,6 +202,20 @@ def test_redacted_hides_userinfo_of_every_url_setting() -> None:
     assert s.nats.urls[0] == "nats://alice:s3cret@a:4222", "the settings themselves keep it"
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("nats://u:p@ss@host:4222", "nats://<redacted>@host:4222"),
+        ("nats://u:pw@[::1", "nats://<redacted>@[::1"),
+        ("wss://tok@h/path?q=a@b", "wss://<redacted>@h/path?q=a@b"),
+        ("https://h/p@x", "https://h/p@x"),
+        ("alice@example.com", "alice@example.com"),
+    ],
+)
+def test_redact_url_edge_cases(url: str, shown: str) -> None:
+    assert settings.redact_url(url) == shown
+
+
 # -- files named by settings must be readable -------------------------------------------------
 
 FILE_SETTINGS = [
