@@ -314,12 +314,14 @@ def _error_path(exc: msgspec.ValidationError) -> tuple[str, str]:
     text = str(exc)
     message, sep, where = text.rpartition(" - at `$.")
     if not sep:
-        return "config", text
+        message = text
     # msgspec writes list indexes as [3] and elides dict keys as [...]: name the setting.
-    path = ".".join(re.split(r"[.\[]", where.rstrip("`"))[:2])
+    path = ".".join(re.split(r"[.\[]", where.rstrip("`"))[:2]) if sep else ""
     unknown = re.match(r"Object contains unknown field `([^`]+)`", message)
     if unknown:
         return ".".join(filter(None, (path, unknown.group(1)))), "unknown setting"
+    if not sep:
+        return "config", text
     values = _literal_values(FIELD_TYPES.get(path))
     if message.startswith("Invalid enum value") and values:
         message = f"{message}; valid values: {', '.join(values)}"

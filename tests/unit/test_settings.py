@@ -102,6 +102,11 @@ def test_toml_file_and_unknown_keys(tmp_path: Path) -> None:
     with pytest.raises(settings.ConfigError) as err:
         settings.load(bad, environ={})
     assert err.value.field == "server.prot"
+    section = tmp_path / "d.toml"
+    section.write_text("[nope]\nx = 1\n")
+    with pytest.raises(settings.ConfigError) as err:
+        settings.load(section, environ={})
+    assert (err.value.field, err.value.message) == ("nope", "unknown setting")
     broken = tmp_path / "c.toml"
     broken.write_text("[server\n")
     with pytest.raises(settings.ConfigError) as err:
