@@ -43,6 +43,7 @@ class WsConnection(asyncio.Protocol):
         "gateway",
         "hub",
         "last_rx",
+        "opened_at",
         "overlapping",
         "parser",
         "paused",
@@ -86,7 +87,7 @@ class WsConnection(asyncio.Protocol):
         self.paused = False
         self.paused_since = 0.0
         self.closing_since = 0.0
-        self.last_rx = time.monotonic()
+        self.last_rx = self.opened_at = time.monotonic()
         self.state = OPEN
         self.warned = False
         transport.set_write_buffer_limits(high=settings.outbox.write_buffer_high)

@@ -89,6 +89,7 @@ class Gate(asyncio.Protocol):
             return
         finally:
             self.gateway.pending_handshakes.pop(self, None)
+        metrics.HANDSHAKES.labels("accepted").inc()
         self.transport = None
         transport.set_protocol(conn)
         if rest:
@@ -97,6 +98,7 @@ class Gate(asyncio.Protocol):
 
     def refuse(self, refusal: Refusal) -> None:
         metrics.HANDSHAKE_FAILURES.labels(refusal.code).inc()
+        metrics.handshake_refused(refusal.code, refusal.limit)
         log.info(
             "handshake refused",
             extra={

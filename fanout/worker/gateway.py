@@ -57,6 +57,8 @@ class Refusal(Exception):
     code: str
     message: str
     headers: tuple[tuple[str, str], ...] = ()
+    #: The connection limit that refused (``LIMITS``), for the handshake outcome metric.
+    limit: str = ""
 
 
 class Gateway:
@@ -129,7 +131,9 @@ class Gateway:
 
     def _refuse(self, limit: str, message: str, retry_after_s: float) -> Refusal:
         metrics.LIMIT_REFUSALS.labels(limit).inc()
-        return Refusal(503, Code.LIMIT_EXCEEDED, message, limits.retry_after_header(retry_after_s))
+        return Refusal(
+            503, Code.LIMIT_EXCEEDED, message, limits.retry_after_header(retry_after_s), limit
+        )
 
     def _refuse_limits(self, peer: str, *, new_handshake: bool) -> None:
         """Refusal (503 XYW007 + Retry-After) when a limit stops ``peer`` from connecting."""
@@ -255,6 +259,7 @@ class Gateway:
         if conn not in self.hub.connections:
             return
         self.hub.remove(conn)
+        metrics.CONNECTION_DURATION.observe(time.monotonic() - conn.opened_at)
         key = limits.address_key(conn.peer)
         self.per_ip[key] -= 1
         if self.per_ip[key] <= 0:

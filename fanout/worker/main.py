@@ -175,6 +175,7 @@ class Worker:
                 refresh_s=settings.jwt.jwks_refresh_s,
             )
             await keys.start()
+        self.process = metrics.ProcessSampler()
         self.hub = hub = Hub(settings, loop)
         self.gateway = gateway = Gateway(settings, hub, keys)
         gateway.denylist = denylist
@@ -262,6 +263,7 @@ class Worker:
             metrics.LOOP_LAG.observe(self.loop_lag)
             self.shed_check()
             now = time.monotonic()
+            self.process.sample(rss_bytes(), now)
             self.gateway.sweep(now)
             if now >= next_ping:
                 next_ping = now + ping_every
