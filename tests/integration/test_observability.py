@@ -1,14 +1,23 @@
 """What an operator sees: the per-worker, build, handshake and lifetime series, read
-through a real /metrics scrape of a real gateway."""
+through a real /metrics scrape of a real gateway; then the shipped Grafana dashboard
+and alert rules, run by a real Prometheus scraping a real gateway."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
-from collections.abc import Callable
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -16,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import fanout
 from fanout.devtoken import make_token
-from fanout.embedded_nats import EmbeddedNats
-from tests.conftest import Gateway, http_get
+from fanout.embedded_nats import EmbeddedNats, free_port
+from tests.conftest import ROOT, Gateway, http_get
 from tests.integration.test_gateway_core import wait_for_interest
 from tests.integration.wsclient import WsClient, raw_handshake
 
@@ -196,3 +205,252 @@ async def test_connection_lifetime_is_observed_when_a_connection_ends(
     assert total is not None and total > 0
     assert value(samples, f"{name}_bucket", le="+Inf") == 1
     assert value(samples, f"{name}_bucket", le="86400.0") == 1
+
+
+# -- the dashboard and the alerts, on a real Prometheus ---------------------------
+DASHBOARD = ROOT / "deploy" / "grafana" / "fanout.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+#: What Grafana puts in place of the dashboard's variables, for querying Prometheus directly.
+GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "15s", "instance": ".*"}
+ALERT_NAMES = {
+    "FanoutNatsDown",
+    "FanoutSlowConsumersRising",
+    "FanoutDropsRising",
+    "FanoutWorkerRestarts",
+    "FanoutEventLoopLag",
+    "FanoutHandshakeFailures",
+    "FanoutGatewayDown",
+    "FanoutNearConnectionCap",
+    "FanoutLoadShedding",
+}
+
+
+def dashboard_panels() -> dict[str, list[str]]:
+    """Panel title -> its query expressions, rows' nested panels included."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels: dict[str, list[str]] = {}
+    for panel in dashboard["panels"]:
+        for p in [panel, *panel.get("panels", [])]:
+            if p.get("targets"):
+                assert p["title"] not in panels, f"two panels titled {p['title']!r}"
+                panels[p["title"]] = [t["expr"] for t in p["targets"]]
+    return panels
+
+
+def concrete(expr: str) -> str:
+    """``expr`` with Grafana's variables replaced (an unknown one fails the test)."""
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: GRAFANA_VARIABLES[m.group(1)], expr)
+
+
+def test_dashboard_is_importable_grafana_json() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] == "fanout-gateway"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["instance"]["allValue"] == ".*"
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        assert set(panel["gridPos"]) == {"h", "w", "x", "y"}
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        for target in panel.get("targets", []):
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            assert set(re.findall(r"\$\{?(\w+)\}?", target["expr"])) <= set(GRAFANA_VARIABLES)
+    panels = dashboard_panels()
+    wanted = {
+        "Connections",
+        "Deliveries/s",
+        "Drops/s by reason",
+        "Slow consumers cut/s",
+        "Event loop lag",
+        "Handshakes refused by reason",
+        "NATS state",
+        "RSS per worker",
+        "Open fds per worker",
+        "Request outcomes",
+        "Request latency",
+    }
+    assert wanted <= set(panels)
+
+
+def test_promtool_checks_the_alert_rules() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    done = subprocess.run(
+        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(ALERT_NAMES)} rules found" in done.stdout
+
+
+@dataclass
+class Prometheus:
+    """A real Prometheus on loopback (never the system service), queried over HTTP."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def get(self, path: str, **params: str) -> dict[str, Any]:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        _, body, _ = http_get(f"{self.url}{path}{query}")
+        answer: dict[str, Any] = json.loads(body)
+        return answer
+
+    def query(self, expr: str) -> dict[str, Any]:
+        return self.get("/api/v1/query", query=expr)
+
+    def series(self, expr: str) -> list[dict[str, Any]]:
+        answer = self.query(expr)
+        assert answer["status"] == "success", (expr, answer)
+        result: list[dict[str, Any]] = answer["data"]["result"]
+        return result
+
+
+def prometheus_binary() -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide prometheus (.ci/run installs the Debian package)")
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    return path
+
+
+@pytest.fixture
+def prometheus(gateway: Gateway, tmp_path: Path) -> Iterator[Prometheus]:
+    binary = prometheus_binary()
+    config = tmp_path / "prometheus.yml"
+    # JSON is YAML: a 1 s scrape of the gateway, the shipped rules evaluated every second
+    config.write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(ALERTS)],
+                "scrape_configs": [
+                    {
+                        "job_name": "fanout",
+                        "static_configs": [{"targets": [f"127.0.0.1:{gateway.port}"]}],
+                    }
+                ],
+            }
+        )
+    )
+    port = free_port()
+    log_path = tmp_path / "prometheus.log"
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    server = Prometheus(f"http://127.0.0.1:{port}", proc, log_path)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, f"prometheus not ready:\n{log_path.read_text()}"
+            try:
+                if http_get(f"{server.url}/-/ready", 1.0)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def wait_series(
+    prom: Prometheus, expr: str, ok: Callable[[list[dict[str, Any]]], bool], timeout: float = 30.0
+) -> list[dict[str, Any]]:
+    """Query until the result satisfies ``ok`` (scrapes land once a second)."""
+    result = prom.series(expr)
+    async with asyncio.timeout(timeout):
+        while not ok(result):
+            await asyncio.sleep(0.25)
+            result = prom.series(expr)
+    return result
+
+
+def positive(result: list[dict[str, Any]]) -> bool:
+    return bool(result) and all(float(row["value"][1]) > 0 for row in result)
+
+
+async def publish_until_cancelled(nc: nats.aio.client.Client, subject: str) -> None:
+    for n in range(20_000):  # bounded: about 15 minutes at this pace, far beyond the test
+        await nc.publish(subject, json.dumps({"n": n}).encode())
+        await asyncio.sleep(0.05)
+
+
+async def test_every_dashboard_and_alert_expression_runs_on_a_real_prometheus(
+    gateway: Gateway, prometheus: Prometheus, token: str, nats_server: EmbeddedNats
+) -> None:
+    await wait_series(prometheus, 'up{job="fanout"}', positive)
+    client = await WsClient.connect(gateway.ws, token, origin=ORIGIN)
+    nc = await nats.connect(nats_server.url)
+    publisher: asyncio.Task[None] | None = None
+    try:
+        await client.subscribe("xy.md.dash")
+        await wait_for_interest(nc, client, "xy.md.dash")
+        publisher = asyncio.create_task(publish_until_cancelled(nc, "xy.md.dash"))
+        panels = {
+            title: [concrete(e) for e in exprs] for title, exprs in dashboard_panels().items()
+        }
+        # the key panels show data once a client is connected and messages flow
+        for title in ("Connections", "Deliveries/s", "NATS state", "RSS per worker"):
+            for expr in panels[title]:
+                await wait_series(prometheus, expr, positive)
+        (connections,) = prometheus.series(panels["Connections"][0])
+        assert float(connections["value"][1]) == 1
+        rss = prometheus.series(panels["RSS per worker"][0])
+        assert [row["metric"]["pid"] for row in rss] == [worker_pid(gateway)]
+        # every panel's every expression parses and runs
+        for title, exprs in panels.items():
+            for expr in exprs:
+                answer = prometheus.query(expr)
+                assert answer["status"] == "success", (title, expr, answer)
+    finally:
+        if publisher is not None:
+            publisher.cancel()
+        await nc.close()
+        await client.close()
+    # every alert Prometheus loaded from the shipped file, evaluated without error
+    rules = await loaded_rules(prometheus)
+    assert set(rules) == ALERT_NAMES
+    for name, rule in rules.items():
+        assert prometheus.query(rule["query"])["status"] == "success", name
+    # quiet on a healthy gateway
+    for name in (
+        "FanoutGatewayDown",
+        "FanoutNatsDown",
+        "FanoutLoadShedding",
+        "FanoutNearConnectionCap",
+    ):
+        assert prometheus.series(rules[name]["query"]) == [], name
+    # and the gateway-down alert's expression sees a stopped gateway
+    gateway.stop()
+    (down,) = await wait_series(prometheus, rules["FanoutGatewayDown"]["query"], bool)
+    assert down["metric"]["instance"] == f"127.0.0.1:{gateway.port}"
+
+
+async def loaded_rules(prom: Prometheus) -> dict[str, dict[str, Any]]:
+    """The loaded alerting rules by name, once each has been evaluated and found healthy."""
+    async with asyncio.timeout(30):
+        while True:
+            answer = prom.get("/api/v1/rules", type="alert")
+            assert answer["status"] == "success", answer
+            rules = {r["name"]: r for g in answer["data"]["groups"] for r in g["rules"]}
+            if rules and all(r["health"] == "ok" for r in rules.values()):
+                return rules
+            await asyncio.sleep(0.25)
