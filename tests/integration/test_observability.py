@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import time
 import urllib.parse
@@ -132,6 +133,35 @@ async def test_each_worker_publishes_its_rss_fds_and_cpu(gateway: Gateway, token
         await client.close()
     rows = [labels for name, labels in after if name == "fanout_worker_resident_memory_bytes"]
     assert rows == [frozenset({("pid", pid)})]
+
+
+async def test_a_replaced_workers_gauges_go_and_its_cpu_count_stays(gateway: Gateway) -> None:
+    old = worker_pid(gateway)
+    await wait_scrape(
+        gateway, lambda s: (value(s, "fanout_worker_cpu_seconds_total", pid=old) or 0) > 0
+    )
+    os.kill(int(old), signal.SIGKILL)
+    async with asyncio.timeout(20):
+        while True:
+            await asyncio.sleep(0.1)
+            try:  # the only worker is gone until its replacement listens
+                status, body, _ = http_get(gateway.http + "/healthz", 1.0)
+            except OSError:
+                continue
+            workers = json.loads(body)["workers"] if status == 200 else []
+            if len(workers) == 1 and str(workers[0]["pid"]) != old:
+                break
+    new = worker_pid(gateway)
+    samples = await wait_scrape(
+        gateway, lambda s: (value(s, "fanout_worker_resident_memory_bytes", pid=new) or 0) > 0
+    )
+    for gauge in ("fanout_worker_resident_memory_bytes", "fanout_worker_open_fds"):
+        rows = [dict(labels) for name, labels in samples if name == gauge]
+        assert rows == [{"pid": new}], gauge
+    cpu = {
+        dict(labels)["pid"] for name, labels in samples if name == "fanout_worker_cpu_seconds_total"
+    }
+    assert cpu == {old, new}
 
 
 async def test_handshakes_by_outcome(gateway: Gateway, token: str) -> None:
