@@ -150,7 +150,12 @@ def parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="print a development JWT")
     token.add_argument("--sub", required=True)
     token.add_argument("--subjects", default="", help="comma-separated patterns (claim 'subjects')")
-    token.add_argument("--requests", default="", help="comma-separated patterns (claim 'requests')")
+    token.add_argument(
+        "--requests",
+        default="",
+        help="comma-separated patterns (claim 'requests'); the gateway allows its request "
+        "whitelist ∩ these, so without it the token may make no requests",
+    )
     token.add_argument("--ttl", default="1h", help="e.g. 90s, 15m, 1h, 2d")
     token.add_argument("--key", required=True, help="private key PEM (RSA, EC P-256 or Ed25519)")
     token.add_argument("--kid")

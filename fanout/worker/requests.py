@@ -36,6 +36,7 @@ from fanout.core.interceptors import (
     RequestAcl,
     RequestContext,
     Tracing,
+    timeout_outcome,
 )
 from fanout.core.subjects import SubjectError, matches, validate_subject
 from fanout.errors import Code
@@ -86,6 +87,7 @@ class RequestBroker:
         self.wall = wall
         self.max_subject_bytes = settings.ws.max_subject_bytes
         self.max_in_flight = req.max_in_flight
+        self.timeout_floor_ms = req.breaker_timeout_floor_ms
         self.forward_token = req.forward_token
         self.allowed_headers = {name.lower(): name for name in req.allowed_headers}
         self.patterns = tuple(req.whitelist)
@@ -246,9 +248,10 @@ class RequestBroker:
             try:
                 msg = await self.link.request(ctx.subject, payload, ctx.timeout_ms / 1000, headers)
             except nats.errors.NoRespondersError:
+                outcome = Outcome.FAILURE
                 label, code, message = "no_responders", Code.NO_RESPONDERS, "no responders"
             except nats.errors.TimeoutError:
-                outcome = Outcome.FAILURE
+                outcome = timeout_outcome(ctx.timeout_ms, self.timeout_floor_ms)
                 label, code = "timeout", Code.REQUEST_TIMEOUT
                 message = f"no reply within {ctx.timeout_ms} ms"
             except nats.errors.MaxPayloadError:

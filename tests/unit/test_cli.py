@@ -50,3 +50,12 @@ def test_token_with_bad_ttl_or_key_exits_2(
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["version"]) == 0
     assert capsys.readouterr().out.startswith("fanout 0.1.0 (protocol v1)")
+
+
+def test_token_help_says_requests_fail_closed(capsys: pytest.CaptureFixture[str]) -> None:
+    """A token without ``--requests`` may make no requests: the help must not let one guess."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["token", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "without it the token may make no requests" in help_text
