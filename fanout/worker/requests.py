@@ -224,7 +224,7 @@ class RequestBroker:
     ) -> bytes:
         metrics.REQUESTS.labels(outcome).inc()
         metrics.CLIENT_ERRORS.labels(code).inc()
-        log.info(message, extra={"code": code, "conn": conn.conn_id, "reason": outcome})
+        conn.gateway.client_log.log(log, message, code=code, conn=conn.conn_id, reason=outcome)
         if retry_after_ms is None:
             return protocol.error(op_id, code, message)
         return protocol.error(op_id, code, message, retry_after_ms)
