@@ -223,6 +223,8 @@ class KeySet:
         algorithms = _algorithms_for(public_key)
         declared = jwk.get("alg")
         if declared is not None:
+            if not isinstance(declared, str):
+                raise ValueError(f"alg {declared!r} is not a string")
             if declared not in algorithms:
                 raise ValueError(f"alg {declared!r} does not fit the key type")
             algorithms = frozenset({str(declared)})

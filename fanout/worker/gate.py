@@ -24,6 +24,7 @@ from typing import cast
 
 from fanout import metrics
 from fanout.core import websocket
+from fanout.errors import Code
 from fanout.worker.gateway import Gateway, Refusal
 
 log = logging.getLogger("fanout.handshake")
@@ -86,6 +87,11 @@ class Gate(asyncio.Protocol):
             self.refuse(refusal)
             return
         except ConnectionResetError:
+            return
+        except Exception as exc:  # whatever raises, the client gets an answer and a close
+            message = f"handshake failed: {type(exc).__name__}: {exc}"
+            self.gateway.client_log.log(log, message, code=Code.INTERNAL, peer=self.peer)
+            self.refuse(Refusal(500, Code.INTERNAL, "internal error"))
             return
         finally:
             self.gateway.pending_handshakes.pop(self, None)

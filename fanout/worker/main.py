@@ -173,6 +173,7 @@ class Worker:
                 settings.jwt.jwks_url,
                 refetch_interval_s=settings.jwt.jwks_refetch_interval_s,
                 refresh_s=settings.jwt.jwks_refresh_s,
+                on_failure=lambda _reason: metrics.JWKS_FETCH_FAILURES.inc(),
             )
             await keys.start()
         self.hub = hub = Hub(settings, loop)
