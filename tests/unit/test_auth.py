@@ -273,6 +273,31 @@ def test_jwks_skips_unusable_keys_with_reasons() -> None:
     assert rejects(sign(claims(), alg="PS256"), ok) == "algorithm does not match the key"
 
 
+def test_jwks_wrong_typed_fields_skip_the_key_never_raise_anything_else() -> None:
+    """``"alg": ["RS256"]`` raised TypeError (unhashable) and ended the worker's JWKS refresh."""
+    document = {
+        "keys": [
+            jwk(RSA_PUB, "list-alg", alg=["RS256"]),
+            jwk(RSA_PUB, "dict-alg", alg={"RS256": True}),
+            jwk(RSA_PUB, "list-use", use=["sig"]),
+            jwk(RSA_PUB, "nested-ops", key_ops=[["verify"]]),
+            {**jwk(EC_PUB, "dict-crv"), "crv": {"P-256": 1}},
+            {**jwk(RSA_PUB, "list-kty"), "kty": ["RSA"]},
+            jwk(RSA_PUB, "fine"),
+        ]
+    }
+    keys = KeySet.from_jwks(document)
+    assert len(keys) == 1 and keys.find("fine") is not None
+    assert keys.skipped == (
+        "kid 'list-alg': alg ['RS256'] is not a string",
+        "kid 'dict-alg': alg {'RS256': True} is not a string",
+        "kid 'list-use': use ['sig'] is not 'sig'",
+        "kid 'nested-ops': key_ops does not include 'verify'",
+        "kid 'dict-crv': unsupported EC curve {'P-256': 1}",
+        "kid 'list-kty': unsupported kty ['RSA']",
+    )
+
+
 def test_jwks_without_keys_list_is_an_error() -> None:
     with pytest.raises(ValueError, match="no 'keys' list"):
         KeySet.from_jwks({"keys": {}})
