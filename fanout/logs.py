@@ -65,8 +65,9 @@ class ClientEventLog:
     A client chooses how often these happen and what text they quote, so each
     message is cut to ``clip``'s limit and lines beyond ``rate`` per second
     (after ``burst``) are only counted; :meth:`flush`, once a sweep, writes
-    one summary line for them. One instance per worker: every client-caused
-    log path goes through it.
+    one summary line for them. One instance per worker (the gateway's): every
+    client-caused log path goes through it: error frames, request refusals and
+    circuit changes, refused handshakes, connections the gateway closes.
     """
 
     __slots__ = ("_bucket", "_clock", "suppressed")
@@ -78,10 +79,12 @@ class ClientEventLog:
         self._clock = clock
         self.suppressed = 0
 
-    def log(self, logger: logging.Logger, message: str, **extra: object) -> None:
-        """One info line with ``extra`` fields, unless over the rate (then counted)."""
+    def log(
+        self, logger: logging.Logger, message: str, *, level: int = logging.INFO, **extra: object
+    ) -> None:
+        """One line with ``extra`` fields, unless over the rate (then counted)."""
         if self._bucket.take(1, self._clock()):
-            logger.info(clip(message), extra=extra)
+            logger.log(level, clip(message), extra=extra)
         else:
             self.suppressed += 1
 

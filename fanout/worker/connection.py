@@ -219,9 +219,13 @@ class WsConnection(asyncio.Protocol):
             metrics.DISCONNECTS.labels(str(code)).inc()
             err = CLOSE_REASON_CODE.get(Close(code)) if code in Close._value2member_map_ else None
             if err is not None or code >= 4000:
-                log.info(
+                self.gateway.client_log.log(
+                    log,
                     "closing connection",
-                    extra={"conn": self.conn_id, "close_code": code, "code": err, "reason": reason},
+                    conn=self.conn_id,
+                    close_code=code,
+                    code=err,
+                    reason=reason,
                 )
         self.transport.write(websocket.close_frame(code, reason))
         self.transport.close()

@@ -103,14 +103,13 @@ class Gate(asyncio.Protocol):
 
     def refuse(self, refusal: Refusal) -> None:
         metrics.HANDSHAKE_FAILURES.labels(refusal.code).inc()
-        log.info(
+        self.gateway.client_log.log(
+            log,
             "handshake refused",
-            extra={
-                "code": refusal.code,
-                "status": refusal.status,
-                "peer": self.peer,
-                "reason": refusal.message,
-            },
+            code=refusal.code,
+            status=refusal.status,
+            peer=self.peer,
+            reason=refusal.message,
         )
         self.gateway.pending_handshakes.pop(self, None)
         transport, self.transport = self.transport, None

@@ -191,7 +191,7 @@ class Worker:
             raise BootError(str(exc)) from None
         hub.nats_up = link.connected
         if settings.requests.whitelist:
-            gateway.requests = RequestBroker(settings, link)
+            gateway.requests = RequestBroker(settings, link, client_log=gateway.client_log)
         app = build_app(self.state_dir, self.state, settings.server.ready_quorum, settings.ws.path)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()

@@ -40,6 +40,7 @@ from fanout.core.interceptors import (
 )
 from fanout.core.subjects import SubjectError, matches, validate_subject
 from fanout.errors import Code
+from fanout.logs import ClientEventLog
 from fanout.settings import Settings
 from fanout.worker.connection import WsConnection
 from fanout.worker.nats_link import NatsLink
@@ -76,12 +77,14 @@ class RequestBroker:
         settings: Settings,
         link: NatsLink,
         *,
+        client_log: ClientEventLog,
         entropy: Callable[[int], bytes] = os.urandom,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         req = settings.requests
         self.link = link
+        self.client_log = client_log
         self.entropy = entropy
         self.clock = clock
         self.wall = wall
@@ -224,7 +227,7 @@ class RequestBroker:
     ) -> bytes:
         metrics.REQUESTS.labels(outcome).inc()
         metrics.CLIENT_ERRORS.labels(code).inc()
-        conn.gateway.client_log.log(log, message, code=code, conn=conn.conn_id, reason=outcome)
+        self.client_log.log(log, message, code=code, conn=conn.conn_id, reason=outcome)
         if retry_after_ms is None:
             return protocol.error(op_id, code, message)
         return protocol.error(op_id, code, message, retry_after_ms)
@@ -306,14 +309,11 @@ class RequestBroker:
         worst = max((s for s, n in states.items() if n > 0), default=BreakerState.CLOSED)
         metrics.CIRCUIT_STATE.labels(pattern).set(worst)
         opened = new == BreakerState.OPEN
-        log.log(
-            logging.WARNING if opened else logging.INFO,
-            "circuit %s for %s",
-            new.name.lower(),
-            subject,
-            extra={
-                "code": Code.CIRCUIT_OPEN if opened else None,
-                "subject": subject,
-                "fields": {"from": old.name.lower(), "to": new.name.lower()},
-            },
+        self.client_log.log(  # clients can open circuits (no responders on many subjects)
+            log,
+            f"circuit {new.name.lower()} for {subject}",
+            level=logging.WARNING if opened else logging.INFO,
+            code=Code.CIRCUIT_OPEN if opened else None,
+            subject=subject,
+            fields={"from": old.name.lower(), "to": new.name.lower()},
         )

@@ -190,6 +190,38 @@ async def test_a_refused_1000_op_request_batch_logs_a_bounded_number_of_lines(
     await neighbour.check()
 
 
+async def test_refused_handshakes_go_through_the_client_log_limiter(
+    gw: Gateway, signer: Signer, neighbour: Neighbour
+) -> None:
+    """600 bad tokens: every refusal is either one line or counted in a summary line."""
+    total, parallel = 600, 10
+    before = await asyncio.to_thread(log_size, gw)
+
+    async def refused(n: int) -> None:
+        for _ in range(n):
+            reply = await handshake(gw.port, token="garbage.token.here")
+            reply.close()
+            assert reply.status == 401
+
+    await asyncio.gather(*(refused(total // parallel) for _ in range(parallel)))
+
+    def settled() -> list[dict[str, Any]]:
+        lines = log_since(gw, before)
+        return (
+            lines if any(line["msg"] == "client error lines suppressed" for line in lines) else []
+        )
+
+    async with asyncio.timeout(5):  # the sweep writes the summary within a second
+        while not (lines := await asyncio.to_thread(settled)):
+            await asyncio.sleep(0.1)
+    refusals = [line for line in lines if line["msg"] == "handshake refused"]
+    suppressed = sum(
+        line["suppressed"] for line in lines if line["msg"] == "client error lines suppressed"
+    )
+    assert len(refusals) < total and len(refusals) + suppressed >= total
+    await neighbour.check()
+
+
 # -- item 8: close codes chosen by clients ------------------------------------------------------
 async def test_client_close_codes_share_one_label_and_are_not_logged_as_errors(
     gw: Gateway, signer: Signer, neighbour: Neighbour
