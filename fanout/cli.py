@@ -185,7 +185,8 @@ def parser() -> argparse.ArgumentParser:
     )
     token.add_argument(
         "--requests",
-        help="comma-separated patterns (claim 'requests'); omitted: the token may request nothing",
+        help="comma-separated patterns (claim 'requests'); the gateway allows its request"
+        " whitelist ∩ these, so without it the token may make no requests",
     )
     token.add_argument(
         "--ttl",

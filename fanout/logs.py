@@ -11,9 +11,13 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
+
+from fanout.core.protocol import clip
+from fanout.core.ratelimit import TokenBucket
 
 _JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}(?:\.[A-Za-z0-9_-]*){0,2}")
 _BEARER_RE = re.compile(r"(?i)(bearer[ ,]+)[^\s,\"']+")
@@ -53,6 +57,44 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exc"] = redact(self.formatException(record.exc_info))
         return _encoder.encode(line).decode()
+
+
+class ClientEventLog:
+    """Log lines that clients cause (refused ops, malformed frames): bounded in size and rate.
+
+    A client chooses how often these happen and what text they quote, so each
+    message is cut to ``clip``'s limit and lines beyond ``rate`` per second
+    (after ``burst``) are only counted; :meth:`flush`, once a sweep, writes
+    one summary line for them. One instance per worker (the gateway's): every
+    client-caused log path goes through it: error frames, request refusals and
+    circuit changes, refused handshakes, connections the gateway closes.
+    """
+
+    __slots__ = ("_bucket", "_clock", "suppressed")
+
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._bucket = TokenBucket(rate, burst, clock())
+        self._clock = clock
+        self.suppressed = 0
+
+    def log(
+        self, logger: logging.Logger, message: str, *, level: int = logging.INFO, **extra: object
+    ) -> None:
+        """One line with ``extra`` fields, unless over the rate (then counted)."""
+        if self._bucket.take(1, self._clock()):
+            logger.log(level, clip(message), extra=extra)
+        else:
+            self.suppressed += 1
+
+    def flush(self, logger: logging.Logger) -> None:
+        """The summary of the lines suppressed since the last flush, if any."""
+        if self.suppressed:
+            logger.warning(
+                "client error lines suppressed", extra={"fields": {"suppressed": self.suppressed}}
+            )
+            self.suppressed = 0
 
 
 def setup(level: str = "info", worker: int | None = None) -> None:

@@ -113,6 +113,9 @@ LIMIT_REFUSALS = Counter(
 HANDSHAKE_TIMEOUTS = Counter(
     "fanout_handshake_timeouts", "Sockets cut for not finishing the upgrade in time"
 )
+JWKS_FETCH_FAILURES = Counter(
+    "fanout_jwks_fetch_failures", "Failed JWKS fetches (the cached keys stay in use)"
+)
 LOAD_SHEDDING = Gauge(
     "fanout_load_shedding", "Workers shedding new handshakes", multiprocess_mode="livesum"
 )

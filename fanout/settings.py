@@ -157,8 +157,12 @@ class Requests(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_principals: int = 10_000
     default_timeout_ms: int = 5_000
     max_timeout_ms: int = 30_000
-    #: Consecutive failures (timeouts, 5xx service errors) that open a subject's circuit.
+    #: Consecutive failures (no responders, non-4xx service errors, timeouts) that open a
+    #: subject's circuit.
     breaker_failures: int = 5
+    #: A timeout counts as a failure only when the request waited at least this long: a
+    #: shorter ``timeout_ms`` is the client's choice, not the service's fault.
+    breaker_timeout_floor_ms: int = 1_000
     breaker_reset_s: float = 10.0
     max_breakers: int = 1_000
     #: Send the client's JWT as ``Authorization: Bearer`` so the service verifies it itself.
@@ -510,6 +514,11 @@ def _validate_requests(r: Requests, max_subject_bytes: int) -> None:
     )
     _check(r.breaker_failures > 0, "requests.breaker_failures", "must be > 0")
     _check(r.breaker_reset_s > 0, "requests.breaker_reset_s", "must be > 0")
+    _check(
+        0 < r.breaker_timeout_floor_ms <= r.default_timeout_ms,
+        "requests.breaker_timeout_floor_ms",
+        "must be between 1 and requests.default_timeout_ms",
+    )
     _check(r.max_breakers > 0, "requests.max_breakers", "must be > 0")
     for name in r.allowed_headers:
         _check(valid_header_name(name), "requests.allowed_headers", f"{name!r} is not a name")

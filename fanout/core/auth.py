@@ -6,7 +6,8 @@ check a token must pass. PyJWT alone accepts tokens without ``exp``, with
 absurd ``exp`` and of any size, so signature checks use PyJWT's algorithm
 objects directly and the rules around them are ours: size cap before any
 decoding, an algorithm allow-list per key type (never ``none``, never HS*),
-``exp`` required, lifetime capped, ``nbf``/``iat`` against an injectable clock.
+``exp`` and a non-empty ``sub`` required (a principal is always someone),
+lifetime capped, ``nbf``/``iat`` against an injectable clock.
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ def _invalid(message: str) -> AuthError:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who a verified token speaks for; ``claims`` is read-only."""
+    """Who a verified token speaks for; ``claims`` is read-only; ``sub`` is never empty."""
 
-    sub: str | None
+    sub: str
     claims: Mapping[str, object]
     expires_at: int | None
     jti: str | None
@@ -222,6 +223,8 @@ class KeySet:
         algorithms = _algorithms_for(public_key)
         declared = jwk.get("alg")
         if declared is not None:
+            if not isinstance(declared, str):
+                raise ValueError(f"alg {declared!r} is not a string")
             if declared not in algorithms:
                 raise ValueError(f"alg {declared!r} does not fit the key type")
             algorithms = frozenset({str(declared)})
@@ -374,8 +377,8 @@ class TokenVerifier:
             if not (aud == self.audience or (isinstance(aud, list) and self.audience in aud)):
                 raise _invalid("wrong audience")
         sub, jti = claims.get("sub"), claims.get("jti")
-        if sub is not None and not isinstance(sub, str):
-            raise _invalid("claim 'sub' must be a string")
+        if not isinstance(sub, str) or not sub:
+            raise _invalid("claim 'sub' must be a non-empty string")
         if jti is not None and not isinstance(jti, str):
             raise _invalid("claim 'jti' must be a string")
         return Principal(sub, MappingProxyType(claims), math.floor(exp), jti)

@@ -141,8 +141,8 @@ class KeyedRateLimiter:
 
 
 def rate_key(principal: Principal | None, peer: str) -> str:
-    """The verified ``sub``; anonymous clients (and tokens without ``sub``) by address."""
-    if principal is not None and principal.sub:
+    """The verified ``sub``; anonymous clients by address."""
+    if principal is not None:
         return "sub:" + principal.sub
     return "ip:" + peer
 
@@ -303,6 +303,15 @@ class BreakerBoard:
         return entry
 
 
+def timeout_outcome(timeout_ms: int, floor_ms: int) -> Outcome:
+    """A timeout is the service's failure only when it had at least ``floor_ms`` to answer.
+
+    Clients choose ``timeout_ms``: counting ``timeout_ms: 1`` against a healthy
+    service would let any user open its circuit for everyone.
+    """
+    return Outcome.FAILURE if timeout_ms >= floor_ms else Outcome.NEUTRAL
+
+
 class CircuitBreaker:
     """Per-subject breaker: ``XYW011`` (NATS untouched) while the subject's circuit is open."""
 
@@ -330,7 +339,10 @@ class CircuitBreaker:
 class RequestAcl:
     """Requests only on subjects in the request whitelist ∩ the token's ``requests`` claim.
 
-    Same rules and templates as subscriptions (:class:`SubjectAcl`). The ACL
+    Same rules and templates as subscriptions (:class:`SubjectAcl`), except
+    that it fails closed: a verified token without the claim may request
+    nothing (a token minted for subscribing must not reach every service);
+    only anonymous connections, where auth is off, get the whole whitelist. The ACL
     of a principal is built once and cached (by identity, bounded): a
     re-authenticated connection has a new principal, hence a fresh ACL.
     """
@@ -350,11 +362,14 @@ class RequestAcl:
         self.max_bytes = max_bytes
         self.cache_size = cache_size
         self._anonymous = SubjectAcl(self.whitelist, None, max_bytes=max_bytes)
+        self._unclaimed = SubjectAcl(self.whitelist, (), max_bytes=max_bytes)
         self._cache: dict[int, tuple[Principal, SubjectAcl]] = {}
 
     def acl_for(self, principal: Principal | None) -> SubjectAcl:
         if principal is None:
             return self._anonymous
+        if self.claim_name not in principal.claims:
+            return self._unclaimed
         cached = self._cache.get(id(principal))
         if cached is not None and cached[0] is principal:
             return cached[1]

@@ -72,10 +72,30 @@ _any_decoder = msgspec.json.Decoder()
 _WHITESPACE = b" \t\r\n"
 
 
+#: Client-controlled text quoted in an error frame or a log line is cut to this many bytes.
+MAX_ECHO_BYTES = 200
+CUT_MARK = "…(cut)"
+
+
+def clip(text: str, limit: int = MAX_ECHO_BYTES) -> str:
+    """``text`` cut to ``limit`` UTF-8 bytes (on a character boundary) and marked as cut.
+
+    Error messages quote the client (msgspec names an unknown field, however
+    long): unbounded, a 1 MiB key would become a 1 MiB error frame and log line.
+    """
+    if len(text) <= limit // 4:
+        return text
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", "ignore") + CUT_MARK
+
+
 class FrameError(Exception):
     """A malformed client frame or batch element; answer with an ``error`` frame, keep going."""
 
     def __init__(self, message: str, id: int | None = None) -> None:
+        message = clip(message)
         super().__init__(message)
         self.code = Code.MALFORMED
         self.message = message
@@ -248,7 +268,7 @@ def error(
     message: str,
     retry_after_ms: int | msgspec.UnsetType = msgspec.UNSET,
 ) -> bytes:
-    return _encode(Error(id, code, message, retry_after_ms))
+    return _encode(Error(id, code, clip(message), retry_after_ms))
 
 
 def pong(id: int) -> bytes:

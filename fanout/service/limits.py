@@ -35,7 +35,7 @@ def rate_identity(req: Request) -> tuple[str, str]:
     the gateway publish to the service's subjects.
     """
     principal = req.context.principal
-    if principal is not None and principal.sub:
+    if principal is not None:
         return "sub:" + principal.sub, "jwt_sub"
     meta = req.metadata
     if meta is not None and meta.principal:

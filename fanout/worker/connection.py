@@ -118,7 +118,7 @@ class WsConnection(asyncio.Protocol):
                 self.send_control(websocket.pong_frame(payload))
             elif opcode == websocket.OP_CLOSE:
                 code, _ = websocket.parse_close_payload(payload)
-                self.close(Close.NORMAL if code is None else code, "")
+                self.close(Close.NORMAL if code is None else code, "", by_client=True)
 
     def eof_received(self) -> bool:
         return False
@@ -202,19 +202,32 @@ class WsConnection(asyncio.Protocol):
         if self.state == OPEN:
             self.transport.write(frame)
 
-    def close(self, code: int, reason: str) -> None:
-        """Send a close frame and let the transport flush; the sweep aborts laggards."""
+    def close(self, code: int, reason: str, *, by_client: bool = False) -> None:
+        """Send a close frame and let the transport flush; the sweep aborts laggards.
+
+        ``by_client``: the client closed with ``code`` (echoed back, as RFC 6455
+        asks). Its code is its own choice (any of 1000-4999): one metric label
+        (``client``) for all of them keeps the series bounded, and it is never
+        logged as the gateway's error.
+        """
         if self.state != OPEN:
             return
         self.state = CLOSING
         self.closing_since = time.monotonic()
-        metrics.DISCONNECTS.labels(str(code)).inc()
-        err = CLOSE_REASON_CODE.get(Close(code)) if code in Close._value2member_map_ else None
-        if err is not None or code >= 4000:
-            log.info(
-                "closing connection",
-                extra={"conn": self.conn_id, "close_code": code, "code": err, "reason": reason},
-            )
+        if by_client:
+            metrics.DISCONNECTS.labels("client").inc()
+        else:
+            metrics.DISCONNECTS.labels(str(code)).inc()
+            err = CLOSE_REASON_CODE.get(Close(code)) if code in Close._value2member_map_ else None
+            if err is not None or code >= 4000:
+                self.gateway.client_log.log(
+                    log,
+                    "closing connection",
+                    conn=self.conn_id,
+                    close_code=code,
+                    code=err,
+                    reason=reason,
+                )
         self.transport.write(websocket.close_frame(code, reason))
         self.transport.close()
         self.gateway.forget(self, closing=True)

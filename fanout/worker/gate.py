@@ -24,6 +24,7 @@ from typing import cast
 
 from fanout import metrics
 from fanout.core import websocket
+from fanout.errors import Code
 from fanout.worker.gateway import Gateway, Refusal
 
 log = logging.getLogger("fanout.handshake")
@@ -87,6 +88,11 @@ class Gate(asyncio.Protocol):
             return
         except ConnectionResetError:
             return
+        except Exception as exc:  # whatever raises, the client gets an answer and a close
+            message = f"handshake failed: {type(exc).__name__}: {exc}"
+            self.gateway.client_log.log(log, message, code=Code.INTERNAL, peer=self.peer)
+            self.refuse(Refusal(500, Code.INTERNAL, "internal error"))
+            return
         finally:
             self.gateway.pending_handshakes.pop(self, None)
         metrics.HANDSHAKES.labels("accepted").inc()
@@ -99,14 +105,13 @@ class Gate(asyncio.Protocol):
     def refuse(self, refusal: Refusal) -> None:
         metrics.HANDSHAKE_FAILURES.labels(refusal.code).inc()
         metrics.handshake_refused(refusal.code, refusal.limit)
-        log.info(
+        self.gateway.client_log.log(
+            log,
             "handshake refused",
-            extra={
-                "code": refusal.code,
-                "status": refusal.status,
-                "peer": self.peer,
-                "reason": refusal.message,
-            },
+            code=refusal.code,
+            status=refusal.status,
+            peer=self.peer,
+            reason=refusal.message,
         )
         self.gateway.pending_handshakes.pop(self, None)
         transport, self.transport = self.transport, None

@@ -29,8 +29,8 @@ from fanout.core import limits, protocol, websocket
 from fanout.core.acl import SubjectAcl
 from fanout.core.auth import AuthError, KeySet, Principal, TokenVerifier, extract_token
 from fanout.core.protocol import FrameError
-from fanout.core.ratelimit import TokenBucket
 from fanout.errors import HTTP_STATUS, Close, Code
+from fanout.logs import ClientEventLog
 from fanout.settings import Settings
 from fanout.worker.connection import OPEN, WsConnection
 from fanout.worker.hub import Hub
@@ -87,8 +87,8 @@ class Gateway:
         self.handshake_rate = limits.HandshakeRate(
             srv.handshake_rate_per_ip, srv.handshake_burst_per_ip
         )
-        self._error_log = TokenBucket(ERROR_LOG_RATE, 4 * ERROR_LOG_RATE)
-        self.suppressed_error_logs = 0
+        #: Every log line a client causes goes through this (the request broker's too).
+        self.client_log = ClientEventLog(ERROR_LOG_RATE, 4 * ERROR_LOG_RATE)
         #: Connections per address key (IPv4 address or IPv6 /64).
         self.per_ip: Counter[str] = Counter()
         self.per_principal: Counter[str] = Counter()
@@ -273,10 +273,7 @@ class Gateway:
     # -- ops --------------------------------------------------------------
     def error(self, conn: WsConnection, op_id: int | None, code: str, message: str) -> bytes:
         metrics.CLIENT_ERRORS.labels(code).inc()
-        if self._error_log.take(1, time.monotonic()):
-            log.info(message, extra={"code": code, "conn": conn.conn_id})
-        else:
-            self.suppressed_error_logs += 1
+        self.client_log.log(log, message, code=code, conn=conn.conn_id)
         return protocol.error(op_id, code, message)
 
     def handle(self, conn: WsConnection, op: protocol.ClientOp | FrameError) -> bytes | None:
@@ -380,12 +377,7 @@ class Gateway:
                 if transport is not None:
                     transport.abort()
         self.handshake_rate.prune(now)
-        if self.suppressed_error_logs:
-            log.warning(
-                "client error lines suppressed",
-                extra={"fields": {"suppressed": self.suppressed_error_logs}},
-            )
-            self.suppressed_error_logs = 0
+        self.client_log.flush(log)
         self.hub.publish_counts()
 
     def ping_idle(self, now: float) -> None:

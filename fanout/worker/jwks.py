@@ -6,7 +6,9 @@ handshake reads them from memory. An unknown ``kid`` (key rotation) triggers
 at most one refetch per interval, shared by all callers, so random kids from
 an attacker cannot turn the gateway into a flood against the identity
 provider. A failed or suspicious fetch (error status, over 1 MiB, not JSON,
-no usable key) keeps the keys we already have.
+nested too deeply, no usable key, or anything else that raises while fetching
+or parsing) keeps the keys we already have, is logged and counted, and is
+retried with backoff: the background refresh never ends on a bad document.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable
 import aiohttp
 
 from fanout.core.auth import Key, KeySet
+from fanout.core.protocol import clip
 from fanout.errors import Code
 
 log = logging.getLogger("fanout.jwks")
@@ -36,11 +39,21 @@ class JwksError(Exception):
     """A JWKS fetch that produced no usable key set; the message is logged."""
 
 
+def retry_delay_s(failures_in_row: int, refetch_interval_s: float, refresh_s: float) -> float:
+    """Seconds to the next background fetch: ``refresh_s`` while fetches succeed, else a
+    backoff from ``refetch_interval_s`` doubling per failure, never beyond ``refresh_s``."""
+    if failures_in_row <= 0:
+        return refresh_s
+    return min(refresh_s, refetch_interval_s * 2.0 ** min(failures_in_row - 1, 32))
+
+
 def _parse(body: bytes) -> KeySet:
     try:
         document = json.loads(body)
     except ValueError:
         raise JwksError("response is not JSON") from None
+    except RecursionError:
+        raise JwksError("response is nested too deeply") from None
     if not isinstance(document, dict):
         raise JwksError("response is not a JSON object")
     try:
@@ -64,13 +77,17 @@ class JwksCache:
         timeout_s: float = 5.0,
         session: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_failure(reason)`` sees every failed fetch (the worker counts them in a metric)."""
         self.url = url
         self.refetch_interval_s = refetch_interval_s
         self.refresh_s = refresh_s
         self.timeout_s = timeout_s
         self.last_error: str | None = None
         self.keys_loaded = 0
+        self.failures_in_row = 0
+        self._on_failure = on_failure
         self._session = session
         self._own_session = session is None
         self._clock = clock
@@ -128,36 +145,50 @@ class JwksCache:
 
     async def _refresh_loop(self) -> None:
         while True:
-            failing = self.last_error is not None or not self.keys_loaded
-            await asyncio.sleep(self.refetch_interval_s if failing else self.refresh_s)
+            delay = retry_delay_s(self.failures_in_row, self.refetch_interval_s, self.refresh_s)
+            await asyncio.sleep(delay)
             await self._fetch_shared()
 
     async def _fetch(self) -> None:
+        """One fetch; whatever it raises is a failed fetch, never the end of the refresh."""
         try:
             body = await self._download()
             keys = await asyncio.to_thread(_parse, body)
-        except (JwksError, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            reason = str(exc) or type(exc).__name__
-            if isinstance(exc, TimeoutError):
-                reason = f"timed out after {self.timeout_s} s"
-            self.last_error = reason
-            log.warning(
-                "JWKS fetch failed, keeping %d cached keys: %s",
-                self.keys_loaded,
-                reason,
-                extra={"code": _CODE, "reason": reason, "fields": {"url": self.url}},
-            )
+        except Exception as exc:  # a hostile or broken document may raise anything
+            self._failed(exc)
             return
         self._keys = keys
         self.keys_loaded = len(keys)
         self.last_error = None
+        self.failures_in_row = 0
         log.info("JWKS loaded: %d keys", len(keys), extra={"fields": {"url": self.url}})
         for skipped in keys.skipped:
             log.warning(
                 "JWKS key skipped: %s",
-                skipped,
+                clip(skipped),
                 extra={"code": _CODE, "fields": {"url": self.url}},
             )
+
+    def _failed(self, exc: Exception) -> None:
+        known = (JwksError, aiohttp.ClientError, OSError, ValueError)
+        if isinstance(exc, TimeoutError):
+            reason = f"timed out after {self.timeout_s} s"
+        elif isinstance(exc, known):
+            reason = str(exc) or type(exc).__name__
+        else:
+            reason = f"unexpected {type(exc).__name__} while fetching or parsing"
+        reason = clip(reason)  # the document may be hostile: its text is quoted in the log
+        self.last_error = reason
+        self.failures_in_row += 1
+        if self._on_failure is not None:
+            self._on_failure(reason)
+        log.warning(
+            "JWKS fetch failed, keeping %d cached keys: %s",
+            self.keys_loaded,
+            reason,
+            extra={"code": _CODE, "reason": reason, "fields": {"url": self.url}},
+            exc_info=not isinstance(exc, known),
+        )
 
     async def _download(self) -> bytes:
         if self._session is None:

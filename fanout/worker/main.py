@@ -173,6 +173,7 @@ class Worker:
                 settings.jwt.jwks_url,
                 refetch_interval_s=settings.jwt.jwks_refetch_interval_s,
                 refresh_s=settings.jwt.jwks_refresh_s,
+                on_failure=lambda _reason: metrics.JWKS_FETCH_FAILURES.inc(),
             )
             await keys.start()
         self.process = metrics.ProcessSampler()
@@ -191,7 +192,7 @@ class Worker:
             raise BootError(str(exc)) from None
         hub.nats_up = link.connected
         if settings.requests.whitelist:
-            gateway.requests = RequestBroker(settings, link)
+            gateway.requests = RequestBroker(settings, link, client_log=gateway.client_log)
         app = build_app(self.state_dir, self.state, settings.server.ready_quorum, settings.ws.path)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()

@@ -36,9 +36,11 @@ from fanout.core.interceptors import (
     RequestAcl,
     RequestContext,
     Tracing,
+    timeout_outcome,
 )
 from fanout.core.subjects import SubjectError, matches, validate_subject
 from fanout.errors import Code
+from fanout.logs import ClientEventLog
 from fanout.settings import Settings
 from fanout.worker.connection import WsConnection
 from fanout.worker.nats_link import NatsLink
@@ -75,17 +77,20 @@ class RequestBroker:
         settings: Settings,
         link: NatsLink,
         *,
+        client_log: ClientEventLog,
         entropy: Callable[[int], bytes] = os.urandom,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         req = settings.requests
         self.link = link
+        self.client_log = client_log
         self.entropy = entropy
         self.clock = clock
         self.wall = wall
         self.max_subject_bytes = settings.ws.max_subject_bytes
         self.max_in_flight = req.max_in_flight
+        self.timeout_floor_ms = req.breaker_timeout_floor_ms
         self.forward_token = req.forward_token
         self.allowed_headers = {name.lower(): name for name in req.allowed_headers}
         self.patterns = tuple(req.whitelist)
@@ -222,7 +227,7 @@ class RequestBroker:
     ) -> bytes:
         metrics.REQUESTS.labels(outcome).inc()
         metrics.CLIENT_ERRORS.labels(code).inc()
-        log.info(message, extra={"code": code, "conn": conn.conn_id, "reason": outcome})
+        self.client_log.log(log, message, code=code, conn=conn.conn_id, reason=outcome)
         if retry_after_ms is None:
             return protocol.error(op_id, code, message)
         return protocol.error(op_id, code, message, retry_after_ms)
@@ -246,9 +251,10 @@ class RequestBroker:
             try:
                 msg = await self.link.request(ctx.subject, payload, ctx.timeout_ms / 1000, headers)
             except nats.errors.NoRespondersError:
+                outcome = Outcome.FAILURE
                 label, code, message = "no_responders", Code.NO_RESPONDERS, "no responders"
             except nats.errors.TimeoutError:
-                outcome = Outcome.FAILURE
+                outcome = timeout_outcome(ctx.timeout_ms, self.timeout_floor_ms)
                 label, code = "timeout", Code.REQUEST_TIMEOUT
                 message = f"no reply within {ctx.timeout_ms} ms"
             except nats.errors.MaxPayloadError:
@@ -303,14 +309,11 @@ class RequestBroker:
         worst = max((s for s, n in states.items() if n > 0), default=BreakerState.CLOSED)
         metrics.CIRCUIT_STATE.labels(pattern).set(worst)
         opened = new == BreakerState.OPEN
-        log.log(
-            logging.WARNING if opened else logging.INFO,
-            "circuit %s for %s",
-            new.name.lower(),
-            subject,
-            extra={
-                "code": Code.CIRCUIT_OPEN if opened else None,
-                "subject": subject,
-                "fields": {"from": old.name.lower(), "to": new.name.lower()},
-            },
+        self.client_log.log(  # clients can open circuits (no responders on many subjects)
+            log,
+            f"circuit {new.name.lower()} for {subject}",
+            level=logging.WARNING if opened else logging.INFO,
+            code=Code.CIRCUIT_OPEN if opened else None,
+            subject=subject,
+            fields={"from": old.name.lower(), "to": new.name.lower()},
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from fanout.core.auth import TokenVerifier
 from fanout.devtoken import generate_keypair, make_token
-from fanout.worker.jwks import MAX_JWKS_BYTES, JwksCache
+from fanout.worker.jwks import MAX_JWKS_BYTES, JwksCache, retry_delay_s
 
 KEY_A = generate_keypair("rsa")
 KEY_B = generate_keypair("ec")
@@ -300,3 +301,53 @@ async def test_close_stops_background_fetches(server: JwksServer) -> None:
     hits = server.hits
     await asyncio.sleep(0.1)
     assert server.hits == hits
+
+
+def rsa_jwk(kid: str, **over: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = jwks((kid, KEY_A[1]))["keys"][0]
+    entry.update(over)
+    return entry
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (
+            json.dumps({"keys": [rsa_jwk("a", alg=["RS256"])]}).encode(),
+            "no usable signature key: kid 'a': alg ['RS256'] is not a string",
+        ),
+        (b'{"keys":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "response is nested too deeply"),
+    ],
+)
+async def test_a_malformed_document_is_a_failed_fetch_and_refresh_recovers(
+    server: JwksServer, raw: bytes, error: str
+) -> None:
+    """A TypeError or RecursionError while parsing used to end the refresh task for good."""
+    failures: list[str] = []
+    c = JwksCache(
+        server.url,
+        refetch_interval_s=0.02,
+        refresh_s=0.05,
+        timeout_s=1,
+        on_failure=failures.append,
+    )
+    try:
+        await c.start()
+        assert c.find("a") is not None
+        server.raw = raw
+        await wait_until(lambda: len(failures) >= 2)  # the background refresh keeps trying
+        assert c.last_error == error and failures[0] == error
+        assert c.find("a") is not None  # the previous keys stay
+        assert await c.find_or_refetch("b") is None  # an unknown kid gets an answer
+        server.raw = None
+        server.document = jwks(("a", KEY_A[1]), ("b", KEY_B[1]))
+        await wait_until(lambda: c.find("b") is not None)
+        assert c.last_error is None
+    finally:
+        await c.close()
+
+
+def test_failed_fetches_back_off_up_to_the_refresh_period() -> None:
+    assert [retry_delay_s(n, 30, 300) for n in range(6)] == [300, 30, 60, 120, 240, 300]
+    assert retry_delay_s(10_000, 0.5, 300) == 300
+    assert retry_delay_s(1, 30, 10) == 10  # never slower than the normal refresh

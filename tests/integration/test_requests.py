@@ -72,6 +72,7 @@ def gw(
         FANOUT_REQUESTS_MAX_TIMEOUT_MS="1000",
         FANOUT_REQUESTS_BREAKER_FAILURES=str(FAILURES),
         FANOUT_REQUESTS_BREAKER_RESET_S=str(RESET_S),
+        FANOUT_REQUESTS_BREAKER_TIMEOUT_FLOOR_MS="100",
         FANOUT_REQUESTS_ALLOWED_HEADERS="X-Tenant",
     )
     yield gateway
@@ -128,6 +129,7 @@ async def backend(nats_module: EmbeddedNats) -> AsyncIterator[Backend]:
 
 
 def token_for(keypair: tuple[Path, Path], sub: str, **kw: Any) -> str:
+    kw.setdefault("requests", ["svc.>"])  # without the claim a token may request nothing
     return make_token(
         private_key_pem=keypair[0].read_bytes(), sub=sub, subjects=["xy.md.>"], ttl_s=600, **kw
     )

@@ -121,9 +121,20 @@ def test_valid_token_gives_principal(priv: bytes, pub: bytes, alg: str) -> None:
         p.claims["sub"] = "mallory"  # type: ignore[index]
 
 
-def test_principal_without_sub_or_jti_and_fractional_exp() -> None:
-    p = verifier().verify(sign({"exp": NOW + 60.9}), rsa_key())
-    assert (p.sub, p.jti, p.expires_at) == (None, None, NOW + 60)
+def test_principal_without_jti_and_fractional_exp() -> None:
+    p = verifier().verify(sign({"sub": "alice", "exp": NOW + 60.9}), rsa_key())
+    assert (p.sub, p.jti, p.expires_at) == ("alice", None, NOW + 60)
+
+
+@pytest.mark.parametrize("sub", [None, "", 42, ["alice"]])
+def test_token_without_a_non_empty_string_sub_is_rejected(sub: object) -> None:
+    """protocol.md: a token must carry a non-empty ``sub`` (401 XYW005)."""
+    payload = claims()
+    if sub is None:
+        del payload["sub"]
+    else:
+        payload["sub"] = sub
+    assert rejects(sign(payload)) == "claim 'sub' must be a non-empty string"
 
 
 def test_audience_list_containing_ours_is_accepted() -> None:
@@ -260,6 +271,31 @@ def test_jwks_skips_unusable_keys_with_reasons() -> None:
     )
     # The declared alg narrows what the key verifies.
     assert rejects(sign(claims(), alg="PS256"), ok) == "algorithm does not match the key"
+
+
+def test_jwks_wrong_typed_fields_skip_the_key_never_raise_anything_else() -> None:
+    """``"alg": ["RS256"]`` raised TypeError (unhashable) and ended the worker's JWKS refresh."""
+    document = {
+        "keys": [
+            jwk(RSA_PUB, "list-alg", alg=["RS256"]),
+            jwk(RSA_PUB, "dict-alg", alg={"RS256": True}),
+            jwk(RSA_PUB, "list-use", use=["sig"]),
+            jwk(RSA_PUB, "nested-ops", key_ops=[["verify"]]),
+            {**jwk(EC_PUB, "dict-crv"), "crv": {"P-256": 1}},
+            {**jwk(RSA_PUB, "list-kty"), "kty": ["RSA"]},
+            jwk(RSA_PUB, "fine"),
+        ]
+    }
+    keys = KeySet.from_jwks(document)
+    assert len(keys) == 1 and keys.find("fine") is not None
+    assert keys.skipped == (
+        "kid 'list-alg': alg ['RS256'] is not a string",
+        "kid 'dict-alg': alg {'RS256': True} is not a string",
+        "kid 'list-use': use ['sig'] is not 'sig'",
+        "kid 'nested-ops': key_ops does not include 'verify'",
+        "kid 'dict-crv': unsupported EC curve {'P-256': 1}",
+        "kid 'list-kty': unsupported kty ['RSA']",
+    )
 
 
 def test_jwks_without_keys_list_is_an_error() -> None:
@@ -404,8 +440,7 @@ def test_wrong_issuer_and_audience() -> None:
     assert rejects(sign(claims(iss="idp")), v=v) == "wrong audience"
 
 
-def test_sub_and_jti_must_be_strings() -> None:
-    assert rejects(sign(claims(sub=42))) == "claim 'sub' must be a string"
+def test_jti_must_be_a_string() -> None:
     assert rejects(sign(claims(jti=["x"]))) == "claim 'jti' must be a string"
 
 

@@ -216,3 +216,12 @@ def test_check_config_warns_about_foreign_fanout_variables(
         "fanout: invalid config: FANOUT_SERVER_PROT: no setting server.prot"
         " (did you mean server.port?)\n"
     )
+
+
+def test_token_help_says_requests_fail_closed(capsys: pytest.CaptureFixture[str]) -> None:
+    """A token without ``--requests`` may make no requests: the help must not let one guess."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["token", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "without it the token may make no requests" in help_text

@@ -30,15 +30,15 @@ from fanout.core.interceptors import (
     Tracing,
     rate_key,
     retry_ms,
+    timeout_outcome,
 )
 from fanout.errors import Code
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
-def principal(sub: str | None = "alice", **claims: object) -> Principal:
-    if sub is not None:
-        claims["sub"] = sub
+def principal(sub: str = "alice", **claims: object) -> Principal:
+    claims["sub"] = sub
     return Principal(sub, MappingProxyType(claims), 2_000_000_000, None)
 
 
@@ -82,7 +82,6 @@ def test_rate_limiter_never_exceeds_rate_plus_burst(gaps: list[float]) -> None:
 
 def test_rate_key_prefers_the_principal() -> None:
     assert rate_key(principal("alice"), "10.0.0.1") == "sub:alice"
-    assert rate_key(principal(None), "10.0.0.1") == "ip:10.0.0.1"
     assert rate_key(None, "10.0.0.1") == "ip:10.0.0.1"
 
 
@@ -215,6 +214,18 @@ def test_circuit_breaker_interceptor() -> None:
     assert b.state("svc.orders.get") == BreakerState.CLOSED
 
 
+def test_a_timeout_counts_against_the_service_only_at_or_above_the_floor() -> None:
+    """``timeout_ms: 1`` from a client is its own choice: it must not open the circuit."""
+    assert timeout_outcome(1, 1000) == Outcome.NEUTRAL
+    assert timeout_outcome(999, 1000) == Outcome.NEUTRAL
+    assert timeout_outcome(1000, 1000) == Outcome.FAILURE
+    assert timeout_outcome(30_000, 1000) == Outcome.FAILURE
+    b, _ = board(failures=2)
+    for now in range(10):
+        b.record("svc.orders.get", b.allow("svc.orders.get", now), timeout_outcome(1, 1000), now)
+    assert b.state("svc.orders.get") == BreakerState.CLOSED and len(b) == 0
+
+
 # -- ACL, deadline, tracing ---------------------------------------------------------------------
 def test_acl_whitelist_and_claims() -> None:
     acl = RequestAcl(["svc.>"], "requests")
@@ -230,6 +241,19 @@ def test_acl_whitelist_and_claims() -> None:
     assert acl.before(ctx("svc.orders.get", nothing), 0) is not None
     wrong_type = principal("dave", requests=42)
     assert acl.before(ctx("svc.orders.get", wrong_type), 0) is not None
+
+
+def test_acl_verified_token_without_requests_claim_may_request_nothing() -> None:
+    """Fail closed (protocol.md): whitelist ∩ claim, and no claim grants nothing.
+
+    Only anonymous connections (auth off) get the whole whitelist.
+    """
+    acl = RequestAcl(["svc.>"], "requests")
+    no_claim = principal("erin", subjects=["xy.md.>"])
+    assert acl.before(ctx("svc.orders.get", no_claim), 0) == Rejection(
+        Code.SUBJECT_DENIED, "requests not allowed on svc.orders.get", "denied"
+    )
+    assert acl.before(ctx("svc.orders.get", None), 0) is None
 
 
 def test_acl_cache_follows_the_principal_object() -> None:

@@ -57,3 +57,41 @@ def test_tokens_and_seeds_are_redacted_everywhere(captured: logging.Logger) -> N
 
 def test_aiohttp_style_truncated_token_is_redacted() -> None:
     assert "eyJ" not in logs.redact("Got more than 8190 bytes when reading: eyJhbGciOiJSUzI1Ni")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_client_event_lines_are_cut_rate_limited_and_summarised(captured: logging.Logger) -> None:
+    """A client decides how often these lines happen and what they quote: both are bounded."""
+    clock = Clock()
+    events = logs.ClientEventLog(rate=2, burst=3, clock=clock)
+    for i in range(1000):
+        events.log(captured, "k" * (1 << 20), code="XYW008", conn=f"c-{i}")
+    events.flush(captured)
+    events.flush(captured)  # nothing more suppressed: no second summary
+    out = lines(captured)
+    assert len(out) == 4
+    for line in out[:3]:
+        assert line["msg"] == "k" * 200 + "…(cut)" and line["code"] == "XYW008"
+    assert (out[3]["msg"], out[3]["suppressed"], out[3]["level"]) == (
+        "client error lines suppressed",
+        997,
+        "warning",
+    )
+    assert len(captured.stream.getvalue()) < 2000  # type: ignore[attr-defined]
+    clock.now += 1.0  # the bucket refills at ``rate``
+    events.log(captured, "again", conn="c-x")
+    events.log(captured, "again", conn="c-y")
+    events.log(captured, "again", conn="c-z")
+    events.flush(captured)
+    assert [line["msg"] for line in lines(captured)[4:]] == [
+        "again",
+        "again",
+        "client error lines suppressed",
+    ]

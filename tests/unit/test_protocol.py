@@ -13,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fanout.core.protocol import (
+    CUT_MARK,
+    MAX_ECHO_BYTES,
     MAX_ID,
     Auth,
     ClientOp,
@@ -24,6 +26,7 @@ from fanout.core.protocol import (
     Unsub,
     ack,
     batch,
+    clip,
     decode_client_frame,
     dropped,
     encode_msg,
@@ -378,3 +381,27 @@ def test_batch_joins_frames() -> None:
     assert batch([frames[0]]) is frames[0]
     with pytest.raises(ValueError):
         batch([])
+
+
+# --- client text echoed back is bounded -------------------------------------------------------
+
+
+def test_clip_cuts_at_the_byte_limit_on_a_character_boundary() -> None:
+    assert clip("short") == "short"
+    assert clip("x" * MAX_ECHO_BYTES) == "x" * MAX_ECHO_BYTES
+    cut = clip("x" * (MAX_ECHO_BYTES + 1))
+    assert cut == "x" * MAX_ECHO_BYTES + CUT_MARK
+    wide = clip("é" * MAX_ECHO_BYTES)  # 2 bytes each: the cut never splits a character
+    assert wide == "é" * (MAX_ECHO_BYTES // 2) + CUT_MARK
+
+
+def test_a_one_mib_unknown_key_is_not_echoed_whole() -> None:
+    """msgspec quotes the unknown field: the error must carry at most a marked start of it."""
+    key = "k" * (1 << 20)
+    (err,) = decode_client_frame(json.dumps({"op": "ping", "id": 7, key: 1}).encode())
+    assert isinstance(err, FrameError) and err.id == 7
+    assert err.message.startswith("Object contains unknown field `kkk")
+    assert err.message.endswith(CUT_MARK)
+    assert len(err.message.encode()) <= MAX_ECHO_BYTES + len(CUT_MARK.encode())
+    frame = json.loads(error(7, "XYW008", "m" * (1 << 20)))
+    assert frame["message"] == "m" * MAX_ECHO_BYTES + CUT_MARK

@@ -21,6 +21,7 @@ def test_defaults_keep_requests_off() -> None:
     assert (r.max_in_flight, r.rate, r.burst) == (100, 50.0, 100.0)
     assert (r.default_timeout_ms, r.max_timeout_ms) == (5000, 30000)
     assert (r.breaker_failures, r.breaker_reset_s) == (5, 10.0)
+    assert r.breaker_timeout_floor_ms == 1000
     assert r.forward_token is False and r.allowed_headers == []
     assert r.interceptors == ["acl", "rate_limit", "circuit_breaker", "deadline", "tracing"]
 
@@ -58,6 +59,16 @@ def test_environment_names() -> None:
         ({"requests.max_timeout_ms": 600_000}, "requests.max_timeout_ms", "300000"),
         ({"requests.breaker_failures": 0}, "requests.breaker_failures", "> 0"),
         ({"requests.breaker_reset_s": 0}, "requests.breaker_reset_s", "> 0"),
+        (
+            {"requests.breaker_timeout_floor_ms": 0},
+            "requests.breaker_timeout_floor_ms",
+            "between 1 and",
+        ),
+        (
+            {"requests.breaker_timeout_floor_ms": 6000},
+            "requests.breaker_timeout_floor_ms",
+            "requests.default_timeout_ms",
+        ),
         ({"requests.allowed_headers": ["Fanout-Principal"]}, "requests.allowed_headers", "gateway"),
         ({"requests.allowed_headers": ["authorization"]}, "requests.allowed_headers", "gateway"),
         ({"requests.allowed_headers": ["Traceparent"]}, "requests.allowed_headers", "gateway"),
