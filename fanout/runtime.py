@@ -26,6 +26,9 @@ from pathlib import Path
 import msgspec
 
 SUPERVISOR_FILE = "supervisor.json"
+#: A worker's exit code when it cannot start (after :func:`write_boot_error`); the
+#: supervisor counts it as ``boot_error`` and stops when no worker ever booted.
+WORKER_BOOT_ERROR = 3
 _WORKER_PREFIX = "worker-"
 _BOOT_ERROR_PREFIX = "boot-error-"
 #: What may be wiped at start: only files of ours (a misconfigured path must not cost data).
@@ -151,7 +154,7 @@ def remove_state(state_dir: Path, pid: int) -> None:
 
 
 def write_boot_error(state_dir: Path, reason: str) -> None:
-    """Called by a worker just before it exits with WORKER_BOOT_ERROR (3)."""
+    """Called by a worker just before it exits with :data:`WORKER_BOOT_ERROR`."""
     _write_atomic(state_dir / f"{_BOOT_ERROR_PREFIX}{os.getpid()}.txt", reason.encode())
 
 

@@ -69,7 +69,7 @@ from fanout import runtime
 from fanout.embedded_nats import EmbeddedNats
 from fanout.settings import ConfigError, Settings, load
 
-WORKER_BOOT_ERROR = 3
+WORKER_BOOT_ERROR = runtime.WORKER_BOOT_ERROR
 
 WorkerTarget = Callable[[Settings, int, Path], int]
 ExtraTarget = Callable[[Settings], int]

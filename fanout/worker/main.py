@@ -32,8 +32,8 @@ from fanout import logs, metrics, runtime
 from fanout.core import limits
 from fanout.core.auth import KeySet
 from fanout.errors import Close, Code
+from fanout.runtime import WORKER_BOOT_ERROR
 from fanout.settings import Settings
-from fanout.supervisor import WORKER_BOOT_ERROR
 from fanout.worker.app import build_app
 from fanout.worker.gate import Gate
 from fanout.worker.gateway import Gateway
