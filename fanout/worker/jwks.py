@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
@@ -22,34 +21,13 @@ from collections.abc import Callable
 import aiohttp
 
 from fanout.core.auth import Key, KeySet
+from fanout.core.jwks import MAX_JWKS_BYTES, JwksError, parse_jwks
 from fanout.errors import Code
 
 log = logging.getLogger("fanout.jwks")
 
-#: Largest JWKS document accepted; real ones are a few KiB.
-MAX_JWKS_BYTES = 1 << 20
 _CHUNK = 64 * 1024
 _CODE = Code.TOKEN_INVALID.value
-
-
-class JwksError(Exception):
-    """A JWKS fetch that produced no usable key set; the message is logged."""
-
-
-def _parse(body: bytes) -> KeySet:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        raise JwksError("response is not JSON") from None
-    if not isinstance(document, dict):
-        raise JwksError("response is not a JSON object")
-    try:
-        keys = KeySet.from_jwks(document)
-    except ValueError as exc:
-        raise JwksError(str(exc)) from None
-    if not len(keys):
-        raise JwksError("no usable signature key: " + "; ".join(keys.skipped or ("empty",)))
-    return keys
 
 
 class JwksCache:
@@ -135,7 +113,7 @@ class JwksCache:
     async def _fetch(self) -> None:
         try:
             body = await self._download()
-            keys = await asyncio.to_thread(_parse, body)
+            keys = await asyncio.to_thread(parse_jwks, body)
         except (JwksError, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             reason = str(exc) or type(exc).__name__
             if isinstance(exc, TimeoutError):
