@@ -192,7 +192,10 @@ class Worker:
         if settings.requests.whitelist:
             gateway.requests = RequestBroker(settings, link)
         app = build_app(self.state_dir, self.state, settings.server.ready_quorum, settings.ws.path)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        http_grace_s = runtime.http_shutdown_timeout(settings.server.graceful_timeout_s)
+        runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=http_grace_s
+        )
         await runner.setup()
         http_factory = runner.server
         assert http_factory is not None
