@@ -288,12 +288,16 @@ class Roll:
             self.phase = RollPhase.NEXT
         if self.phase is not RollPhase.NEXT:
             return actions
+        retired = {a.pid for a in actions if isinstance(a, Retire)}  # leaving from now on
         while self.pending:
             index = self.pending.popleft()
             old = [
                 w.pid
                 for w in workers.values()
-                if w.index == index and not w.leaving and w.generation < self.generation
+                if w.index == index
+                and not w.leaving
+                and w.pid not in retired
+                and w.generation < self.generation
             ]
             if old:
                 self.phase, self.index, self.old_pid = RollPhase.STARTING, index, old[0]
