@@ -1,12 +1,9 @@
-"""The supervisor's main loop: forks the workers, keeps them alive, rolls them on SIGHUP.
+"""The supervisor's main loop, reading top to bottom like gunicorn's ``Arbiter.run()``.
 
-Reads top to bottom like gunicorn's ``Arbiter.run()``: wait for a signal or
-the next tick, handle the queued signals (``handle_<name>``), reap exited
-children, kill workers whose heartbeat stopped (``murder_workers``), step a
-rolling restart (``manage_roll``), refill the wanted workers and side
-processes (``manage_workers``). Every rule it follows comes from
-:mod:`~fanout.supervisor.policy`; processes from :mod:`~fanout.supervisor.children`;
-signals from :mod:`~fanout.supervisor.signals`.
+Wait for a signal or the next tick, handle queued signals (``handle_<name>``),
+reap exited children, kill workers whose heartbeat stopped, step a rolling
+restart, refill the wanted workers and side processes. The rules come from
+:mod:`.policy`, processes from :mod:`.children`, signals from :mod:`.signals`.
 """
 
 from __future__ import annotations
@@ -50,7 +47,6 @@ class Supervisor:
         self.state_dir = Path(state_dir)
         self._settings = settings
         self._child_settings = settings  # what children get (the sidecar's url filled in)
-        self._target = worker_target
         self._config_path = config_path
         self._overrides = dict(overrides or {})
         self._extras = dict(extra_children)
@@ -64,9 +60,9 @@ class Supervisor:
         self._boot = policy.BootWatch()
         self._stop: str | None = None  # None, "graceful" or "quick"
         self._signals = SignalQueue()
+        self._forker = children.Forker(worker_target, self.state_dir, self._signals)
         self._dir_ours = False
-        self._roll: policy.Roll | None = None
-        self._before_roll: tuple[Settings, Settings, int] | None = None  # restored on abort
+        self._roll: policy.Roll[tuple[Settings, Settings, int]] | None = None
         self._pid = os.getpid()
 
     def run(self) -> int:
@@ -75,10 +71,7 @@ class Supervisor:
         try:
             self.start()
             while self._stop is None:
-                rolling = self._roll is not None
-                self._signals.wait(
-                    policy.tick_timeout(time.monotonic(), self._backoff.values(), rolling)
-                )
+                self.sleep()
                 self.handle_signals()
                 self.reap_children()
                 if self._stop:
@@ -97,6 +90,11 @@ class Supervisor:
             self.stop()
         return code
 
+    def sleep(self) -> None:
+        """Until a signal, the next backoff's end or the next roll step, at most one tick."""
+        rolling = self._roll is not None
+        self._signals.wait(policy.tick_timeout(time.monotonic(), self._backoff.values(), rolling))
+
     def start(self) -> None:
         setproctitle(self._title())
         try:
@@ -114,8 +112,6 @@ class Supervisor:
         workers = {"workers": len(self._wanted)}
         log.info("supervisor started", extra={"pid": self._pid, "fields": workers})
         self.manage_workers()
-
-    # -- signals ----------------------------------------------------------------------------
 
     def handle_signals(self) -> None:
         for sig in self._signals.pop_all():
@@ -144,13 +140,12 @@ class Supervisor:
         except (ConfigError, RuntimeError) as exc:
             log.error("reload refused, keeping the old settings: %s", exc)
             return
-        if self._before_roll is None:
-            self._before_roll = (self._settings, self._child_settings, self._generation)
+        previous = (self._settings, self._child_settings, self._generation)
         self._settings, self._child_settings = new, child_settings
         self._generation += 1
         if self._roll is None:
             timeout = new.server.worker_timeout_s
-            self._roll = policy.Roll.of(self._wanted, self._generation, timeout)
+            self._roll = policy.Roll.of(self._wanted, self._generation, timeout, previous)
         else:
             self._roll.again(self._wanted, self._generation)
         self._publish()
@@ -168,14 +163,11 @@ class Supervisor:
             index, pid = drop
             self._wanted.discard(index)
             if pid is not None:
-                self._leave(self._children[pid], "scale_down", signal.SIGTERM)
+                children.leave(self._children[pid], "scale_down", signal.SIGTERM)
             self._publish()
 
-    # -- workers ----------------------------------------------------------------------------
-
     def manage_workers(self) -> None:
-        """Start a worker for every wanted index that has none, and every missing side
-        process, once their backoff allows."""
+        """Fill every wanted worker index and side process that has none, backoff allowing."""
         if self._stop:
             return
         now = time.monotonic()
@@ -186,27 +178,16 @@ class Supervisor:
         running = {c.name for c in self._children.values() if not c.index}
         for name, target in self._extras.items():
             if name not in running and self._backoff.allows(name, now):
-                gen = self._generation
-                side = children.start_side(name, target, self._child_settings, gen, self._signals)
+                side = self._forker.side(name, target, self._child_settings, self._generation)
                 self._track(name, side)
 
     def murder_workers(self) -> None:
         """Kill workers whose heartbeat stopped: SIGABRT, then SIGKILL if that did not do."""
-        now = time.monotonic()
+        now, timeout = time.monotonic(), self._settings.server.worker_timeout_s
         for child in self._workers().values():
             if child.beat.aborted_at is None and children.look_at(self.state_dir, child, now):
                 self._boot.listened()
-            verdict = child.beat.verdict(now, self._settings.server.worker_timeout_s)
-            if verdict is policy.Verdict.ABORT:
-                log.error(
-                    "worker heartbeat stopped; killing it",
-                    extra={"pid": child.pid, "worker": child.index, "reason": "timeout"},
-                )
-                child.kill_reason, child.beat.aborted_at = "timeout", now
-                children.kill(child.pid, signal.SIGABRT)
-            elif verdict is policy.Verdict.KILL:
-                child.beat.killed = True
-                children.kill(child.pid, signal.SIGKILL)
+            children.murder(child, child.beat.verdict(now, timeout), now)
 
     def reap_children(self) -> None:
         for pid, code in children.reap(list(self._children)):
@@ -221,32 +202,25 @@ class Supervisor:
         for action in actions:  # grows when a fork fails: that aborts the roll
             match action:
                 case policy.Retire(pid):
-                    self._leave(self._children[pid], "reload", signal.SIGUSR1)
+                    children.leave(self._children[pid], "reload", signal.SIGUSR1)
                 case policy.StartNew(index):
                     new = self._spawn_worker(index)
                     actions += roll.started(new.pid if new else None, time.monotonic())
                 case policy.Abort(reason, kill):
                     if kill is not None:
-                        self._leave(self._children[kill], "reload_aborted", signal.SIGKILL)
-                    self._abort_roll(reason)
+                        children.leave(self._children[kill], "reload_aborted", signal.SIGKILL)
+                    log.error("rolling restart aborted, old workers keep serving: %s", reason)
+                    self._settings, self._child_settings, self._generation = roll.previous
+                    self._roll = None
+                    self._publish()
+                    setproctitle(self._title())
                 case policy.Done():
                     generation = {"generation": self._generation}
                     log.info("rolling restart done", extra={"fields": generation})
-                    self._roll = self._before_roll = None
-
-    def _abort_roll(self, why: str) -> None:
-        log.error("rolling restart aborted, old workers keep serving: %s", why)
-        if self._before_roll is not None:
-            self._settings, self._child_settings, self._generation = self._before_roll
-        self._before_roll, self._roll = None, None
-        self._publish()
-        setproctitle(self._title())
+                    self._roll = None
 
     def _spawn_worker(self, index: int) -> Child | None:
-        settings, gen = self._child_settings, self._generation
-        child = children.start_worker(
-            self._target, settings, index, self.state_dir, gen, self._signals
-        )
+        child = self._forker.worker(self._child_settings, index, self._generation)
         return self._track(f"worker {index}", child)
 
     def _track(self, key: str, child: Child | None) -> Child | None:
@@ -274,14 +248,12 @@ class Supervisor:
             if self._boot.halts(len(self._wanted)):
                 raise Halt(policy.halt_reason(boot_error, child.index, cause))
 
-    # -- stopping ---------------------------------------------------------------------------
-
     def stop(self) -> None:
         """Children drain (TERM) or go at once (QUIT), then SIGKILL for laggards; clean up."""
         self._stop = self._stop or "graceful"
         quick = self._stop == "quick"
         for child in self._children.values():
-            self._leave(child, "shutdown", signal.SIGQUIT if quick else signal.SIGTERM)
+            children.leave(child, "shutdown", signal.SIGQUIT if quick else signal.SIGTERM)
         graceful_s = self._settings.server.graceful_timeout_s
         deadline = time.monotonic() + policy.stop_grace(quick, graceful_s)
         while self._children and time.monotonic() < deadline:
@@ -301,15 +273,8 @@ class Supervisor:
             shutil.rmtree(self.state_dir, ignore_errors=True)
         log.info("supervisor stopped", extra={"pid": self._pid})
 
-    # -- small parts ------------------------------------------------------------------------
-
     def _workers(self) -> dict[int, Child]:
         return {pid: c for pid, c in self._children.items() if c.index}
-
-    def _leave(self, child: Child, why: str, sig: int) -> None:
-        """Ask ``child`` to go: its exit is then planned (logged, not counted, not replaced)."""
-        child.leaving = child.leaving or why
-        children.kill(child.pid, sig)
 
     def _check_sidecar(self) -> None:
         try:

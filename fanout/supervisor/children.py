@@ -28,7 +28,7 @@ from setproctitle import setproctitle
 
 from fanout import runtime
 from fanout.settings import Settings
-from fanout.supervisor.policy import ExitCause, Heartbeat
+from fanout.supervisor.policy import ExitCause, Heartbeat, Verdict
 from fanout.supervisor.signals import HANDLED, SignalQueue
 
 log = logging.getLogger("fanout.supervisor")
@@ -80,43 +80,44 @@ class Child:
     kill_reason: str | None = None  # "timeout" once its heartbeat stopped
 
 
-def start_worker(
-    target: WorkerTarget,
-    settings: Settings,
-    index: int,
-    state_dir: Path,
-    generation: int,
-    signals: SignalQueue,
-) -> Child | None:
-    """Fork worker ``index`` of ``generation``; None if fork failed.
+@dataclass(frozen=True, slots=True)
+class Forker:
+    """Starts the supervisor's children: workers running ``target``, and side processes."""
 
-    Its heartbeat starts worker_timeout_s in the future: the boot grace.
-    """
+    target: WorkerTarget
+    state_dir: Path
+    signals: SignalQueue
 
-    def body() -> int:
-        os.environ["FANOUT_GENERATION"] = str(generation)
-        return target(settings, index, state_dir)
+    def worker(self, settings: Settings, index: int, generation: int) -> Child | None:
+        """Fork worker ``index`` of ``generation``; None if fork failed.
 
-    pid = fork(body, None, signals)
-    if pid is None:
-        return None
-    now = time.monotonic()
-    beat = Heartbeat(seen=now + settings.server.worker_timeout_s)
-    extra = {"pid": pid, "worker": index, "fields": {"generation": generation}}
-    log.info("worker started", extra=extra)
-    return Child(pid, "worker", index, generation, now, beat)
+        Its heartbeat starts worker_timeout_s in the future: the boot grace.
+        """
+        target, state_dir = self.target, self.state_dir
 
+        def body() -> int:
+            os.environ["FANOUT_GENERATION"] = str(generation)
+            return target(settings, index, state_dir)
 
-def start_side(
-    name: str, target: ExtraTarget, settings: Settings, generation: int, signals: SignalQueue
-) -> Child | None:
-    """Fork the side process ``name`` (titled ``fanout <name>``); None if fork failed."""
-    pid = fork(lambda: target(settings), f"fanout {name}", signals)
-    if pid is None:
-        return None
-    now = time.monotonic()
-    log.info("side process started", extra={"pid": pid, "fields": {"child": name}})
-    return Child(pid, name, 0, generation, now, Heartbeat(now))
+        pid = fork(body, None, self.signals)
+        if pid is None:
+            return None
+        now = time.monotonic()
+        beat = Heartbeat(seen=now + settings.server.worker_timeout_s)
+        extra = {"pid": pid, "worker": index, "fields": {"generation": generation}}
+        log.info("worker started", extra=extra)
+        return Child(pid, "worker", index, generation, now, beat)
+
+    def side(
+        self, name: str, target: ExtraTarget, settings: Settings, generation: int
+    ) -> Child | None:
+        """Fork the side process ``name`` (titled ``fanout <name>``); None if fork failed."""
+        pid = fork(lambda: target(settings), f"fanout {name}", self.signals)
+        if pid is None:
+            return None
+        now = time.monotonic()
+        log.info("side process started", extra={"pid": pid, "fields": {"child": name}})
+        return Child(pid, name, 0, generation, now, Heartbeat(now))
 
 
 def fork(body: Callable[[], int], title: str | None, signals: SignalQueue) -> int | None:
@@ -169,6 +170,25 @@ def _die_with_parent(parent: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
     if os.getppid() != parent:
         os._exit(0)
+
+
+def leave(child: Child, why: str, sig: int) -> None:
+    """Ask ``child`` to go: its exit is then planned (logged, not counted, not replaced)."""
+    child.leaving = child.leaving or why
+    kill(child.pid, sig)
+
+
+def murder(child: Child, verdict: Verdict, now: float) -> None:
+    """Carry out a heartbeat verdict: SIGABRT a stuck worker (a traceback), SIGKILL it if that
+    did not do."""
+    if verdict is Verdict.ABORT:
+        extra = {"pid": child.pid, "worker": child.index, "reason": "timeout"}
+        log.error("worker heartbeat stopped; killing it", extra=extra)
+        child.kill_reason, child.beat.aborted_at = "timeout", now
+        kill(child.pid, signal.SIGABRT)
+    elif verdict is Verdict.KILL:
+        child.beat.killed = True
+        kill(child.pid, signal.SIGKILL)
 
 
 def kill(pid: int, sig: int) -> None:

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from fanout.runtime import EXIT_SLACK_S, WORKER_BOOT_ERROR
 
@@ -234,6 +234,7 @@ class Done:
 
 
 RollAction = StartNew | Retire | Abort | Done
+T = TypeVar("T")
 
 
 class RollPhase(Enum):
@@ -245,17 +246,19 @@ class RollPhase(Enum):
 
 
 @dataclass(slots=True)
-class Roll:
+class Roll(Generic[T]):
     """One rolling restart to ``generation``: per index, a new worker listens before the old goes.
 
     NEXT -> STARTING -(started)-> WAITING -(new listens)-> Retire old -> NEXT ... -> DONE.
     A new worker that dies, leaves or does not listen within ``timeout_s``
-    ABORTS the roll (the arbiter then restores the previous settings); so does
-    a failed fork. :meth:`advance` returns what to do now, in order.
+    ABORTS the roll, and so does a failed fork: the arbiter then restores
+    ``previous`` (what was in force before the reload). :meth:`advance`
+    returns what to do now, in order.
     """
 
     generation: int
     timeout_s: float
+    previous: T
     pending: deque[int] = field(default_factory=deque)
     phase: RollPhase = RollPhase.NEXT
     index: int = 0
@@ -264,8 +267,8 @@ class Roll:
     deadline: float = 0.0
 
     @classmethod
-    def of(cls, indexes: Iterable[int], generation: int, timeout_s: float) -> Roll:
-        return cls(generation, timeout_s, deque(sorted(indexes)))
+    def of(cls, indexes: Iterable[int], generation: int, timeout_s: float, previous: T) -> Roll[T]:
+        return cls(generation, timeout_s, previous, deque(sorted(indexes)))
 
     def again(self, indexes: Iterable[int], generation: int) -> None:
         """A reload during a roll: every index again, to the new generation; a wait goes on."""

@@ -204,13 +204,13 @@ def test_ttou_drops_a_missing_worker_first_else_the_newest() -> None:
 OUTCOMES = ("ready", "exits", "slow", "no_fork")
 
 
-def drive(outcomes: Sequence[str]) -> tuple[list[RollAction], Roll]:
+def drive(outcomes: Sequence[str]) -> tuple[list[RollAction], Roll[None]]:
     """A rolling restart of len(outcomes) workers, each new one behaving as its outcome says.
 
     Plays the arbiter: applies each action to a process table, then lets a second pass.
     """
     workers = {100 + i: W(100 + i, i) for i in range(1, len(outcomes) + 1)}
-    roll = Roll.of(range(1, len(outcomes) + 1), generation=1, timeout_s=5.0)
+    roll = Roll.of(range(1, len(outcomes) + 1), generation=1, timeout_s=5.0, previous=None)
     done: list[RollAction] = []
     now, new_pid = 0.0, 200
     for _ in range(100):
@@ -270,7 +270,7 @@ def test_rolling_restart_replaces_one_at_a_time_and_stops_at_the_first_failure(
 
 def test_a_new_worker_has_until_its_deadline_to_listen() -> None:
     workers = {11: W(11, 1)}
-    roll = Roll.of([1], generation=1, timeout_s=5.0)
+    roll = Roll.of([1], generation=1, timeout_s=5.0, previous=None)
     assert roll.advance(10.0, workers) == [StartNew(1)]
     workers[21] = W(21, 1, generation=1, ready=False)
     assert roll.started(21, 10.0) == []
@@ -282,7 +282,7 @@ def test_a_new_worker_has_until_its_deadline_to_listen() -> None:
 def test_indexes_without_an_old_worker_are_skipped() -> None:
     # worker 2 is backing off (no process) and worker 3 already runs the new generation
     workers = {11: W(11, 1), 33: W(33, 3, generation=1), 44: W(44, 4, leaving="scale_down")}
-    roll = Roll.of([1, 2, 3, 4], generation=1, timeout_s=5.0)
+    roll = Roll.of([1, 2, 3, 4], generation=1, timeout_s=5.0, previous=None)
     assert roll.advance(0.0, workers) == [StartNew(1)]
     workers[21] = W(21, 1, generation=1)
     roll.started(21, 0.0)
@@ -291,7 +291,7 @@ def test_indexes_without_an_old_worker_are_skipped() -> None:
 
 def test_an_old_worker_gone_meanwhile_is_not_retired() -> None:
     workers = {11: W(11, 1), 12: W(12, 2)}
-    roll = Roll.of([1, 2], generation=1, timeout_s=5.0)
+    roll = Roll.of([1, 2], generation=1, timeout_s=5.0, previous=None)
     roll.advance(0.0, workers)
     workers[21] = W(21, 1, generation=1)
     roll.started(21, 0.0)
@@ -301,7 +301,7 @@ def test_an_old_worker_gone_meanwhile_is_not_retired() -> None:
 
 def test_a_reload_during_a_roll_rolls_every_index_again_to_the_new_generation() -> None:
     workers = {11: W(11, 1), 12: W(12, 2)}
-    roll = Roll.of([1, 2], generation=1, timeout_s=5.0)
+    roll = Roll.of([1, 2], generation=1, timeout_s=5.0, previous=None)
     roll.advance(0.0, workers)
     workers[21] = W(21, 1, generation=1, ready=False)
     roll.started(21, 0.0)
