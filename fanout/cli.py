@@ -57,10 +57,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.setup(cfg.log.level)
     side: list[Any] = []
     if cfg.demo.enabled:
-        from fanout.demo import run_orders_service, run_publisher
+        from fanout.demo import side_processes
 
-        side.append(("demo-publisher", run_publisher))
-        side.append(("demo-orders", run_orders_service))
+        side = side_processes()
+    from fanout.embedded_nats import LocalNats
     from fanout.runtime import make_state_dir
 
     def worker_target(s: settings.Settings, index: int, state_dir: Path) -> int:
@@ -75,6 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config_path=args.config,
         extra_children=side,
         overrides=_overrides(args),
+        sidecar=LocalNats(),
     )
     return supervisor.run()
 

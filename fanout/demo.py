@@ -2,6 +2,7 @@
 
 Runs as a side process of the supervisor (never inside a worker), with its
 own NATS connection, so the demo traffic looks exactly like a real publisher's.
+:func:`side_processes` is what ``fanout serve --demo`` hands the supervisor.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Callable
 
 import msgspec
 import nats
@@ -90,3 +92,8 @@ def run_orders_service(settings: Settings) -> int:
 
     uvloop.run(main())
     return 0
+
+
+def side_processes() -> list[tuple[str, Callable[[Settings], int]]]:
+    """The demo's processes beside the workers: the tick publisher and the order book."""
+    return [("demo-publisher", run_publisher), ("demo-orders", run_orders_service)]

@@ -7,6 +7,7 @@ Python interpreter's scripts; a ``nats-server`` on PATH is the fallback.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -17,6 +18,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import msgspec
+
+from fanout.settings import Settings
+
+log = logging.getLogger("fanout.supervisor")
 
 
 def find_binary() -> str:
@@ -110,3 +117,49 @@ class EmbeddedNats:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LocalNats:
+    """The nats-server ``fanout serve`` runs beside its workers when the settings name none.
+
+    A sidecar of the supervisor (:class:`fanout.supervisor.Sidecar`): started on
+    first need (at start, or by a reload that drops ``nats.urls``), restarted
+    when it dies, stopped with the supervisor. Its errors are RuntimeErrors
+    worded for the operator's one line ``fanout: <reason>``.
+    """
+
+    def __init__(self) -> None:
+        self.server: EmbeddedNats | None = None
+
+    def settings_for_children(self, settings: Settings) -> Settings:
+        """``settings`` with this server's url when they name no NATS url (started if needed)."""
+        if settings.nats.urls:
+            return settings
+        if self.server is None:
+            server = EmbeddedNats()
+            try:
+                server.start()
+            except (OSError, RuntimeError) as exc:
+                raise RuntimeError(f"cannot start the embedded nats-server: {exc}") from None
+            self.server = server
+            log.info("embedded nats-server started", extra={"fields": {"url": server.url}})
+        nats_section = msgspec.structs.replace(settings.nats, urls=[self.server.url])
+        return msgspec.structs.replace(settings, nats=nats_section)
+
+    def check(self) -> None:
+        """Restart the server if it died (workers reconnect to the same url)."""
+        server = self.server
+        if server is None or server.proc is None or server.proc.poll() is None:
+            return
+        log.error(
+            "embedded nats-server exited; restarting it", extra={"fields": {"url": server.url}}
+        )
+        try:
+            server.start()
+        except (OSError, RuntimeError) as exc:
+            raise RuntimeError(f"the embedded nats-server died and cannot restart: {exc}") from None
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None

@@ -26,6 +26,12 @@ from pathlib import Path
 import msgspec
 
 SUPERVISOR_FILE = "supervisor.json"
+#: A worker's exit code when it cannot start (after :func:`write_boot_error`); the
+#: supervisor counts it as ``boot_error`` and stops when no worker ever booted.
+WORKER_BOOT_ERROR = 3
+#: A stopping worker drains its clients for ``server.graceful_timeout_s``, then has
+#: this long to exit before the supervisor SIGKILLs it.
+EXIT_SLACK_S = 1.0
 _WORKER_PREFIX = "worker-"
 _BOOT_ERROR_PREFIX = "boot-error-"
 #: What may be wiped at start: only files of ours (a misconfigured path must not cost data).
@@ -64,6 +70,15 @@ class SupervisorState(msgspec.Struct, kw_only=True):
 _encode = msgspec.json.Encoder().encode
 _decode_worker = msgspec.json.Decoder(WorkerState).decode
 _decode_supervisor = msgspec.json.Decoder(SupervisorState).decode
+
+
+def http_shutdown_timeout(graceful_timeout_s: float) -> float:
+    """aiohttp's wait for in-flight HTTP requests, which comes after the WebSocket drain.
+
+    Half the exit slack (less with a shorter graceful timeout), never aiohttp's
+    default 60 s: a worker that drained then exits before the supervisor's SIGKILL.
+    """
+    return min(graceful_timeout_s, EXIT_SLACK_S) / 2
 
 
 def make_state_dir(base: str | os.PathLike[str] | None = None) -> Path:
@@ -151,7 +166,7 @@ def remove_state(state_dir: Path, pid: int) -> None:
 
 
 def write_boot_error(state_dir: Path, reason: str) -> None:
-    """Called by a worker just before it exits with WORKER_BOOT_ERROR (3)."""
+    """Called by a worker just before it exits with :data:`WORKER_BOOT_ERROR`."""
     _write_atomic(state_dir / f"{_BOOT_ERROR_PREFIX}{os.getpid()}.txt", reason.encode())
 
 

@@ -5,9 +5,9 @@ the gateway sends only with ``requests.forward_token`` on, or any caller sets
 itself) and is verified with the gateway's own rules
 (:class:`~fanout.core.auth.TokenVerifier`: size cap, algorithm allow-list per
 key type, ``exp`` required, lifetime cap, ``iss``/``aud``), against a static
-PEM key or a JWKS document fetched asynchronously by
-:class:`~fanout.worker.jwks.JwksCache`. The verified principal lands in
-``req.context.principal``.
+PEM key or a JWKS document fetched by :class:`~fanout.service.jwks.ServiceJwks`
+(the standard library's HTTP client in a thread: a service needs no aiohttp).
+The verified principal lands in ``req.context.principal``.
 
 This is about messages, not the NATS connection: how the service itself
 connects to NATS (credentials, NKeys, TLS) is configured on the nats-py
@@ -24,7 +24,7 @@ from fanout.core.auth import AuthError, KeyLookup, KeySet, Principal, TokenVerif
 from fanout.core.metadata import MetadataError, bearer_token
 from fanout.errors import Code
 from fanout.service.context import UNAUTHORIZED, Next, Request, ServiceError
-from fanout.worker.jwks import JwksCache
+from fanout.service.jwks import ServiceJwks
 
 DEFAULT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
 
@@ -68,10 +68,10 @@ class JwtAuth:
             clock=clock,
         )
         self.required = required
-        self.jwks: JwksCache | None = None
+        self.jwks: ServiceJwks | None = None
         self.keys: KeyLookup
         if jwks_url is not None:
-            self.jwks = JwksCache(
+            self.jwks = ServiceJwks(
                 jwks_url, refetch_interval_s=jwks_refetch_interval_s, refresh_s=jwks_refresh_s
             )
             self.keys = self.jwks

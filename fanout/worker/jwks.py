@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
@@ -24,19 +23,14 @@ from collections.abc import Callable
 import aiohttp
 
 from fanout.core.auth import Key, KeySet
+from fanout.core.jwks import MAX_JWKS_BYTES, JwksError, parse_jwks
 from fanout.core.protocol import clip
 from fanout.errors import Code
 
 log = logging.getLogger("fanout.jwks")
 
-#: Largest JWKS document accepted; real ones are a few KiB.
-MAX_JWKS_BYTES = 1 << 20
 _CHUNK = 64 * 1024
 _CODE = Code.TOKEN_INVALID.value
-
-
-class JwksError(Exception):
-    """A JWKS fetch that produced no usable key set; the message is logged."""
 
 
 def retry_delay_s(failures_in_row: int, refetch_interval_s: float, refresh_s: float) -> float:
@@ -45,24 +39,6 @@ def retry_delay_s(failures_in_row: int, refetch_interval_s: float, refresh_s: fl
     if failures_in_row <= 0:
         return refresh_s
     return min(refresh_s, refetch_interval_s * 2.0 ** min(failures_in_row - 1, 32))
-
-
-def _parse(body: bytes) -> KeySet:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        raise JwksError("response is not JSON") from None
-    except RecursionError:
-        raise JwksError("response is nested too deeply") from None
-    if not isinstance(document, dict):
-        raise JwksError("response is not a JSON object")
-    try:
-        keys = KeySet.from_jwks(document)
-    except ValueError as exc:
-        raise JwksError(str(exc)) from None
-    if not len(keys):
-        raise JwksError("no usable signature key: " + "; ".join(keys.skipped or ("empty",)))
-    return keys
 
 
 class JwksCache:
@@ -153,7 +129,7 @@ class JwksCache:
         """One fetch; whatever it raises is a failed fetch, never the end of the refresh."""
         try:
             body = await self._download()
-            keys = await asyncio.to_thread(_parse, body)
+            keys = await asyncio.to_thread(parse_jwks, body)
         except Exception as exc:  # a hostile or broken document may raise anything
             self._failed(exc)
             return

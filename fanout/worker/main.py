@@ -32,8 +32,8 @@ from fanout import logs, metrics, runtime
 from fanout.core import limits
 from fanout.core.auth import KeySet
 from fanout.errors import Close, Code
+from fanout.runtime import WORKER_BOOT_ERROR
 from fanout.settings import Settings
-from fanout.supervisor import WORKER_BOOT_ERROR
 from fanout.worker.app import build_app
 from fanout.worker.gate import Gate
 from fanout.worker.gateway import Gateway
@@ -194,7 +194,10 @@ class Worker:
         if settings.requests.whitelist:
             gateway.requests = RequestBroker(settings, link, client_log=gateway.client_log)
         app = build_app(self.state_dir, self.state, settings.server.ready_quorum, settings.ws.path)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        http_grace_s = runtime.http_shutdown_timeout(settings.server.graceful_timeout_s)
+        runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=http_grace_s
+        )
         await runner.setup()
         http_factory = runner.server
         assert http_factory is not None

@@ -27,6 +27,7 @@ from pathlib import Path
 from setproctitle import setproctitle
 
 from fanout import logs, runtime
+from fanout.embedded_nats import LocalNats
 from fanout.settings import Settings, load
 from fanout.supervisor import WORKER_BOOT_ERROR, Supervisor
 
@@ -126,6 +127,7 @@ def main() -> int:
         state_dir=Path(state_dir),
         config_path=config,
         extra_children=[("ticker", ticker)],
+        sidecar=LocalNats(),
     )
     return supervisor.run()
 

@@ -1,0 +1,71 @@
+"""Layering rules: a backend service needs no gateway, workers never reach back into the supervisor.
+
+``fanout.service`` runs in someone else's process (an order book, a pricing
+service): importing it must not pull in aiohttp, the worker or the supervisor.
+A worker is forked by the supervisor but knows only the neutral modules they
+share (:mod:`fanout.runtime`, :mod:`fanout.settings`, ...), never the supervisor itself.
+Checked twice: in the source (lazy imports too) and in ``sys.modules`` after a real import.
+nats-py imports aiohttp when it is installed (for its WebSocket transport) and
+does without it otherwise, so the import check runs with aiohttp made
+unimportable: a host without aiohttp must be able to run a service.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "fanout"
+
+#: package -> module prefixes it must never import, directly or indirectly.
+RULES: dict[str, tuple[str, ...]] = {
+    "service": ("fanout.worker", "fanout.supervisor", "aiohttp"),
+    "worker": ("fanout.supervisor",),
+}
+
+
+def _imports(path: Path) -> list[str]:
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.extend(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module)
+    return names
+
+
+def _banned(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for package in RULES for p in sorted((PACKAGE / package).glob("*.py"))],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_no_forbidden_import_in_source(path: Path) -> None:
+    prefixes = RULES[path.parent.name]
+    bad = [name for name in _imports(path) if _banned(name, prefixes)]
+    assert bad == [], f"fanout.{path.parent.name} must not import {bad}"
+
+
+@pytest.mark.parametrize("package", sorted(RULES))
+def test_importing_the_package_pulls_in_nothing_forbidden(package: str) -> None:
+    modules = [f"fanout.{package}.{p.stem}" for p in sorted((PACKAGE / package).glob("*.py"))]
+    code = (
+        "import importlib, importlib.abc, sys\n"
+        "class NoAiohttp(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'aiohttp': raise ImportError(name)\n"
+        f"if {package!r} == 'service': sys.meta_path.insert(0, NoAiohttp())\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"bad = sorted(m for m in sys.modules if any(m == p or m.startswith(p + '.') "
+        f"for p in {RULES[package]!r}))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
