@@ -174,6 +174,19 @@ class Requests(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     )
 
 
+class History(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Recovery (protocol v1.2): which subjects JetStream streams hold, and replay bounds."""
+
+    #: Subject pattern → name of the operator's JetStream stream holding it (first match wins).
+    streams: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Most messages one resume may replay; more → ``recovered:false``, reason ``limit``.
+    max_replay: int = 1000
+    #: Recent messages a worker keeps in memory per recoverable subject (replays without
+    #: JetStream), bounded in count and in age.
+    window_messages: int = 1000
+    window_s: float = 60.0
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: Server = msgspec.field(default_factory=Server)
     tls: Tls = msgspec.field(default_factory=Tls)
@@ -184,6 +197,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log: Log = msgspec.field(default_factory=Log)
     demo: Demo = msgspec.field(default_factory=Demo)
     requests: Requests = msgspec.field(default_factory=Requests)
+    history: History = msgspec.field(default_factory=History)
 
 
 #: The origin story's environment names → dotted setting paths.
@@ -244,6 +258,8 @@ def _env_value(path: str, raw: str) -> Any:
     if origin is list:
         return [part.strip() for part in raw.split(",") if part.strip()]
     if origin is dict:
+        if not raw.lstrip().startswith("{"):
+            return _pairs(path, raw)
         try:
             return msgspec.json.decode(raw)
         except msgspec.DecodeError as exc:
@@ -258,6 +274,22 @@ def _env_value(path: str, raw: str) -> Any:
     if raw == "" and "None" in repr(ftype):
         return None
     return raw
+
+
+def _pairs(path: str, raw: str) -> dict[str, str]:
+    """``key=value,key=value`` (``FANOUT_HISTORY_STREAMS="xy.md.>=MD,orders.>=ORDERS"``).
+
+    Split at the last ``=`` of each pair: a subject pattern may hold ``=``, a stream name not.
+    """
+    out: dict[str, str] = {}
+    for part in raw.split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.rpartition("=")
+        if not (sep and key.strip() and value.strip()):
+            raise ConfigError(path, f"expected a JSON object or key=value pairs, got {part!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _warn_stderr(message: str) -> None:
@@ -494,6 +526,27 @@ def validate(s: Settings) -> None:
     _check(s.outbox.write_timeout_s > 0, "outbox.write_timeout_s", "must be > 0")
     _check(s.demo.interval_s > 0, "demo.interval_s", "must be > 0")
     _validate_requests(s.requests, s.ws.max_subject_bytes)
+    _validate_history(s.history, s.ws.max_subject_bytes)
+
+
+#: JetStream stream names: no whitespace, ``.``, ``*``, ``>``, path separators (nats-server's rule).
+_STREAM_NAME_RE = re.compile(r"[^\s.*>/\\]{1,255}")
+
+
+def _validate_history(h: History, max_subject_bytes: int) -> None:
+    for pattern, stream in h.streams.items():
+        try:
+            validate_pattern(pattern, max_subject_bytes)
+        except SubjectError as exc:
+            raise ConfigError("history.streams", f"{pattern!r}: {exc}") from None
+        _check(
+            _STREAM_NAME_RE.fullmatch(stream) is not None,
+            "history.streams",
+            f"{stream!r} is not a JetStream stream name",
+        )
+    _check(1 <= h.max_replay <= 100_000, "history.max_replay", "must be 1..100000")
+    _check(h.window_messages >= 0, "history.window_messages", "must be >= 0 (0 = no window)")
+    _check(h.window_s >= 0, "history.window_s", "must be >= 0 (0 = no window)")
 
 
 def _validate_requests(r: Requests, max_subject_bytes: int) -> None:

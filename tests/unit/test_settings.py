@@ -276,3 +276,58 @@ def test_nkey_seed_is_a_seed_or_a_readable_file_and_never_echoed(tmp_path: Path)
 def test_inline_pem_public_key_is_not_a_path() -> None:
     s = settings.load(environ={"JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\\nMFkw"})
     assert s.jwt.public_key.startswith("-----BEGIN")
+
+
+# -- [history]: recovery over JetStream ---------------------------------------------------------
+
+
+def test_history_defaults() -> None:
+    h = settings.load(environ={"FANOUT_WS_AUTH_REQUIRED": "false"}).history
+    assert (h.streams, h.max_replay, h.window_messages, h.window_s) == ({}, 1000, 1000, 60.0)
+
+
+def test_history_streams_from_env_pairs_and_json() -> None:
+    env = {
+        "FANOUT_WS_AUTH_REQUIRED": "false",
+        "FANOUT_HISTORY_STREAMS": "xy.md.>=MD, orders.>=ORDERS",
+    }
+    assert settings.load(environ=env).history.streams == {"xy.md.>": "MD", "orders.>": "ORDERS"}
+    env["FANOUT_HISTORY_STREAMS"] = '{"xy.md.>": "MD"}'
+    assert settings.load(environ=env).history.streams == {"xy.md.>": "MD"}
+    env = {"FANOUT_WS_AUTH_REQUIRED": "false", "FANOUT_HISTORY_MAX_REPLAY": "50"}
+    env["FANOUT_HISTORY_WINDOW_MESSAGES"] = "10"
+    env["FANOUT_HISTORY_WINDOW_S"] = "5"
+    h = settings.load(environ=env).history
+    assert (h.max_replay, h.window_messages, h.window_s) == (50, 10, 5.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("xy.md.>", "expected a JSON object or key=value pairs, got 'xy.md.>'"),
+        ("xy.md.>=", "expected a JSON object or key=value pairs, got 'xy.md.>='"),
+        ("xy..md=MD", "'xy..md': empty token at position 2"),
+        ("xy.md.>=M.D", "'M.D' is not a JetStream stream name"),
+        ("xy.md.>=M D", "'M D' is not a JetStream stream name"),
+    ],
+)
+def test_history_streams_errors_name_the_setting(value: str, message: str) -> None:
+    with pytest.raises(settings.ConfigError) as err:
+        settings.load(environ={"FANOUT_WS_AUTH_REQUIRED": "false", "FANOUT_HISTORY_STREAMS": value})
+    assert err.value.field == "history.streams"
+    assert err.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("env", "field"),
+    [
+        ({"FANOUT_HISTORY_MAX_REPLAY": "0"}, "history.max_replay"),
+        ({"FANOUT_HISTORY_MAX_REPLAY": "100001"}, "history.max_replay"),
+        ({"FANOUT_HISTORY_WINDOW_MESSAGES": "-1"}, "history.window_messages"),
+        ({"FANOUT_HISTORY_WINDOW_S": "-1"}, "history.window_s"),
+    ],
+)
+def test_history_bounds(env: dict[str, str], field: str) -> None:
+    with pytest.raises(settings.ConfigError) as err:
+        settings.load(environ={"FANOUT_WS_AUTH_REQUIRED": "false", **env})
+    assert err.value.field == field
