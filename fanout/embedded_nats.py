@@ -63,8 +63,13 @@ class EmbeddedNats:
         host: str = "127.0.0.1",
         extra_args: Sequence[str] = (),
         config_text: str | None = None,
+        jetstream: bool = False,
     ) -> None:
         self.host = host
+        #: JetStream on, its store in a temporary directory kept across restarts of this
+        #: server (a restart keeps the streams, as a real server's disk would).
+        self.jetstream = jetstream
+        self._store: tempfile.TemporaryDirectory[str] | None = None
         self.port = port or free_port(host)
         self.extra_args = list(extra_args)
         self.config_text = config_text
@@ -82,6 +87,10 @@ class EmbeddedNats:
             conf = Path(self._tmp.name) / "nats.conf"
             conf.write_text(self.config_text)
             args += ["-c", str(conf)]
+        if self.jetstream:
+            if self._store is None:
+                self._store = tempfile.TemporaryDirectory(prefix="fanout-js-")
+            args += ["-js", "-sd", self._store.name]
         args += self.extra_args
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -104,6 +113,13 @@ class EmbeddedNats:
             self._tmp.cleanup()
             self._tmp = None
 
+    def cleanup(self) -> None:
+        """Stop, and delete the JetStream store too."""
+        self.stop()
+        if self._store is not None:
+            self._store.cleanup()
+            self._store = None
+
     def kill(self) -> None:
         """Stop without grace, as a crash would (tests of the NATS-down path)."""
         proc, self.proc = self.proc, None
@@ -116,7 +132,7 @@ class EmbeddedNats:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.cleanup()
 
 
 class LocalNats:
