@@ -1,0 +1,394 @@
+"""Recovery (protocol v1.2) without I/O: which subscriptions have history, what a resume
+asks for, the seam between replay and live, and one read serving many resumes.
+
+The worker reads JetStream (``fanout.worker.history``); everything that decides
+lives here and is unit tested without a server:
+
+- :class:`Streams`: a subscription pattern is recoverable when one configured
+  pattern covers all of it; the live messages of such a pattern arrive on the
+  stream's republished subject ``<prefix>.<subject>`` with ``Nats-Sequence``.
+- :func:`resume_of`: the ``since``/``last`` of a ``sub`` → a :class:`Resume`, a
+  ``recovered:false`` reason, or :class:`~fanout.core.protocol.FrameError` (``XYW008``).
+- :func:`verdict`: a resume against the stream's state (epoch, first/last
+  sequence, first time) → read it, or the reason it cannot be recovered.
+- :class:`Window`: the worker's recent messages of one pattern, bounded in count
+  and age, complete from a known sequence on (so a resume within it needs no read).
+- :class:`Seam`: live messages wait while the replay is sent, then only those
+  after the last replayed one go out: no gap, no duplicate, order kept.
+- :class:`Reads`: resumes of one pattern join the read in flight when it starts
+  at or before their position; one JetStream read serves a reconnect storm.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Generic, Literal, TypeVar
+
+from fanout.core import subjects
+from fanout.core.protocol import FrameError
+
+Reason = Literal["gap", "epoch", "limit", "no_history", "unavailable"]
+GAP: Reason = "gap"
+EPOCH: Reason = "epoch"
+LIMIT: Reason = "limit"
+NO_HISTORY: Reason = "no_history"
+UNAVAILABLE: Reason = "unavailable"
+
+#: Clock skew tolerated on ``since.time`` before it counts as "in the future" (malformed).
+FUTURE_LEEWAY_S = 60.0
+
+T = TypeVar("T")
+
+
+# -- which subscriptions are recoverable ------------------------------------------------------
+
+
+class Streams:
+    """Configured pattern → stream name; the republish prefix of live messages."""
+
+    __slots__ = ("_streams", "prefix")
+
+    def __init__(self, streams: Mapping[str, str], prefix: str) -> None:
+        self._streams = dict(streams)
+        self.prefix = prefix
+
+    def __bool__(self) -> bool:
+        return bool(self._streams)
+
+    def stream_for(self, pattern: str) -> str | None:
+        """The stream holding every subject ``pattern`` matches (first configured match)."""
+        for configured, stream in self._streams.items():
+            if subjects.is_subset(pattern, configured):
+                return stream
+        return None
+
+    def live_subject(self, pattern: str) -> str:
+        """The NATS subject to subscribe for a recoverable pattern's live messages."""
+        return f"{self.prefix}.{pattern}"
+
+    def original(self, subject: str) -> str:
+        """The published subject of a republished one."""
+        return subject[len(self.prefix) + 1 :]
+
+    def republish(self) -> list[tuple[str, str]]:
+        """(src, dest) of the RePublish each stream needs (documented, created in ``--demo``)."""
+        return [(p, self.live_subject(p)) for p in self._streams]
+
+
+def sequence_of(headers: bytes) -> tuple[int, int] | None:
+    """``(Nats-Sequence, Nats-Last-Sequence)`` from a raw ``NATS/1.0`` header block.
+
+    Read straight from the bytes (no dict, no decode): this runs per live message.
+    ``Nats-Last-Sequence`` is the previous sequence of the same subject (0: none).
+    """
+    i = headers.find(b"Nats-Sequence:")
+    if i < 0:
+        return None
+    end = headers.find(b"\r\n", i)
+    j = headers.find(b"Nats-Last-Sequence:")
+    try:
+        seq = int(headers[i + 14 : end])
+        last = int(headers[j + 19 : headers.find(b"\r\n", j)]) if j >= 0 else 0
+    except ValueError:
+        return None
+    return seq, last
+
+
+# -- what a resume asks for -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Exactly one of: after a sequence (with the epoch it came from), since a time, the last K."""
+
+    after: int | None = None
+    epoch: str | None = None
+    time: float | None = None
+    last: int | None = None
+
+
+def parse_time(text: str) -> float:
+    """RFC 3339 with an explicit offset (``Z`` or ``±hh:mm``) → unix seconds; ValueError else."""
+    if len(text) > 40 or "T" not in text.upper():
+        raise ValueError("not an RFC 3339 time")
+    parsed = datetime.fromisoformat(text.replace("z", "Z"))
+    if parsed.tzinfo is None:
+        raise ValueError("an RFC 3339 time needs Z or an offset")
+    return parsed.astimezone(UTC).timestamp()
+
+
+def resume_of(
+    op_id: int,
+    seq: int | None,
+    epoch: str | None,
+    time_text: str | None,
+    last: int | None,
+    *,
+    now: float,
+    max_replay: int,
+) -> Resume | Reason:
+    """A ``sub``'s resume fields (``since`` unpacked) → what to replay, or a reason not to.
+
+    Malformed → :class:`FrameError` (``XYW008``): ``since`` with both or neither of
+    ``seq`` and ``time``, ``seq`` without ``epoch``, a time that is not RFC 3339 or
+    lies in the future, ``since`` together with ``last``. Well-formed but more than
+    ``max_replay`` (``last``) → ``"limit"``. Range checks (``seq``/``last`` ≥ 0 / ≥ 1,
+    at most 2^53-1) are the decoder's.
+    """
+    if last is not None:
+        if seq is not None or epoch is not None or time_text is not None:
+            raise FrameError("give since or last, not both", op_id)
+        return LIMIT if last > max_replay else Resume(last=last)
+    if (seq is None) == (time_text is None):
+        raise FrameError("since needs exactly one of seq and time", op_id)
+    if time_text is not None:
+        if epoch is not None:
+            raise FrameError("since.epoch goes with since.seq", op_id)
+        try:
+            at = parse_time(time_text)
+        except ValueError:
+            raise FrameError("since.time is not an RFC 3339 time", op_id) from None
+        if at > now + FUTURE_LEEWAY_S:
+            raise FrameError("since.time is in the future", op_id)
+        return Resume(time=at)
+    if not epoch:
+        raise FrameError("since.seq needs since.epoch", op_id)
+    return Resume(after=seq, epoch=epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """What a stream info says, as far as recovery cares."""
+
+    epoch: str
+    first_seq: int
+    last_seq: int
+    #: Unix seconds of the first stored message (0.0 when the stream is empty).
+    first_time: float
+
+
+def verdict(resume: Resume, state: StreamState) -> Reason | None:
+    """None when ``resume`` can be served from this stream, else why not.
+
+    ``after`` beyond the stream's last sequence cannot come from this stream: the
+    client's position belongs to another history (``epoch``). ``time`` before
+    the first stored message when messages were dropped (first sequence > 1) is a
+    ``gap``; ``last`` is always servable (fewer stored is all there is).
+    """
+    if resume.after is not None:
+        if resume.epoch != state.epoch or resume.after > state.last_seq:
+            return EPOCH
+        if state.first_seq > resume.after + 1 and state.last_seq > resume.after:
+            return GAP
+        return None
+    if resume.time is not None and state.first_seq > 1 and state.first_time > resume.time:
+        return GAP
+    return None
+
+
+# -- the in-memory window ---------------------------------------------------------------------
+
+
+class Window(Generic[T]):
+    """Recent messages of one subscription pattern, in sequence order.
+
+    ``complete_after``: the window holds every message of the pattern with a
+    sequence above it (None: unknown yet). It is learnt from a JetStream read
+    (everything up to the read's end, live after it) or, for a plain subject,
+    from a message's ``Nats-Last-Sequence``. Dropping the oldest entry (count or
+    age) moves it up to that entry's sequence.
+    """
+
+    __slots__ = ("_items", "complete_after", "max_age_s", "max_items")
+
+    def __init__(self, max_items: int, max_age_s: float) -> None:
+        self.max_items = max_items
+        self.max_age_s = max_age_s
+        self._items: deque[tuple[int, float, T]] = deque()
+        self.complete_after: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def last_seq(self) -> int | None:
+        return self._items[-1][0] if self._items else None
+
+    def add(self, seq: int, at: float, item: T, previous: int | None = None) -> None:
+        """A live message. ``previous``: its subject's previous sequence, when the pattern is
+        one subject; a message missing between two (live delivery is at most once) starts
+        the window afresh after it."""
+        if self.max_items <= 0 or self.max_age_s <= 0:
+            return
+        items = self._items
+        if items and seq <= items[-1][0]:
+            return
+        if previous is not None:
+            tail = items[-1][0] if items else self.complete_after
+            if tail is None or previous != tail:
+                items.clear()
+                self.complete_after = previous
+        items.append((seq, at, item))
+        self.expire(at)
+
+    def expire(self, now: float) -> None:
+        items = self._items
+        horizon = now - self.max_age_s
+        while items and (len(items) > self.max_items or items[0][1] < horizon):
+            seq, _, _ = items.popleft()
+            if self.complete_after is not None and seq > self.complete_after:
+                self.complete_after = seq
+
+    def learn(self, complete_after: int) -> None:
+        """A read covered everything up to ``complete_after``; live went on after it."""
+        if self.complete_after is None or complete_after < self.complete_after:
+            self.complete_after = complete_after
+            while self._items and self._items[0][0] <= complete_after:
+                self._items.popleft()
+
+    def after(self, seq: int) -> list[tuple[int, T]] | None:
+        """Every message after ``seq``, or None when the window cannot vouch for that."""
+        if self.complete_after is None or seq < self.complete_after:
+            return None
+        return [(s, item) for s, _, item in self._items if s > seq]
+
+    def since(self, at: float) -> list[tuple[int, T]] | None:
+        """Messages at or after ``at``, when the window reaches back that far."""
+        items = self._items
+        if self.complete_after is None or not items or items[0][1] > at:
+            return None
+        return [(s, item) for s, t, item in items if t >= at]
+
+    def last(self, k: int) -> list[tuple[int, T]] | None:
+        """The last ``k`` messages, when the window holds that many."""
+        items = self._items
+        if self.complete_after is None or len(items) < k:
+            return None
+        return [(s, item) for s, _, item in list(items)[len(items) - k :]]
+
+
+# -- the seam between replay and live ---------------------------------------------------------
+
+
+class Seam(Generic[T]):
+    """Live messages of one client's subscription held while its replay is sent."""
+
+    __slots__ = ("held", "limit", "overflow")
+
+    def __init__(self, limit: int) -> None:
+        self.held: list[tuple[int, T]] = []
+        self.limit = limit
+        #: More live messages arrived than may wait: the client is cut (4003).
+        self.overflow = False
+
+    def hold(self, seq: int, item: T) -> None:
+        if len(self.held) >= self.limit:
+            self.overflow = True
+            return
+        self.held.append((seq, item))
+
+    def release(self, last_replayed: int) -> list[tuple[int, T]]:
+        """The held messages after the replay's last one, in order, each once."""
+        out: list[tuple[int, T]] = []
+        top = last_replayed
+        for seq, item in self.held:
+            if seq > top:
+                out.append((seq, item))
+                top = seq
+        self.held = []
+        return out
+
+
+# -- one read for many resumes ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Read(Generic[T]):
+    """One JetStream read of a pattern: everything after ``after`` (at most ``limit``)."""
+
+    after: int
+    waiters: list[tuple[T, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Served(Generic[T]):
+    """A waiter's answer: its messages (sequence > its position), or the reason it gets none."""
+
+    waiter: T
+    messages: list[tuple[int, bytes]]
+    reason: Reason | None
+
+
+class Reads(Generic[T]):
+    """Resumes of one pattern by position; one read in flight at a time.
+
+    A resume at position ``p`` joins the read in flight when that read starts
+    at or before ``p`` (its result contains everything ``p`` needs); otherwise it
+    waits, and the next read starts at the lowest waiting position. 5 000
+    clients resuming the same subject cost one read, or two when some arrive
+    with older positions while the first is running.
+    """
+
+    __slots__ = ("_next", "in_flight", "max_replay")
+
+    def __init__(self, max_replay: int) -> None:
+        self.max_replay = max_replay
+        self.in_flight: Read[T] | None = None
+        self._next: list[tuple[T, int]] = []
+
+    def __bool__(self) -> bool:
+        return self.in_flight is not None or bool(self._next)
+
+    def want(self, waiter: T, after: int) -> int | None:
+        """Position to start a new read from, or None when the waiter joined or waits."""
+        read = self.in_flight
+        if read is None:
+            self.in_flight = Read(after, [(waiter, after)])
+            return after
+        if read.after <= after:
+            read.waiters.append((waiter, after))
+        else:
+            self._next.append((waiter, after))
+        return None
+
+    def cancel(self, waiter: T) -> None:
+        """A waiter left (its client closed or unsubscribed): it gets no answer."""
+        if self.in_flight is not None:
+            self.in_flight.waiters = [w for w in self.in_flight.waiters if w[0] is not waiter]
+        self._next = [w for w in self._next if w[0] is not waiter]
+
+    def done(
+        self, messages: Iterable[tuple[int, bytes]], truncated: bool, reason: Reason | None = None
+    ) -> tuple[list[Served[T]], int | None]:
+        """The read in flight finished: answers, and where the next read starts (or None).
+
+        ``messages``: sequence order, at most ``max_replay + 1`` (``truncated``: there
+        were more). ``reason`` set: the read failed, every waiter gets it.
+        """
+        read = self.in_flight
+        assert read is not None
+        self.in_flight = None
+        got = list(messages)
+        served: list[Served[T]] = []
+        retry: list[tuple[T, int]] = []
+        for waiter, after in read.waiters:
+            if reason is not None:
+                served.append(Served(waiter, [], reason))
+                continue
+            mine = [m for m in got if m[0] > after]
+            if len(mine) > self.max_replay or (truncated and after == read.after):
+                served.append(Served(waiter, [], LIMIT))
+            elif truncated:
+                retry.append((waiter, after))
+            else:
+                served.append(Served(waiter, mine, None))
+        pending = retry + self._next
+        self._next = []
+        if not pending:
+            return served, None
+        start = min(after for _, after in pending)
+        self.in_flight = Read(start, pending)
+        return served, start

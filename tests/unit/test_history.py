@@ -1,0 +1,286 @@
+"""Recovery without I/O: recoverable patterns, resume validation, verdicts, the window,
+the seam rule and read coalescing (fanout.core.history)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fanout.core import history
+from fanout.core.history import Reads, Resume, Seam, Streams, StreamState, Window
+from fanout.core.protocol import FrameError
+from fanout.errors import Code
+
+NOW = 1_764_590_000.0  # 2025-12-01T11:53:20Z
+
+
+# -- Streams ----------------------------------------------------------------------------------
+
+
+def test_a_pattern_is_recoverable_only_when_a_configured_pattern_covers_it() -> None:
+    s = Streams({"xy.md.>": "MD", "orders.*.fills": "ORDERS"}, "fanout.rp")
+    assert s.stream_for("xy.md.tick.btc") == "MD"
+    assert s.stream_for("xy.md.tick.*") == "MD"
+    assert s.stream_for("xy.md.>") == "MD"
+    assert s.stream_for("orders.42.fills") == "ORDERS"
+    assert s.stream_for("xy.>") is None  # partly covered: no seq for the rest
+    assert s.stream_for("orders.42.other") is None
+    assert s.live_subject("xy.md.tick.*") == "fanout.rp.xy.md.tick.*"
+    assert s.original("fanout.rp.xy.md.tick.btc") == "xy.md.tick.btc"
+    assert s.republish() == [
+        ("xy.md.>", "fanout.rp.xy.md.>"),
+        ("orders.*.fills", "fanout.rp.orders.*.fills"),
+    ]
+    assert not Streams({}, "p") and s
+
+
+def test_sequence_from_raw_headers() -> None:
+    raw = (
+        b"NATS/1.0\r\nNats-Stream: MD\r\nNats-Subject: xy.md.a\r\nNats-Sequence: 1234\r\n"
+        b"Nats-Time-Stamp: 2026-12-01T10:00:00.1Z\r\nNats-Last-Sequence: 1200\r\n\r\n"
+    )
+    assert history.sequence_of(raw) == (1234, 1200)
+    assert history.sequence_of(b"NATS/1.0\r\nNats-Sequence: 7\r\n\r\n") == (7, 0)
+    assert history.sequence_of(b"NATS/1.0\r\nX: 1\r\n\r\n") is None
+    assert history.sequence_of(b"NATS/1.0\r\nNats-Sequence: x\r\n\r\n") is None
+
+
+# -- resume_of --------------------------------------------------------------------------------
+
+
+def _resume(
+    seq: int | None = None,
+    epoch: str | None = None,
+    time: str | None = None,
+    last: int | None = None,
+) -> Resume | str:
+    return history.resume_of(7, seq, epoch, time, last, now=NOW, max_replay=1000)
+
+
+def test_well_formed_resumes() -> None:
+    assert _resume(seq=0, epoch="E") == Resume(after=0, epoch="E")
+    assert _resume(seq=41, epoch="E") == Resume(after=41, epoch="E")
+    assert _resume(time="2025-12-01T11:00:00Z") == Resume(time=NOW - 3200)
+    assert _resume(time="2025-12-01T12:00:00+01:00") == Resume(time=NOW - 3200)
+    assert _resume(last=1) == Resume(last=1)
+    assert _resume(last=1000) == Resume(last=1000)
+
+
+def test_last_over_max_replay_is_limit_not_malformed() -> None:
+    assert _resume(last=1001) == history.LIMIT
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "since needs exactly one of seq and time"),
+        ({"seq": 1, "epoch": "E", "time": "2025-12-01T11:00:00Z"}, "exactly one of seq and time"),
+        ({"seq": 1}, "since.seq needs since.epoch"),
+        ({"seq": 1, "epoch": ""}, "since.seq needs since.epoch"),
+        ({"time": "2025-12-01T11:00:00Z", "epoch": "E"}, "since.epoch goes with since.seq"),
+        ({"time": "yesterday"}, "not an RFC 3339 time"),
+        ({"time": "2025-12-01"}, "not an RFC 3339 time"),
+        ({"time": "2025-12-01T11:00:00"}, "not an RFC 3339 time"),  # no offset
+        ({"time": "2025-13-01T11:00:00Z"}, "not an RFC 3339 time"),
+        ({"time": "2025-12-01T11:00:00Z" + " " * 40}, "not an RFC 3339 time"),
+        ({"time": "2025-12-01T11:55:00Z"}, "in the future"),
+        ({"last": 5, "seq": 1, "epoch": "E"}, "give since or last, not both"),
+    ],
+)
+def test_malformed_resumes_are_xyw008_with_the_op_id(
+    kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(FrameError) as err:
+        _resume(**kwargs)  # type: ignore[arg-type]
+    assert err.value.code == Code.MALFORMED and err.value.id == 7
+    assert message in err.value.message
+
+
+def test_time_within_the_clock_skew_leeway_is_accepted() -> None:
+    assert _resume(time="2025-12-01T11:54:00Z") == Resume(time=NOW + 40)
+
+
+# -- verdict ----------------------------------------------------------------------------------
+
+STATE = StreamState(epoch="E", first_seq=100, last_seq=200, first_time=NOW - 600)
+
+
+@pytest.mark.parametrize(
+    ("resume", "reason"),
+    [
+        (Resume(after=150, epoch="E"), None),
+        (Resume(after=99, epoch="E"), None),  # first stored is the next one: complete
+        (Resume(after=200, epoch="E"), None),  # nothing missed
+        (Resume(after=98, epoch="E"), history.GAP),
+        (Resume(after=0, epoch="E"), history.GAP),
+        (Resume(after=150, epoch="OTHER"), history.EPOCH),
+        (Resume(after=201, epoch="E"), history.EPOCH),  # a position this stream never had
+        (Resume(time=NOW - 60), None),
+        (Resume(time=NOW - 3600), history.GAP),
+        (Resume(last=5), None),
+    ],
+)
+def test_verdict(resume: Resume, reason: str | None) -> None:
+    assert history.verdict(resume, STATE) == reason
+
+
+def test_an_old_time_on_a_stream_that_never_dropped_anything_is_no_gap() -> None:
+    state = StreamState(epoch="E", first_seq=1, last_seq=5, first_time=NOW - 10)
+    assert history.verdict(Resume(time=NOW - 3600), state) is None
+
+
+def test_a_purged_stream_is_a_gap_only_when_something_was_missed() -> None:
+    empty = StreamState(epoch="E", first_seq=201, last_seq=200, first_time=0.0)
+    assert history.verdict(Resume(after=200, epoch="E"), empty) is None
+    assert history.verdict(Resume(after=150, epoch="E"), empty) == history.GAP
+
+
+# -- Window -----------------------------------------------------------------------------------
+
+
+def test_window_of_a_subject_is_complete_from_the_first_messages_previous() -> None:
+    w: Window[str] = Window(max_items=10, max_age_s=60)
+    assert w.after(0) is None
+    w.add(10, NOW, "a", previous=7)
+    w.add(12, NOW, "b", previous=10)
+    assert w.complete_after == 7
+    assert w.after(7) == [(10, "a"), (12, "b")]
+    assert w.after(10) == [(12, "b")]
+    assert w.after(12) == []
+    assert w.after(6) is None  # before what the window vouches for
+    assert w.last(2) == [(10, "a"), (12, "b")] and w.last(3) is None
+
+
+def test_window_restarts_after_a_missed_live_message() -> None:
+    w: Window[str] = Window(max_items=10, max_age_s=60)
+    w.add(10, NOW, "a", previous=7)
+    w.add(15, NOW, "c", previous=12)  # 12 never reached us
+    assert w.complete_after == 12
+    assert w.after(10) is None
+    assert w.after(12) == [(15, "c")]
+
+
+def test_window_drops_by_count_and_age_and_moves_its_vouching_point() -> None:
+    w: Window[int] = Window(max_items=3, max_age_s=10)
+    for seq in range(1, 6):
+        w.add(seq, NOW + seq, seq, previous=seq - 1)
+    assert len(w) == 3 and w.complete_after == 2
+    assert w.after(1) is None and w.after(2) == [(3, 3), (4, 4), (5, 5)]
+    w.expire(NOW + 14.5)  # 3 and 4 are older than 10 s
+    assert w.complete_after == 4 and w.after(4) == [(5, 5)]
+    assert w.since(NOW + 5) == [(5, 5)] and w.since(NOW + 4) is None
+
+
+def test_window_of_a_wildcard_learns_completeness_from_a_read() -> None:
+    w: Window[str] = Window(max_items=10, max_age_s=60)
+    w.add(10, NOW, "a")
+    w.add(11, NOW, "b")
+    assert w.after(9) is None
+    w.learn(10)  # a read covered everything up to 10
+    assert w.after(10) == [(11, "b")]
+    assert w.after(9) is None
+    w.add(11, NOW, "dup")  # not newer: ignored
+    assert w.after(10) == [(11, "b")]
+
+
+def test_disabled_window_holds_nothing() -> None:
+    w: Window[str] = Window(max_items=0, max_age_s=60)
+    w.add(1, NOW, "a", previous=0)
+    assert len(w) == 0 and w.after(0) is None
+
+
+# -- Seam -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("held", "last_replayed", "out"),
+    [
+        ([], 10, []),
+        ([11, 12], 10, [11, 12]),
+        ([9, 10, 11], 10, [11]),  # live copies of replayed messages are dropped
+        ([10, 11, 11, 12], 10, [11, 12]),  # each once
+        ([12, 11, 13], 10, [12, 13]),  # never backwards
+        ([5, 6], 10, []),
+    ],
+)
+def test_seam_no_gap_no_duplicate_order_kept(
+    held: list[int], last_replayed: int, out: list[int]
+) -> None:
+    seam: Seam[str] = Seam(limit=100)
+    for seq in held:
+        seam.hold(seq, f"m{seq}")
+    assert seam.release(last_replayed) == [(s, f"m{s}") for s in out]
+    assert seam.held == []
+
+
+def test_seam_is_bounded() -> None:
+    seam: Seam[int] = Seam(limit=2)
+    for seq in range(3):
+        seam.hold(seq, seq)
+    assert seam.overflow and len(seam.held) == 2
+
+
+# -- Reads ------------------------------------------------------------------------------------
+
+
+def _msgs(*seqs: int) -> list[tuple[int, bytes]]:
+    return [(s, b"m%d" % s) for s in seqs]
+
+
+def test_one_read_serves_every_resume_at_or_after_its_start() -> None:
+    reads: Reads[str] = Reads(max_replay=100)
+    assert reads.want("a", 10) == 10
+    assert [reads.want(f"c{i}", 10 + i % 3) for i in range(5000)] == [None] * 5000
+    served, again = reads.done(_msgs(11, 12, 13), truncated=False)
+    assert again is None and not reads
+    by = {s.waiter: s for s in served}
+    assert len(by) == 5001
+    assert by["a"].messages == _msgs(11, 12, 13) and by["a"].reason is None
+    assert by["c1"].messages == _msgs(12, 13)
+    assert by["c2"].messages == _msgs(13)
+
+
+def test_an_older_position_waits_for_a_second_read() -> None:
+    reads: Reads[str] = Reads(max_replay=100)
+    assert reads.want("new", 10) == 10
+    assert reads.want("old", 5) is None
+    assert reads.want("older", 3) is None
+    served, again = reads.done(_msgs(11), truncated=False)
+    assert [s.waiter for s in served] == ["new"] and again == 3
+    served, again = reads.done(_msgs(4, 6, 11), truncated=False)
+    assert {s.waiter: s.messages for s in served} == {"old": _msgs(6, 11), "older": _msgs(4, 6, 11)}
+    assert again is None
+
+
+def test_limit_per_waiter_and_truncated_reads() -> None:
+    reads: Reads[str] = Reads(max_replay=2)
+    reads.want("far", 0)
+    reads.want("near", 3)
+    # the read from 0 stopped at max_replay + 1 messages: "far" is over the limit;
+    # "near" needs what lies beyond the read, so it gets a read of its own
+    served, again = reads.done(_msgs(1, 2, 3), truncated=True)
+    assert [(s.waiter, s.reason) for s in served] == [("far", history.LIMIT)]
+    assert again == 3
+    served, again = reads.done(_msgs(4, 5), truncated=False)
+    assert [(s.waiter, s.messages, s.reason) for s in served] == [("near", _msgs(4, 5), None)]
+    reads.want("x", 0)
+    reads.want("y", 0)
+    served, _ = reads.done(_msgs(1, 2, 3), truncated=False)
+    assert {s.reason for s in served} == {history.LIMIT}
+
+
+def test_a_failed_read_answers_every_waiter_and_a_waiter_can_leave() -> None:
+    reads: Reads[str] = Reads(max_replay=10)
+    reads.want("a", 1)
+    reads.want("b", 2)
+    reads.want("gone", 2)
+    reads.want("later", 0)
+    reads.cancel("gone")
+    served, again = reads.done([], truncated=False, reason=history.UNAVAILABLE)
+    assert [(s.waiter, s.reason) for s in served] == [
+        ("a", history.UNAVAILABLE),
+        ("b", history.UNAVAILABLE),
+    ]
+    assert again == 0
+    reads.cancel("later")
+    served, again = reads.done([], truncated=False)
+    assert served == [] and again is None
