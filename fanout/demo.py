@@ -18,6 +18,7 @@ from collections.abc import Callable
 import msgspec
 import nats
 import uvloop
+from nats.js.api import RePublish, StreamConfig
 from setproctitle import setproctitle
 
 from fanout import logs
@@ -97,3 +98,23 @@ def run_orders_service(settings: Settings) -> int:
 def side_processes() -> list[tuple[str, Callable[[Settings], int]]]:
     """The demo's processes beside the workers: the tick publisher and the order book."""
     return [("demo-publisher", run_publisher), ("demo-orders", run_orders_service)]
+
+
+async def create_stream(
+    nc: nats.aio.client.Client, name: str, pattern: str, republish_prefix: str
+) -> None:
+    """The stream recovery reads, republishing to ``<prefix>.<pattern>`` (demo and tests only:
+    in production the streams are the operator's). Idempotent."""
+    js = nc.jetstream()
+    config = StreamConfig(
+        name=name,
+        subjects=[pattern],
+        republish=RePublish(src=pattern, dest=f"{republish_prefix}.{pattern}"),
+        max_msgs=100_000,
+        max_age=3600.0,
+        allow_direct=True,
+    )
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:
+        await js.update_stream(config)

@@ -185,6 +185,9 @@ class History(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: JetStream), bounded in count and in age.
     window_messages: int = 1000
     window_s: float = 60.0
+    #: Each stream republishes what it stores to ``<prefix>.<subject>`` (stream ``RePublish``
+    #: with src = the configured pattern): live messages then carry ``Nats-Sequence``.
+    republish_prefix: str = "fanout.live"
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -547,6 +550,15 @@ def _validate_history(h: History, max_subject_bytes: int) -> None:
     _check(1 <= h.max_replay <= 100_000, "history.max_replay", "must be 1..100000")
     _check(h.window_messages >= 0, "history.window_messages", "must be >= 0 (0 = no window)")
     _check(h.window_s >= 0, "history.window_s", "must be >= 0 (0 = no window)")
+    try:
+        validate_pattern(h.republish_prefix, max_subject_bytes)
+    except SubjectError as exc:
+        raise ConfigError("history.republish_prefix", f"{h.republish_prefix!r}: {exc}") from None
+    _check(
+        not any(c in h.republish_prefix for c in "*>"),
+        "history.republish_prefix",
+        "must be a plain subject (no wildcards)",
+    )
 
 
 def _validate_requests(r: Requests, max_subject_bytes: int) -> None:
