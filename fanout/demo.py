@@ -18,6 +18,7 @@ from collections.abc import Callable
 import msgspec
 import nats
 import uvloop
+from nats.aio.client import Client
 from nats.js.api import RePublish, StreamConfig
 from setproctitle import setproctitle
 
@@ -100,9 +101,7 @@ def side_processes() -> list[tuple[str, Callable[[Settings], int]]]:
     return [("demo-publisher", run_publisher), ("demo-orders", run_orders_service)]
 
 
-async def create_stream(
-    nc: nats.aio.client.Client, name: str, pattern: str, republish_prefix: str
-) -> None:
+async def create_stream(nc: Client, name: str, pattern: str, republish_prefix: str) -> None:
     """The stream recovery reads, republishing to ``<prefix>.<pattern>`` (demo and tests only:
     in production the streams are the operator's). Idempotent."""
     js = nc.jetstream()
