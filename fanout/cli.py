@@ -18,6 +18,9 @@ from fanout import __version__, settings
 from fanout.core.protocol import PROTOCOL_VERSION
 
 EXIT_CONFIG = 2
+#: ``--demo`` makes the ticks recoverable: the embedded nats-server runs JetStream and the
+#: demo publisher creates this stream (production streams are the operator's).
+DEMO_STREAMS = {"xy.md.>": "MD"}
 VERSION = f"fanout {__version__} (protocol v{PROTOCOL_VERSION})"
 
 
@@ -29,6 +32,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["server.host"] = "127.0.0.1"
         if not ({"WS_REQUEST_WHITELIST", "FANOUT_REQUESTS_WHITELIST"} & set(os.environ)):
             out["requests.whitelist"] = ["svc.orders.>"]
+        if not ({"FANOUT_HISTORY_STREAMS"} & set(os.environ)):
+            out["history.streams"] = dict(DEMO_STREAMS)
     for flag, path in (
         ("workers", "server.workers"),
         ("host", "server.host"),

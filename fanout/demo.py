@@ -68,6 +68,7 @@ def run_publisher(settings: Settings) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await create_streams(settings)
         await publish_ticks(
             settings.nats.urls[0], settings.demo.symbols, settings.demo.interval_s, stop
         )
@@ -99,6 +100,21 @@ def run_orders_service(settings: Settings) -> int:
 def side_processes() -> list[tuple[str, Callable[[Settings], int]]]:
     """The demo's processes beside the workers: the tick publisher and the order book."""
     return [("demo-publisher", run_publisher), ("demo-orders", run_orders_service)]
+
+
+async def create_streams(settings: Settings) -> None:
+    """The demo's ``[history]`` streams on the embedded nats-server (JetStream on)."""
+    history = settings.history
+    if not history.streams:
+        return
+    nc = await nats.connect(settings.nats.urls[0], name="fanout-demo-streams")
+    try:
+        for pattern, name in history.streams.items():
+            await create_stream(nc, name, pattern, history.republish_prefix)
+    except nats.errors.Error as exc:
+        log.error("demo streams not created", extra={"reason": repr(exc)})
+    finally:
+        await nc.close()
 
 
 async def create_stream(nc: Client, name: str, pattern: str, republish_prefix: str) -> None:

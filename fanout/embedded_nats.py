@@ -152,7 +152,7 @@ class LocalNats:
         if settings.nats.urls:
             return settings
         if self.server is None:
-            server = EmbeddedNats()
+            server = EmbeddedNats(jetstream=bool(settings.history.streams))
             try:
                 server.start()
             except (OSError, RuntimeError) as exc:
@@ -177,5 +177,5 @@ class LocalNats:
 
     def stop(self) -> None:
         if self.server is not None:
-            self.server.stop()
+            self.server.cleanup()
             self.server = None
