@@ -32,9 +32,23 @@ class _Op(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
     pass
 
 
+#: Stream sequences are uint64 in JetStream; beyond 2^53-1 JavaScript cannot hold them exactly.
+Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+
+
+class Since(msgspec.Struct, forbid_unknown_fields=True):
+    """v1.2 resume position: ``seq`` + ``epoch`` (as the gateway sent them), or ``time``."""
+
+    seq: Seq | None = None
+    epoch: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    time: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+
 class Sub(_Op, tag="sub"):
     id: Id
     subject: str
+    since: Since | None = None
+    last: Annotated[int, msgspec.Meta(ge=1, le=MAX_ID)] | None = None
 
 
 class Unsub(_Op, tag="unsub"):
@@ -196,6 +210,19 @@ def encode_msg(subject: str, payload: bytes, headers: Mapping[str, str] | None) 
     return b'{"op":"msg","subject":' + _encode(subject) + _body(payload, headers)
 
 
+def encode_msg_seq(
+    subject: str, seq: int, payload: bytes, headers: Mapping[str, str] | None
+) -> bytes:
+    """The ``msg`` frame of a recoverable subject: with its stream sequence (v1.2)."""
+    return (
+        b'{"op":"msg","subject":'
+        + _encode(subject)
+        + b',"seq":'
+        + str(seq).encode()
+        + _body(payload, headers)
+    )
+
+
 def reply(id: int, payload: bytes, headers: Mapping[str, str] | None) -> bytes:
     """The ``reply`` frame to a ``request``: same data/b64/hdr rule as ``msg``."""
     return b'{"op":"reply","id":' + _encode(id) + _body(payload, headers)
@@ -221,6 +248,10 @@ class Welcome(_Frame, tag="welcome"):
 class Ack(_Frame, tag="ack"):
     id: int
     expires_at: int | msgspec.UnsetType = msgspec.UNSET
+    #: v1.2, the sub of a recoverable subject: how its resume went, the stream's epoch.
+    recovered: bool | msgspec.UnsetType = msgspec.UNSET
+    epoch: str | msgspec.UnsetType = msgspec.UNSET
+    reason: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class Error(_Frame, tag="error"):
@@ -260,6 +291,25 @@ def welcome(conn: str, expires_at: int | None, limits: Limits) -> bytes:
 
 def ack(id: int, expires_at: int | msgspec.UnsetType = msgspec.UNSET) -> bytes:
     return _encode(Ack(id, expires_at))
+
+
+def recovery_ack(
+    id: int, epoch: str | None, recovered: bool | None, reason: str | None = None
+) -> bytes:
+    """The ack of a ``sub`` on a recoverable subject (v1.2).
+
+    ``epoch`` whenever the stream's is known; ``recovered`` only when the sub asked
+    to resume (``since``/``last``) or has no history; ``reason`` when not recovered.
+    """
+    unset = msgspec.UNSET
+    return _encode(
+        Ack(
+            id,
+            recovered=unset if recovered is None else recovered,
+            epoch=unset if epoch is None else epoch,
+            reason=unset if reason is None else reason,
+        )
+    )
 
 
 def error(

@@ -22,6 +22,7 @@ from fanout.core.protocol import (
     Limits,
     Ping,
     Request,
+    Since,
     Sub,
     Unsub,
     ack,
@@ -30,9 +31,11 @@ from fanout.core.protocol import (
     decode_client_frame,
     dropped,
     encode_msg,
+    encode_msg_seq,
     error,
     expiring,
     pong,
+    recovery_ack,
     reply,
     status,
     unsubscribed,
@@ -405,3 +408,64 @@ def test_a_one_mib_unknown_key_is_not_echoed_whole() -> None:
     assert len(err.message.encode()) <= MAX_ECHO_BYTES + len(CUT_MARK.encode())
     frame = json.loads(error(7, "XYW008", "m" * (1 << 20)))
     assert frame["message"] == "m" * MAX_ECHO_BYTES + CUT_MARK
+
+
+# --------------------------------------------------------------------------- v1.2 recovery
+
+
+def test_sub_with_since_or_last_decodes() -> None:
+    (op,) = decode_client_frame(
+        b'{"op":"sub","id":1,"subject":"xy.md.a","since":{"seq":41,"epoch":"E"}}'
+    )
+    assert isinstance(op, Sub) and op.since == Since(seq=41, epoch="E") and op.last is None
+    (op,) = decode_client_frame(
+        b'{"op":"sub","id":1,"subject":"xy.md.a","since":{"time":"2026-12-01T10:00:00Z"}}'
+    )
+    assert isinstance(op, Sub) and op.since == Since(time="2026-12-01T10:00:00Z")
+    (op,) = decode_client_frame(b'{"op":"sub","id":1,"subject":"xy.md.a","last":5}')
+    assert isinstance(op, Sub) and op.last == 5 and op.since is None
+
+
+@pytest.mark.parametrize(
+    "since_or_last",
+    [
+        b'"since":{"seq":-1,"epoch":"E"}',
+        b'"since":{"seq":9007199254740992,"epoch":"E"}',
+        b'"since":{"seq":1e3,"epoch":"E"}',
+        b'"since":{"seq":"1","epoch":"E"}',
+        b'"since":{"seq":1,"epoch":"E","x":1}',
+        b'"since":{"seq":1,"epoch":"' + b"e" * 65 + b'"}',
+        b'"since":"2026-12-01T10:00:00Z"',
+        b'"since":{"time":1764583200}',
+        b'"last":0',
+        b'"last":-5',
+        b'"last":"5"',
+    ],
+)
+def test_malformed_resume_fields_are_xyw008_keeping_the_id(since_or_last: bytes) -> None:
+    (err,) = decode_client_frame(b'{"op":"sub","id":9,"subject":"xy.md.a",' + since_or_last + b"}")
+    assert isinstance(err, FrameError) and err.code == "XYW008" and err.id == 9
+
+
+def test_msg_with_seq_and_the_recovery_acks() -> None:
+    frame = encode_msg_seq("xy.md.a", 42, b'{"p":1}', {"traceparent": "t"})
+    assert (
+        frame
+        == b'{"op":"msg","subject":"xy.md.a","seq":42,"data":{"p":1},"hdr":{"traceparent":"t"}}'
+    )
+    assert json.loads(encode_msg_seq("a", 1, b"\xff", None)) == {
+        "op": "msg",
+        "subject": "a",
+        "seq": 1,
+        "b64": "/w==",
+    }
+    assert recovery_ack(1, "E", True) == b'{"op":"ack","id":1,"recovered":true,"epoch":"E"}'
+    assert recovery_ack(1, "E", None) == b'{"op":"ack","id":1,"epoch":"E"}'
+    assert (
+        recovery_ack(2, "E", False, "gap")
+        == b'{"op":"ack","id":2,"recovered":false,"epoch":"E","reason":"gap"}'
+    )
+    assert (
+        recovery_ack(3, None, False, "no_history")
+        == b'{"op":"ack","id":3,"recovered":false,"reason":"no_history"}'
+    )
