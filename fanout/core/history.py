@@ -202,13 +202,15 @@ class Window(Generic[T]):
     age) moves it up to that entry's sequence.
     """
 
-    __slots__ = ("_items", "complete_after", "max_age_s", "max_items")
+    __slots__ = ("_floor", "_items", "complete_after", "max_age_s", "max_items")
 
     def __init__(self, max_items: int, max_age_s: float) -> None:
         self.max_items = max_items
         self.max_age_s = max_age_s
         self._items: deque[tuple[int, float, T]] = deque()
         self.complete_after: int | None = None
+        #: The highest sequence dropped (count or age): the window never vouches below it.
+        self._floor = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -230,7 +232,7 @@ class Window(Generic[T]):
             tail = items[-1][0] if items else self.complete_after
             if tail is None or previous != tail:
                 items.clear()
-                self.complete_after = previous
+                self.complete_after = self._floor = previous
         items.append((seq, at, item))
         self.expire(at)
 
@@ -239,15 +241,22 @@ class Window(Generic[T]):
         horizon = now - self.max_age_s
         while items and (len(items) > self.max_items or items[0][1] < horizon):
             seq, _, _ = items.popleft()
+            self._floor = seq
             if self.complete_after is not None and seq > self.complete_after:
                 self.complete_after = seq
 
     def learn(self, complete_after: int) -> None:
-        """A read covered everything up to ``complete_after``; live went on after it."""
-        if self.complete_after is None or complete_after < self.complete_after:
-            self.complete_after = complete_after
-            while self._items and self._items[0][0] <= complete_after:
-                self._items.popleft()
+        """Every live message after ``complete_after`` reached this window (a read covered
+        the stream up to it while the live subscription was already on)."""
+        known = max(complete_after, self._floor)
+        if self.complete_after is None or known < self.complete_after:
+            self.complete_after = known
+
+    def reset(self) -> None:
+        """Live delivery was interrupted (NATS down): vouch for nothing until learnt again."""
+        self._items.clear()
+        self.complete_after = None
+        self._floor = 0
 
     def after(self, seq: int) -> list[tuple[int, T]] | None:
         """Every message after ``seq``, or None when the window cannot vouch for that."""

@@ -178,8 +178,20 @@ def test_window_of_a_wildcard_learns_completeness_from_a_read() -> None:
     w.learn(10)  # a read covered everything up to 10
     assert w.after(10) == [(11, "b")]
     assert w.after(9) is None
+    w.learn(8)
+    assert w.after(8) == [(10, "a"), (11, "b")]
     w.add(11, NOW, "dup")  # not newer: ignored
     assert w.after(10) == [(11, "b")]
+
+
+def test_window_never_vouches_below_what_it_dropped() -> None:
+    w: Window[int] = Window(max_items=2, max_age_s=60)
+    for seq in (5, 6, 7):
+        w.add(seq, NOW, seq)
+    w.learn(3)  # a read up to 3, but 5 was dropped since
+    assert w.complete_after == 5 and w.after(5) == [(6, 6), (7, 7)]
+    w.reset()
+    assert w.after(7) is None and len(w) == 0
 
 
 def test_disabled_window_holds_nothing() -> None:
