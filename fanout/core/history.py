@@ -41,6 +41,12 @@ UNAVAILABLE: Reason = "unavailable"
 FUTURE_LEEWAY_S = 60.0
 
 T = TypeVar("T")
+M = TypeVar("M")
+
+#: Headers JetStream adds to a republished message; never passed on to clients.
+_REPUBLISH_HEADERS = frozenset(
+    {"nats-stream", "nats-subject", "nats-sequence", "nats-time-stamp", "nats-last-sequence"}
+)
 
 
 # -- which subscriptions are recoverable ------------------------------------------------------
@@ -95,6 +101,24 @@ def sequence_of(headers: bytes) -> tuple[int, int] | None:
     except ValueError:
         return None
     return seq, last
+
+
+def user_headers(headers: bytes) -> dict[str, str] | None:
+    """The publisher's own headers of a republished message (JetStream's removed).
+
+    Several values of one name are joined with ``, `` as on the live path.
+    """
+    out: dict[str, str] = {}
+    for line in headers.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        key = name.decode("latin-1").strip()
+        if key.lower() in _REPUBLISH_HEADERS:
+            continue
+        text = value.decode("utf-8", "replace").strip()
+        out[key] = f"{out[key]}, {text}" if key in out else text
+    return out or None
 
 
 # -- what a resume asks for -------------------------------------------------------------------
@@ -323,15 +347,15 @@ class Read(Generic[T]):
 
 
 @dataclass(frozen=True, slots=True)
-class Served(Generic[T]):
+class Served(Generic[T, M]):
     """A waiter's answer: its messages (sequence > its position), or the reason it gets none."""
 
     waiter: T
-    messages: list[tuple[int, bytes]]
+    messages: list[tuple[int, M]]
     reason: Reason | None
 
 
-class Reads(Generic[T]):
+class Reads(Generic[T, M]):
     """Resumes of one pattern by position; one read in flight at a time.
 
     A resume at position ``p`` joins the read in flight when that read starts
@@ -370,8 +394,8 @@ class Reads(Generic[T]):
         self._next = [w for w in self._next if w[0] is not waiter]
 
     def done(
-        self, messages: Iterable[tuple[int, bytes]], truncated: bool, reason: Reason | None = None
-    ) -> tuple[list[Served[T]], int | None]:
+        self, messages: Iterable[tuple[int, M]], truncated: bool, reason: Reason | None = None
+    ) -> tuple[list[Served[T, M]], int | None]:
         """The read in flight finished: answers, and where the next read starts (or None).
 
         ``messages``: sequence order, at most ``max_replay + 1`` (``truncated``: there
@@ -381,7 +405,7 @@ class Reads(Generic[T]):
         assert read is not None
         self.in_flight = None
         got = list(messages)
-        served: list[Served[T]] = []
+        served: list[Served[T, M]] = []
         retry: list[tuple[T, int]] = []
         for waiter, after in read.waiters:
             if reason is not None:

@@ -44,6 +44,15 @@ def test_sequence_from_raw_headers() -> None:
     assert history.sequence_of(b"NATS/1.0\r\nNats-Sequence: x\r\n\r\n") is None
 
 
+def test_user_headers_of_a_republished_message() -> None:
+    raw = (
+        b"NATS/1.0\r\nNats-Stream: MD\r\ntraceparent: 00-ab-cd-01\r\nNats-Sequence: 3\r\n"
+        b"X-Tag: a\r\nX-Tag: b\r\nNats-Last-Sequence: 1\r\n\r\n"
+    )
+    assert history.user_headers(raw) == {"traceparent": "00-ab-cd-01", "X-Tag": "a, b"}
+    assert history.user_headers(b"NATS/1.0\r\nNats-Sequence: 3\r\n\r\n") is None
+
+
 # -- resume_of --------------------------------------------------------------------------------
 
 
@@ -239,7 +248,7 @@ def _msgs(*seqs: int) -> list[tuple[int, bytes]]:
 
 
 def test_one_read_serves_every_resume_at_or_after_its_start() -> None:
-    reads: Reads[str] = Reads(max_replay=100)
+    reads: Reads[str, bytes] = Reads(max_replay=100)
     assert reads.want("a", 10) == 10
     assert [reads.want(f"c{i}", 10 + i % 3) for i in range(5000)] == [None] * 5000
     served, again = reads.done(_msgs(11, 12, 13), truncated=False)
@@ -252,7 +261,7 @@ def test_one_read_serves_every_resume_at_or_after_its_start() -> None:
 
 
 def test_an_older_position_waits_for_a_second_read() -> None:
-    reads: Reads[str] = Reads(max_replay=100)
+    reads: Reads[str, bytes] = Reads(max_replay=100)
     assert reads.want("new", 10) == 10
     assert reads.want("old", 5) is None
     assert reads.want("older", 3) is None
@@ -264,7 +273,7 @@ def test_an_older_position_waits_for_a_second_read() -> None:
 
 
 def test_limit_per_waiter_and_truncated_reads() -> None:
-    reads: Reads[str] = Reads(max_replay=2)
+    reads: Reads[str, bytes] = Reads(max_replay=2)
     reads.want("far", 0)
     reads.want("near", 3)
     # the read from 0 stopped at max_replay + 1 messages: "far" is over the limit;
@@ -281,7 +290,7 @@ def test_limit_per_waiter_and_truncated_reads() -> None:
 
 
 def test_a_failed_read_answers_every_waiter_and_a_waiter_can_leave() -> None:
-    reads: Reads[str] = Reads(max_replay=10)
+    reads: Reads[str, bytes] = Reads(max_replay=10)
     reads.want("a", 1)
     reads.want("b", 2)
     reads.want("gone", 2)
