@@ -315,6 +315,11 @@ on("close", ({ code, reason, reconnectInMs }) => {
 });
 on("status", ({ nats, code }) => { note(nats === "up" ? "good" : "bad", `NATS ${nats}${code ? ` (${code})` : ""}`); dirty = true; });
 on("dropped", ({ subject, count }) => note("warn", `dropped ${count} on ${subject} (XYW003)`, `drop:${subject}`));
+on("recovered", ({ subject, recovered, reason }) => note(
+  recovered ? "good" : "warn",
+  recovered ? `recovered ${subject}: nothing missed` : `${subject} not recovered (${reason}): state reloaded from live`,
+  `recovered:${subject}`,
+));
 on("unsubscribed", ({ subject, code }) => note("bad", `unsubscribed from ${subject} by the gateway (${code})`));
 on("error", ({ code, message, op, subject }) => note("bad", `${code}${op ? ` on ${op}` : ""}${subject ? ` ${subject}` : ""}: ${message}`));
 // the page's ?token= is its only token, so the client cannot renew it: say what to do instead

@@ -2,8 +2,10 @@
 /**
  * fanout browser client: one WebSocket to the gateway, subscriptions with
  * local fan-out to callbacks, v1.1 requests, reconnect with backoff and
- * resubscribe, idle ping, token renewal. Plain ES module, no dependencies.
- * The wire contract is the gateway's protocol.md (v1 + v1.1 `request`).
+ * resubscribe, idle ping, token renewal, v1.2 recovery (every subscription
+ * remembers the stream position and epoch it has seen and resumes from them after
+ * any reconnect). Plain ES module, no dependencies.
+ * The wire contract is the gateway's protocol.md (v1 + v1.1 `request` + v1.2 recovery).
  */
 
 export const PROTOCOL_VERSION = 1;
@@ -16,7 +18,7 @@ const REQUEST_GRACE_MS = 1_000;
 const MAX_BATCH_CHARS = 256 * 1024;
 
 /** @typedef {"idle"|"connecting"|"open"|"reconnecting"|"closed"} State */
-/** @typedef {{subject: string, data: unknown, hdr: Record<string, string>|undefined, raw: Record<string, any>}} Message */
+/** @typedef {{subject: string, data: unknown, hdr: Record<string, string>|undefined, seq: number|undefined, raw: Record<string, any>}} Message */
 /** @typedef {(msg: Message) => void} MessageHandler */
 /** @typedef {() => (string|null|Promise<string|null>)} TokenFn */
 /**
@@ -28,11 +30,15 @@ const MAX_BATCH_CHARS = 256 * 1024;
  * @property {typeof WebSocket} [WebSocket] WebSocket implementation (default: globalThis.WebSocket)
  */
 /** @typedef {{messages: number, dropped: number, reconnects: number, lastCloseCode: number|null}} Stats */
-/** @typedef {{callbacks: Set<MessageHandler>, tokens: string[]|null}} Sub */
+/**
+ * A subscription; `seq`/`epoch`: the last stream position seen on it (recoverable subjects only).
+ * @typedef {{callbacks: Set<MessageHandler>, tokens: string[]|null, seq: number|null, epoch: string|null}} Sub
+ */
 /** @typedef {{data: unknown, hdr: Record<string, string>}} Reply */
 /**
- * A frame waiting for its answer; requests carry their encoded `text` and whether it was `sent`.
- * @typedef {{op: "sub"|"unsub"|"auth"|"request", subject?: string, token?: string, text?: string, sent?: boolean,
+ * A frame waiting for its answer; requests carry their encoded `text` and whether it was `sent`;
+ * a resuming `sub` whether it asked to resume.
+ * @typedef {{op: "sub"|"unsub"|"auth"|"request", subject?: string, token?: string, text?: string, sent?: boolean, resume?: boolean,
  *   resolve?: (v: Reply) => void, reject?: (e: FanoutError) => void, timer?: ReturnType<typeof setTimeout>}} Pending
  */
 
@@ -89,7 +95,10 @@ function reportAsync(err) {
 /**
  * Events (CustomEvent, payload in `detail`): open, close {code, reason, reconnectInMs}, welcome (frame),
  * status (frame), dropped {subject, count, code}, unsubscribed {subject, code}, error {id, code, message, op, subject},
- * expiring {expires_at}, authrenewed {expiresAt}, authfailed {code, reason}, statechange {state, previous}.
+ * expiring {expires_at}, authrenewed {expiresAt}, authfailed {code, reason}, statechange {state, previous},
+ * recovered {subject, recovered, reason, epoch} — after a reconnect, each recoverable subscription says
+ * whether it got everything it missed (`recovered: true`) or must reload its state (`false`, with the
+ * server's `reason`: gap, epoch, limit, no_history, unavailable); live delivery goes on either way.
  */
 export class FanoutClient extends EventTarget {
   /** @param {string} url ws(s)://host/ws @param {ClientOptions} [opts] */
@@ -140,7 +149,7 @@ export class FanoutClient extends EventTarget {
     let sub = this._subs.get(subject);
     if (!sub) {
       const wild = subject.split(".").some((t) => t === "*" || t === ">");
-      sub = { callbacks: new Set(), tokens: wild ? subject.split(".") : null };
+      sub = { callbacks: new Set(), tokens: wild ? subject.split(".") : null, seq: null, epoch: null };
       this._subs.set(subject, sub);
       if (wild) this._wild.add(sub);
       if (this._state === "open") this._track({ op: "sub", subject });
@@ -243,7 +252,7 @@ export class FanoutClient extends EventTarget {
     this._everOpened = true;
     this._setState("open");
     this._emit("open", { url: this.url });
-    for (const subject of this._subs.keys()) this._track({ op: "sub", subject });
+    for (const [subject, sub] of this._subs) this._resubscribe(subject, sub);
     for (const p of this._pending.values()) if (p.op === "request" && !p.sent) this._sendRequest(p);
     this._pingSentAt = 0;
     if (this._pingMs > 0) this._armPing(this._pingMs);
@@ -343,6 +352,14 @@ export class FanoutClient extends EventTarget {
     this._send(JSON.stringify({ ...f, id }));
   }
 
+  /** After a reconnect: resume from the last position seen, when there is one. @param {string} subject @param {Sub} sub */
+  _resubscribe(subject, sub) {
+    if (sub.seq === null || sub.epoch === null) return this._track({ op: "sub", subject });
+    const id = this._nextId++;
+    this._pending.set(id, { op: "sub", subject, resume: true });
+    this._send(JSON.stringify({ op: "sub", id, subject, since: { seq: sub.seq, epoch: sub.epoch } }));
+  }
+
   /** @param {Pending} p */
   _sendRequest(p) {
     p.sent = true;
@@ -399,6 +416,7 @@ export class FanoutClient extends EventTarget {
         const p = this._pending.get(f.id);
         if (!p || p.op === "request") return;
         this._pending.delete(f.id);
+        if (p.op === "sub") return this._subAck(p, f);
         if (p.op === "auth") {
           this._token = p.token ?? this._token;
           if ("expires_at" in f) this.expiresAt = f.expires_at;
@@ -440,6 +458,20 @@ export class FanoutClient extends EventTarget {
     }
   }
 
+  /** A `sub` ack: remember the stream's epoch and position; a resume reports how it went. @param {Pending} p @param {Record<string, any>} f */
+  _subAck(p, f) {
+    const sub = this._subs.get(/** @type {string} */ (p.subject));
+    if (!sub) return;
+    if (typeof f.epoch === "string") {
+      if (sub.epoch !== null && f.epoch !== sub.epoch) sub.seq = null;
+      sub.epoch = f.epoch;
+    }
+    if (typeof f.seq === "number" && (sub.seq === null || f.seq > sub.seq)) sub.seq = f.seq;
+    if (p.resume || "recovered" in f) {
+      this._emit("recovered", { subject: p.subject, recovered: f.recovered === true, reason: f.reason ?? null, epoch: sub.epoch });
+    }
+  }
+
   /** @param {Record<string, any>} f */
   _dispatch(f) {
     this.stats.messages++;
@@ -455,7 +487,9 @@ export class FanoutClient extends EventTarget {
 
   /** @param {Sub} sub @param {Message|null} m @param {Record<string, any>} f @returns {Message} */
   _deliver(sub, m, f) {
-    const msg = m ?? { subject: f.subject, data: decodePayload(f), hdr: f.hdr, raw: f };
+    const seq = typeof f.seq === "number" ? f.seq : undefined;
+    if (seq !== undefined && (sub.seq === null || seq > sub.seq)) sub.seq = seq;
+    const msg = m ?? { subject: f.subject, data: decodePayload(f), hdr: f.hdr, seq, raw: f };
     for (const cb of sub.callbacks) {
       try { cb(msg); } catch (e) { reportAsync(e); }
     }

@@ -16,7 +16,7 @@ from tests.conftest import Gateway, http_get
 RECORD_EVENTS = """(client) => {
   window.events = [];
   for (const type of ["open", "close", "welcome", "expiring", "authrenewed", "authfailed",
-                      "dropped", "error", "status", "unsubscribed"]) {
+                      "dropped", "error", "status", "unsubscribed", "recovered"]) {
     const record = (e) => window.events.push({type, at: performance.now(), detail: e.detail});
     client.addEventListener(type, record);
   }
