@@ -251,6 +251,8 @@ class Ack(_Frame, tag="ack"):
     #: v1.2, the sub of a recoverable subject: how its resume went, the stream's epoch.
     recovered: bool | msgspec.UnsetType = msgspec.UNSET
     epoch: str | msgspec.UnsetType = msgspec.UNSET
+    #: The stream position the subscription continues from (resume from here next time).
+    seq: int | msgspec.UnsetType = msgspec.UNSET
     reason: str | msgspec.UnsetType = msgspec.UNSET
 
 
@@ -294,12 +296,16 @@ def ack(id: int, expires_at: int | msgspec.UnsetType = msgspec.UNSET) -> bytes:
 
 
 def recovery_ack(
-    id: int, epoch: str | None, recovered: bool | None, reason: str | None = None
+    id: int,
+    epoch: str | None,
+    recovered: bool | None,
+    reason: str | None = None,
+    seq: int | None = None,
 ) -> bytes:
     """The ack of a ``sub`` on a recoverable subject (v1.2).
 
-    ``epoch`` whenever the stream's is known; ``recovered`` only when the sub asked
-    to resume (``since``/``last``) or has no history; ``reason`` when not recovered.
+    ``epoch`` and ``seq`` whenever the stream's state is known; ``recovered`` only
+    when the sub asked to resume (``since``/``last``); ``reason`` when not recovered.
     """
     unset = msgspec.UNSET
     return _encode(
@@ -307,6 +313,7 @@ def recovery_ack(
             id,
             recovered=unset if recovered is None else recovered,
             epoch=unset if epoch is None else epoch,
+            seq=unset if seq is None else seq,
             reason=unset if reason is None else reason,
         )
     )

@@ -459,7 +459,9 @@ def test_msg_with_seq_and_the_recovery_acks() -> None:
         "seq": 1,
         "b64": "/w==",
     }
-    assert recovery_ack(1, "E", True) == b'{"op":"ack","id":1,"recovered":true,"epoch":"E"}'
+    assert recovery_ack(1, "E", True, seq=9) == (
+        b'{"op":"ack","id":1,"recovered":true,"epoch":"E","seq":9}'
+    )
     assert recovery_ack(1, "E", None) == b'{"op":"ack","id":1,"epoch":"E"}'
     assert (
         recovery_ack(2, "E", False, "gap")

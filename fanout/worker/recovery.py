@@ -1,0 +1,304 @@
+"""Recovery in the worker (protocol v1.2): sequences on live messages, resumes answered.
+
+A client pattern covered by ``[history].streams`` is subscribed on NATS under
+its republished subject (``<prefix>.<pattern>``: the stream's ``RePublish``
+adds ``Nats-Sequence``), so the hub's key for it is that subject; everything
+else in the hub (router, NATS subscription state, overlaps, deferred acks) is
+unchanged. Per such key a :class:`Channel` keeps the in-memory window, the
+clients whose live messages are held while their replay is prepared (the seam)
+and the coalesced JetStream reads.
+
+A ``sub`` with ``since``/``last`` holds its live messages from the moment it is
+added; once the NATS subscription is live its answer is worked out (window,
+else one coalesced read), the replay goes into the client's outbox under the
+``disconnect`` policy (a client that cannot keep up is cut, 4003), then the
+held messages after the last replayed one, then the ack with ``recovered``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fanout.core import history, outbox, protocol, subjects, websocket
+from fanout.core.history import Reads, Reason, Resume, Seam, Streams, StreamState, Window
+from fanout.settings import Settings
+from fanout.worker.connection import OPEN
+from fanout.worker.history import HistoryReader, Stored, Unavailable
+
+if TYPE_CHECKING:
+    from fanout.worker.connection import Replies, WsConnection
+    from fanout.worker.hub import Hub
+
+log = logging.getLogger("fanout.recovery")
+
+#: A JetStream API request of recovery gives up after this long (then: ``unavailable``).
+JS_TIMEOUT_S = 2.0
+
+
+@dataclass(slots=True, eq=False)
+class Resuming:
+    """A ``sub`` of a recoverable pattern whose ack waits for recovery to answer."""
+
+    conn: WsConnection
+    key: str
+    op_id: int
+    replies: Replies
+    slot: int
+    #: What to replay; None: a plain sub (the ack only carries the epoch).
+    resume: Resume | None
+    #: Decided before asking the stream (``limit`` for ``last`` > max_replay).
+    reason: Reason | None = None
+    #: Where its live messages wait (a resume only); the answer goes out only while the
+    #: channel still holds this very seam (not after an unsub, nor to a later sub).
+    seam: Seam[outbox.Pending] | None = None
+
+
+class Channel:
+    """One recoverable key: its stream, window, held clients and reads."""
+
+    __slots__ = ("exact", "holding", "key", "pattern", "policy", "reads", "stream", "window")
+
+    def __init__(
+        self, key: str, pattern: str, stream: str, policy: int, settings: Settings
+    ) -> None:
+        h = settings.history
+        self.key = key
+        self.pattern = pattern
+        self.stream = stream
+        self.policy = policy
+        #: One subject, no wildcard: ``Nats-Last-Sequence`` proves the window complete.
+        self.exact = not subjects.is_wildcard(pattern)
+        self.window: Window[outbox.Pending] = Window(h.window_messages, h.window_s)
+        self.holding: dict[WsConnection, Seam[outbox.Pending]] = {}
+        self.reads: Reads[Resuming, outbox.Pending] = Reads(h.max_replay)
+
+
+class Recovery:
+    """The worker's recoverable keys and the answers to resumes."""
+
+    def __init__(self, settings: Settings, hub: Hub, reader: HistoryReader) -> None:
+        h = settings.history
+        self.settings = settings
+        self.hub = hub
+        self.reader = reader
+        self.streams = Streams(h.streams, h.republish_prefix)
+        self.max_replay = h.max_replay
+        self.hold_limit = settings.outbox.max_messages
+        self.channels: dict[str, Channel] = {}
+        #: Last known state per stream (the epoch acks carry); refreshed by every resume.
+        self.states: dict[str, StreamState] = {}
+        self._fetching: dict[str, asyncio.Task[StreamState]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- keys ------------------------------------------------------------------------------
+    def key_of(self, pattern: str) -> str:
+        """The hub's key (the NATS subject) of a client pattern."""
+        if self.streams and self.streams.stream_for(pattern) is not None:
+            return self.streams.live_subject(pattern)
+        return pattern
+
+    def is_history_key(self, key: str) -> bool:
+        return key in self.channels
+
+    def open(self, key: str, pattern: str, policy: int) -> None:
+        """The first client of a recoverable key: its window starts with the subscription."""
+        stream = self.streams.stream_for(pattern)
+        assert stream is not None
+        self.channels[key] = Channel(key, pattern, stream, policy, self.settings)
+
+    def close(self, key: str) -> None:
+        self.channels.pop(key, None)
+
+    def forget(self, conn: WsConnection, key: str) -> None:
+        """``conn`` left ``key`` (unsub or gone): drop what was held for it (a read in
+        flight still answers its waiter; :meth:`answer` then finds no seam and stops)."""
+        channel = self.channels.get(key)
+        if channel is not None:
+            channel.holding.pop(conn, None)
+
+    def hold(self, r: Resuming) -> None:
+        """A resuming sub: hold its live messages until its replay is sent."""
+        r.seam = self.channels[r.key].holding[r.conn] = Seam(self.hold_limit)
+
+    def interrupted(self) -> None:
+        """NATS went down: live messages may be missing from every window."""
+        for channel in self.channels.values():
+            channel.window.reset()
+        self.states.clear()
+
+    # -- live messages ----------------------------------------------------------------------
+    def item(self, subject: str, seq: int, data: bytes, headers: dict[str, str] | None) -> Any:
+        frame = protocol.encode_msg_seq(subject, seq, data, headers)
+        return (subject, websocket.text_frame(frame))
+
+    def on_live(
+        self, channel: Channel, seq: int, previous: int, item: outbox.Pending
+    ) -> dict[WsConnection, Seam[outbox.Pending]]:
+        """A live message of ``channel``: into its window; the clients to hold it for."""
+        channel.window.add(seq, time.monotonic(), item, previous if channel.exact else None)
+        return channel.holding
+
+    # -- answers ------------------------------------------------------------------------------
+    def live(self, r: Resuming) -> None:
+        """The NATS subscription of ``r.key`` is live: work out ``r``'s answer."""
+        self._spawn(self._serve(r))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def state(self, stream: str) -> StreamState:
+        """The stream's state, fresh; concurrent askers share one request."""
+        task = self._fetching.get(stream)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self.reader.state(stream))
+            self._fetching[stream] = task
+            task.add_done_callback(lambda _: self._fetching.pop(stream, None))
+        state = await asyncio.shield(task)
+        self.states[stream] = state
+        return state
+
+    async def _serve(self, r: Resuming) -> None:
+        channel = self.channels.get(r.key)
+        if channel is None or r.conn.state != OPEN:
+            return
+        try:
+            state = await self.state(channel.stream)
+        except Unavailable as exc:
+            log.warning("JetStream unavailable", extra={"reason": str(exc)})
+            self.answer(r, None, [], history.UNAVAILABLE if r.resume else None)
+            return
+        epoch, top = state.epoch, state.last_seq
+        resume = r.resume
+        if resume is None or r.reason is not None:
+            self.answer(r, epoch, [], r.reason, top)
+            return
+        reason = history.verdict(resume, state)
+        if reason is not None:
+            self.answer(r, epoch, [], reason, top)
+            return
+        window = channel.window
+        if resume.after is not None:
+            if resume.after >= top:
+                self.answer(r, epoch, [], None, top)
+                return
+            cached = window.after(resume.after)
+            if cached is not None:
+                self.answer(r, epoch, cached, None, top)
+                return
+            start = channel.reads.want(r, resume.after)
+            if start is not None:
+                self._spawn(self._read(channel, start, epoch))
+            return
+        cached = window.since(resume.time) if resume.time is not None else None
+        if cached is None and resume.last is not None:
+            cached = window.last(resume.last)
+        if cached is not None:
+            self.answer(r, epoch, cached, None, top)
+            return
+        try:
+            if resume.time is not None:
+                got, pending = await self.reader.read(
+                    channel.stream, channel.pattern, since=resume.time, limit=self.max_replay + 1
+                )
+                if pending > self.max_replay:
+                    self.answer(r, epoch, [], history.LIMIT, top)
+                    return
+            else:
+                assert resume.last is not None
+                got = await self.reader.last(channel.stream, channel.pattern, resume.last, state)
+        except Unavailable as exc:
+            log.warning("JetStream read failed", extra={"reason": str(exc)})
+            self.answer(r, epoch, [], history.UNAVAILABLE, top)
+            return
+        self.answer(r, epoch, self._items(got), None, top)
+
+    def _items(self, got: list[Stored]) -> list[tuple[int, outbox.Pending]]:
+        return [(m.seq, self.item(m.subject, m.seq, m.data, _without_nats(m.headers))) for m in got]
+
+    async def _read(self, channel: Channel, start: int | None, epoch: str) -> None:
+        """Coalesced reads of one channel until no resume waits for one."""
+        while start is not None:
+            try:
+                got, pending = await self.reader.read(
+                    channel.stream, channel.pattern, after=start, limit=self.max_replay + 1
+                )
+            except Unavailable as exc:
+                log.warning("JetStream read failed", extra={"reason": str(exc)})
+                top = None
+                served, next_start = channel.reads.done([], False, history.UNAVAILABLE)
+            else:
+                top = got[-1].seq if got else start
+                if pending <= len(got):
+                    channel.window.learn(top)
+                served, next_start = channel.reads.done(self._items(got), pending > len(got))
+            for s in served:
+                self.answer(s.waiter, epoch, s.messages, s.reason, top)
+            start = next_start
+
+    def answer(
+        self,
+        r: Resuming,
+        epoch: str | None,
+        replay: list[tuple[int, outbox.Pending]],
+        reason: Reason | None,
+        top: int | None = None,
+    ) -> None:
+        """Replay, then the held live messages after it, then the ack (or nothing: gone).
+
+        The ack's ``seq`` is where the subscription now stands: the highest of ``top``
+        (what the stream or the read had), the last replayed and the last released.
+        """
+        hub = self.hub
+        conn = r.conn
+        channel = self.channels.get(r.key)
+        if conn.state != OPEN or channel is None:
+            return
+        seam = r.seam
+        if seam is not None:
+            if channel.holding.get(conn) is not seam:
+                return
+            del channel.holding[conn]
+        last = 0
+        if reason is None and r.resume is not None:
+            last = r.resume.after or 0
+            for seq, item in replay:
+                if hub.enqueue(conn, item, outbox.DISCONNECT):
+                    hub.cut_slow_consumer(conn, "outbox full during replay")
+                    return
+                last = seq
+        if seam is not None:
+            if seam.overflow:
+                hub.cut_slow_consumer(conn, "live messages held during replay overflowed")
+                return
+            for seq, item in seam.release(last):
+                if hub.enqueue(conn, item, channel.policy):
+                    hub.cut_slow_consumer(conn, "outbox full")
+                    return
+                last = seq
+        conn.flush()
+        recovered = None if r.resume is None else reason is None
+        position = None if epoch is None else max(last, top or 0)
+        ack = protocol.recovery_ack(r.op_id, epoch, recovered, reason, position)
+        r.replies.fill(r.slot, ack)
+
+    def no_history(self, op_id: int) -> bytes:
+        """The ack of a resume on a subject no stream holds (live delivery goes on)."""
+        return protocol.recovery_ack(op_id, None, False, history.NO_HISTORY)
+
+    async def close_all(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _without_nats(headers: dict[str, str] | None) -> dict[str, str] | None:
+    if not headers:
+        return None
+    kept = {k: v for k, v in headers.items() if not k.lower().startswith("nats-")}
+    return kept or None
