@@ -12,6 +12,7 @@ import json
 import os
 import re
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -25,13 +26,29 @@ from fanout import runtime
 from fanout.embedded_nats import EmbeddedNats
 from tests.conftest import Gateway, http_get
 from tests.security.hostile import (
+    ORIGIN,
+    PROXY,
     Neighbour,
     Signer,
     connect_raw,
+    fresh_ip,
+    handshake,
+    read_json,
     start_gateway,
+    text,
+    upgrade_request,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+#: The module's shared gateway (``gw``): requests on, generous request rates, and a long write
+#: stall deadline, so that only the outbox cap can cut a client that stops reading.
+GATEWAY_ENV = {
+    "WS_REQUEST_WHITELIST": "svc.>",
+    "FANOUT_REQUESTS_RATE": "1000",
+    "FANOUT_REQUESTS_BURST": "1000",
+    "FANOUT_OUTBOX_WRITE_TIMEOUT_S": "120",
+}
 
 
 def worker_pid(gw: Gateway) -> int:
@@ -157,3 +174,205 @@ async def test_fd_exhaustion_keeps_the_worker_beating_and_serving(
     text = metrics_text(gw)
     assert not re.search(r"^fanout_worker_restarts_total\{[^}]*\} [1-9]", text, re.M)
     assert "worker heartbeat stopped" not in gw.logs()
+
+
+# -- 2. plain HTTP sockets: one request each, bounded, counted -------------------------------
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if value:
+                headers[name.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(lines[0].split(" ", 2)[1]), headers, body
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+    """True when the gateway ends the socket (EOF or reset) within 5 s, sending nothing more."""
+    try:
+        async with asyncio.timeout(5):
+            return await reader.read(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+async def test_keep_alive_http_socket_is_closed_after_one_answer(
+    gw: Gateway, neighbour: Neighbour
+) -> None:
+    reader, writer = await connect_raw(gw.port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, _ = await read_response(reader)
+        assert (status, headers["connection"]) == (200, "close")
+        # a second request trickled on the same socket is never answered: the socket is gone
+        writer.write(b"GET /healthz HTTP/1.1\r\n")
+        assert await closed_by_server(reader)
+    finally:
+        writer.transport.abort()
+    await neighbour.check()
+
+
+@pytest.fixture(scope="module")
+def capped_gw(
+    nats_mod: EmbeddedNats, keypair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """A worker capped at 4 sockets, silent ones cut after 2 s."""
+    gw = start_gateway(
+        tmp_path_factory.mktemp("capped"),
+        nats_mod.url,
+        keypair[1],
+        FANOUT_SERVER_MAX_CONNECTIONS="4",
+        FANOUT_SERVER_MAX_CONNECTIONS_PER_IP="0",
+        FANOUT_SERVER_HANDSHAKE_RATE_PER_IP="0",
+    )
+    yield gw
+    gw.stop()
+
+
+async def test_sockets_before_the_upgrade_count_toward_the_connection_cap(
+    capped_gw: Gateway, nc: NatsClient, signer: Signer
+) -> None:
+    gw = capped_gw
+    neighbour = Neighbour(nc, "xy.md.capped.neighbour")
+    await neighbour.start(gw.port, signer.token(sub="capped-neighbour"))
+    held = [await connect_raw(gw.port) for _ in range(3)]
+    try:
+        for _, writer in held:  # a partial head each: accepted before the next socket
+            writer.write(b"GET /healthz HTTP/1.1\r\n")
+        full = await handshake(gw.port, token=signer.token())
+        full.close()
+        assert (full.status, full.json()["message"]) == (503, "worker is full")
+        for reader, _ in held:  # cut at the handshake timeout, not kept for an hour
+            assert await closed_by_server(reader)
+    finally:
+        for _, writer in held:
+            writer.transport.abort()
+    fresh = await handshake(gw.port, token=signer.token())
+    fresh.close()
+    assert fresh.status == 101
+    await neighbour.check(count=10)
+    await neighbour.stop()
+
+
+# -- 7. a pipelined request never reaches aiohttp's parser (cap and redaction hold) -----------
+SECRET = "s3cr3t-api-key-0123456789"
+
+
+def oversize_request(secret: str) -> bytes:
+    return (
+        f"GET /healthz HTTP/1.1\r\nHost: a\r\nCookie: session={secret}\r\n"
+        f"X-Pad: {'p' * 20_000}\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize("same_packet", [True, False], ids=["one-write", "after-the-answer"])
+async def test_pipelined_oversize_request_is_never_parsed_or_logged(
+    gw: Gateway, neighbour: Neighbour, same_packet: bool
+) -> None:
+    secret = f"{SECRET}-{same_packet}"
+    first = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+    reader, writer = await connect_raw(gw.port)
+    try:
+        if same_packet:
+            writer.write(first + oversize_request(secret))
+        else:
+            writer.write(first)
+        status, headers, _ = await read_response(reader)
+        assert (status, headers["connection"]) == (200, "close")
+        if not same_packet:
+            writer.write(oversize_request(secret))
+        assert await closed_by_server(reader)  # the second request gets no answer at all
+    finally:
+        writer.transport.abort()
+    # on a socket of its own, the same request is refused by the gateway's own cap
+    reader, writer = await connect_raw(gw.port)
+    try:
+        writer.write(oversize_request(secret))
+        status, _, body = await read_response(reader)
+        assert (status, json.loads(body)["code"]) == (431, "XYW008")
+    finally:
+        writer.transport.abort()
+    await neighbour.check()
+    assert secret not in gw.logs()
+    assert "Error handling request" not in gw.logs()
+
+
+# -- 3. request replies go through the bounded outbox ---------------------------------------
+REPLY_BYTES = 256 * 1024
+REQUESTS_EACH = 100
+
+
+def vm_rss(pid: int) -> int:
+    """The worker's resident set, in bytes (/proc/<pid>/status VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def deaf_client(port: int, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An upgraded client with a 4 KiB receive buffer that reads nothing after its welcome."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind((PROXY, 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer.write(upgrade_request(port, token=token, xff=fresh_ip(), origin=ORIGIN))
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    assert (await read_json(reader))[0]["op"] == "welcome"
+    return reader, writer
+
+
+async def test_replies_to_a_client_that_stops_reading_are_bounded(
+    gw: Gateway, nc: NatsClient, signer: Signer, neighbour: Neighbour
+) -> None:
+    big = b'"' + b"x" * REPLY_BYTES + b'"'
+
+    async def respond(msg: object) -> None:
+        await msg.respond(big)  # type: ignore[attr-defined]
+
+    sub = await nc.subscribe("svc.big", cb=respond)
+    await nc.flush()
+    pid = worker_pid(gw)
+    before = vm_rss(pid)
+    cuts_before = metric_value(metrics_text(gw), 'fanout_disconnects_total{close_code="4003"}')
+    clients = [await deaf_client(gw.port, signer.token(requests=["svc.>"])) for _ in range(4)]
+    peak = before
+    try:
+        for n in range(REQUESTS_EACH // 10):
+            ops = [
+                {"op": "request", "id": n * 10 + i, "subject": "svc.big", "data": None}
+                for i in range(10)
+            ]
+            for _, writer in clients:
+                writer.write(text(ops))
+            await asyncio.sleep(0)
+            peak = max(peak, vm_rss(pid))
+
+        def all_cut() -> bool:
+            nonlocal peak
+            peak = max(peak, vm_rss(pid))
+            cut = metric_value(metrics_text(gw), 'fanout_disconnects_total{close_code="4003"}')
+            return cut - cuts_before >= 4
+
+        await wait_for("4 clients cut with 4003", all_cut)
+    finally:
+        print(f"worker RSS before {before >> 20} MiB, peak {peak >> 20} MiB")  # for the docs
+        for _, writer in clients:
+            writer.transport.abort()
+        await sub.unsubscribe()
+    assert peak - before < 64 << 20
+    await neighbour.check(count=20)
+    _, body, _ = http_get(gw.http + "/healthz")
+    assert json.loads(body)["natsConnected"] is True
+    assert "NATS error" not in gw.logs()
+    assert "NATS disconnected" not in gw.logs()
