@@ -195,7 +195,8 @@ class Worker:
         if settings.requests.whitelist:
             gateway.requests = RequestBroker(settings, link)
         app = build_app(self.state_dir, self.state, settings.server.ready_quorum, settings.ws.path)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        # one request per socket (see gate.py): a body is never read, so never wait for one
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, lingering_time=0)
         await runner.setup()
         http_factory = runner.server
         assert http_factory is not None
