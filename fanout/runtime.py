@@ -11,6 +11,10 @@ It is also prometheus-client's ``PROMETHEUS_MULTIPROC_DIR``. Files in it:
 - ``supervisor.json``: :class:`SupervisorState`, written by the supervisor.
 - ``*.db``: prometheus-client's multiprocess files.
 
+Apart from that directory, ``fanout serve`` holds one lock file per host:port
+(:func:`lock_port`): SO_REUSEPORT would let a second supervisor on the same
+port join the first one's listeners without a word.
+
 Every other write goes to a temporary name first and is renamed into place, so
 a reader sees a whole old file or a whole new one; torn or foreign files are
 skipped (a torn worker file is read again first), never fatal.
@@ -19,8 +23,10 @@ skipped (a torn worker file is read again first), never fatal.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -222,3 +228,44 @@ def read_restarts(state_dir: Path) -> dict[str, int]:
     """Worker restarts by reason since the supervisor started (empty if unknown)."""
     state = read_supervisor_state(state_dir)
     return dict(state.restarts) if state is not None else {}
+
+
+class PortTaken(Exception):
+    """Another ``fanout serve`` holds this host:port; the message names it and its pid."""
+
+
+def lock_dir() -> Path:
+    """Where serve locks live: per user, in ``$XDG_RUNTIME_DIR`` or else ``/tmp``.
+
+    Not ``$TMPDIR``: every ``fanout serve`` of this user must find the same
+    file, whatever its environment.
+    """
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime_dir) / "fanout" if runtime_dir else Path(f"/tmp/fanout-{os.getuid()}")
+
+
+def lock_port(host: str, port: int) -> int:
+    """Take the serve lock of ``host:port`` for this process and its children; its fd.
+
+    ``flock`` is released by the kernel when the last holder exits (forked
+    workers inherit it: while one still serves the port, it stays taken).
+    PortTaken names the holder's pid; OSError when the lock cannot be made.
+    """
+    directory = lock_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise OSError(f"{directory} is not a directory of this user")
+    path = directory / f"serve-{host}-{port}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise PortTaken(
+            f"port {port} on {host} is already served by the fanout supervisor pid {holder}"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -25,9 +25,11 @@ start with SIGINT/SIGHUP ignored (Ctrl-C reaches the whole process group) and
 get SIGTERM from Linux if the supervisor dies (PR_SET_PDEATHSIG).
 
 Exit codes: 0 after a stop that was asked for (graceful or quick: the operator
-asked, it stopped); 1 on a supervisor bug; 2 when the gateway cannot start (state
-directory, embedded nats-server, or no worker ever booted), with one line
-``fanout: <reason>`` on stderr.
+asked, it stopped); 1 on a supervisor bug; 2 when the gateway cannot start (the
+port already served by another ``fanout serve``, state directory, embedded
+nats-server, or no worker ever booted), with one line ``fanout: <reason>`` on
+stderr. The port is locked per host:port (:func:`fanout.runtime.lock_port`)
+before anything else starts.
 
 Besides the workers' own files (see :mod:`fanout.runtime`), the supervisor
 writes ``supervisor.json`` in the state directory whenever it changes::
@@ -179,6 +181,7 @@ class Supervisor:
         self._step: tuple[_Child, _Child, float] | None = None
         self._before_roll: tuple[Settings, Settings, int] | None = None
         self._pid = os.getpid()
+        self._port_lock: int | None = None  # the serve lock's fd, held for life
 
     def run(self) -> int:
         """Serve until asked to stop; the exit code of `fanout serve`."""
@@ -291,6 +294,13 @@ class Supervisor:
 
     def _boot(self) -> None:
         setproctitle(self._title())
+        server = self._settings.server
+        try:
+            self._port_lock = runtime.lock_port(server.host, server.port)
+        except runtime.PortTaken as exc:
+            raise _Halt(str(exc)) from None
+        except OSError as exc:
+            raise _Halt(f"cannot take the lock of port {server.port}: {exc}") from None
         try:
             runtime.make_state_dir(self.state_dir)
         except (OSError, RuntimeError) as exc:

@@ -376,3 +376,31 @@ async def test_replies_to_a_client_that_stops_reading_are_bounded(
     assert json.loads(body)["natsConnected"] is True
     assert "NATS error" not in gw.logs()
     assert "NATS disconnected" not in gw.logs()
+
+
+# -- 13. a second `fanout serve` on the same port is refused ---------------------------------
+async def test_second_serve_on_the_same_port_exits_2_naming_the_first(
+    gw: Gateway, neighbour: Neighbour
+) -> None:
+    assert gw.proc is not None
+    second = subprocess.Popen(
+        [sys.executable, "-m", "fanout.cli", "serve", *gw.args],
+        env=gw.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        _, err = await asyncio.to_thread(second.communicate, timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(second.pid, 9)
+        second.wait()
+        raise AssertionError("a second `fanout serve` on the same port kept running") from None
+    assert second.returncode == 2
+    plain = [ln for ln in err.decode().splitlines() if not ln.startswith("{")]
+    assert plain == [
+        f"fanout: port {gw.port} on 127.0.0.1 is already served by the fanout supervisor "
+        f"pid {gw.proc.pid}"
+    ]
+    assert http_get(gw.http + "/readyz")[0] == 200
+    await neighbour.check()
