@@ -40,7 +40,8 @@ from fanout.worker.gate import Gate
 from fanout.worker.gateway import Gateway
 from fanout.worker.hub import Hub
 from fanout.worker.jwks import JwksCache
-from fanout.worker.nats_link import NatsAuthError, NatsLink
+from fanout.worker.nats_auth import NatsAuthError
+from fanout.worker.nats_link import NatsLink
 from fanout.worker.requests import RequestBroker
 from fanout.worker.revocation import Denylist, DenylistError
 
