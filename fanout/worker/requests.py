@@ -276,7 +276,8 @@ class RequestBroker:
                 else:
                     hdr.pop(metadata.TRACESTATE, None)
                 hdr.setdefault(metadata.CORRELATION_ID, headers[metadata.CORRELATION_ID])
-                frame = protocol.reply(op_id, msg.data, hdr)
+                if conn.state == OPEN:  # a reply to a closed client is dropped unencoded
+                    frame = protocol.reply(op_id, msg.data, hdr)
         finally:
             left = self.in_flight.pop(conn, 1) - 1
             if left > 0:
@@ -288,7 +289,8 @@ class RequestBroker:
             metrics.REQUESTS.labels(label).inc()
         else:
             frame = self._refuse(conn, op_id, code, f"{message} on {ctx.subject}", label)
-        self._deliver(conn, websocket.text_frame(frame))
+        if conn.state == OPEN:
+            self._deliver(conn, websocket.text_frame(frame))
 
     @staticmethod
     def _deliver(conn: WsConnection, frame: bytes) -> None:
@@ -300,8 +302,6 @@ class RequestBroker:
         this reply must fit in ``outbox.max_bytes``; a reply alone may exceed
         it when nothing else is pending, as a message may.
         """
-        if conn.state != OPEN:
-            return
         pending = conn.transport.get_write_buffer_size() + conn.queue.nbytes
         if pending and pending + len(frame) > conn.queue.max_bytes:
             conn.hub.cut_slow_consumer(conn, "outbox full")

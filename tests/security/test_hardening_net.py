@@ -304,7 +304,10 @@ async def test_pipelined_oversize_request_is_never_parsed_or_logged(
 
 # -- 3. request replies go through the bounded outbox ---------------------------------------
 REPLY_BYTES = 256 * 1024
-REQUESTS_EACH = 100
+#: 4 clients x 48 replies x 256 KiB = 48 MiB: well past what a client may have pending (its
+#: outbox, 1 MiB, plus the kernel's socket buffers), and under nats-server's max_pending
+#: (64 MiB) for the worker's link even if the worker read nothing during the burst.
+REQUESTS_EACH = 48
 
 
 def vm_rss(pid: int) -> int:
@@ -348,10 +351,10 @@ async def test_replies_to_a_client_that_stops_reading_are_bounded(
     clients = [await deaf_client(gw.port, signer.token(requests=["svc.>"])) for _ in range(4)]
     peak = before
     try:
-        for n in range(REQUESTS_EACH // 10):
+        for n in range(REQUESTS_EACH // 8):
             ops = [
-                {"op": "request", "id": n * 10 + i, "subject": "svc.big", "data": None}
-                for i in range(10)
+                {"op": "request", "id": n * 8 + i, "subject": "svc.big", "data": None}
+                for i in range(8)
             ]
             for _, writer in clients:
                 writer.write(text(ops))
