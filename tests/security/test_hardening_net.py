@@ -264,9 +264,9 @@ SECRET = "s3cr3t-api-key-0123456789"
 
 
 def oversize_request(secret: str) -> bytes:
+    """A 20 KB Cookie header that starts with ``secret`` (a parser's error would quote it)."""
     return (
-        f"GET /healthz HTTP/1.1\r\nHost: a\r\nCookie: session={secret}\r\n"
-        f"X-Pad: {'p' * 20_000}\r\n\r\n"
+        f"GET /healthz HTTP/1.1\r\nHost: a\r\nCookie: session={secret}; pad={'p' * 20_000}\r\n\r\n"
     ).encode()
 
 
