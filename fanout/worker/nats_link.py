@@ -95,9 +95,7 @@ class NatsLink:
                 if fatal is not None:
                     self._auth_failed = fatal
                     self._first_outcome.set()
-                log.error(
-                    "NATS connect failed", extra={"code": Code.NATS_DOWN, "reason": str(exc)}
-                )
+                log.error("NATS connect failed", extra={"code": Code.NATS_DOWN, "reason": str(exc)})
                 await asyncio.sleep(self.cfg.reconnect_wait_s)
                 continue
             self.nc = nc
