@@ -295,12 +295,15 @@ class Supervisor:
     def _boot(self) -> None:
         setproctitle(self._title())
         server = self._settings.server
-        try:
-            self._port_lock = runtime.lock_port(server.host, server.port)
-        except runtime.PortTaken as exc:
-            raise _Halt(str(exc)) from None
-        except OSError as exc:
-            raise _Halt(f"cannot take the lock of port {server.port}: {exc}") from None
+        if server.port:  # port 0: every worker gets a port of its own, nothing to share
+            try:
+                self._port_lock = runtime.lock_port(server.host, server.port)
+            except (runtime.PortTaken, OSError) as exc:
+                with contextlib.suppress(OSError):
+                    self.state_dir.rmdir()  # the fresh, empty directory `fanout serve` made
+                if isinstance(exc, runtime.PortTaken):
+                    raise _Halt(str(exc)) from None
+                raise _Halt(f"cannot take the lock of port {server.port}: {exc}") from None
         try:
             runtime.make_state_dir(self.state_dir)
         except (OSError, RuntimeError) as exc:
