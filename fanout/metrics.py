@@ -236,6 +236,17 @@ def build_labels() -> dict[str, str]:
     return labels
 
 
+#: The steps of a worker's periodic task: the only values of the ``step`` label.
+PERIODIC_STEPS = ("load", "process", "sweep", "ping", "heartbeat", "title")
+PERIODIC_ERRORS = Counter(
+    "fanout_periodic_errors",
+    "Exceptions in a worker's periodic task by step (the task logs each kind once and goes on)",
+    ["step"],
+)
+for _step in PERIODIC_STEPS:
+    PERIODIC_ERRORS.labels(_step)
+
+
 class GatewayCollector(Collector):
     """Series that come from the shared state files rather than from counters."""
 

@@ -145,10 +145,18 @@ class Gateway:
             wait = self.handshake_rate.allow(key, time.monotonic())
             if wait:
                 raise self._refuse("handshake_rate", "too many handshakes from this address", wait)
-        if len(self.hub.connections) >= self.max_connections:
+        if self.sockets_held() > self.max_connections:
             raise self._refuse("worker_full", "worker is full", 5)
         if srv.max_connections_per_ip and self.per_ip[key] >= srv.max_connections_per_ip:
             raise self._refuse("per_ip", "too many connections from this address", 5)
+
+    def sockets_held(self) -> int:
+        """Every client socket this worker holds (the one asking included): the cap is on fds.
+
+        WebSocket connections, closing ones, and sockets before the upgrade
+        (request head pending, or a plain HTTP request being answered).
+        """
+        return len(self.hub.connections) + len(self.closing) + len(self.pending_handshakes)
 
     def _refuse_principal(self, principal: Principal | None) -> None:
         cap = self.settings.server.max_connections_per_principal

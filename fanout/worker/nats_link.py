@@ -4,17 +4,14 @@ nats-py closes a client for good on most ``-ERR`` even with infinite
 reconnects, so ``closed_cb`` is treated as fatal for the link: a new client is
 built and every wanted subscription is made again. The hub says which patterns
 it wants (``want``/``unwant``); this module owns the Subscription objects.
+Which connect failures end the boot is :mod:`fanout.worker.nats_auth`'s call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
-import ssl
 from collections.abc import Callable
-from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -23,119 +20,19 @@ from nats.aio.subscription import Subscription
 
 from fanout.errors import Code
 from fanout.settings import Nats
+from fanout.worker.nats_auth import (
+    NatsAuthError,
+    check_files,
+    connect_options,
+    fatal_reason,
+    may_hide_refused_certificate,
+    refused_client_certificate,
+)
 
 log = logging.getLogger("fanout.nats")
 
-#: An NKey seed: 'S', the key type, then base32 (58 characters in all).
-_SEED_RE = re.compile(r"S[A-Z][A-Z2-7]{56}")
-
 OnMessage = Callable[[str, Msg], None]
 OnStatus = Callable[[bool], None]
-
-
-class NatsAuthError(Exception):
-    """Credentials or TLS refused, or their files unusable: retrying will not help.
-
-    The message starts with the setting to fix (``nats.tls_ca: ...``) and never
-    holds a secret.
-    """
-
-
-def _tls_context(cfg: Nats) -> ssl.SSLContext | None:
-    if not (cfg.tls_ca or cfg.tls_cert or any(u.startswith("tls://") for u in cfg.urls)):
-        return None
-    try:
-        ctx = ssl.create_default_context(cafile=cfg.tls_ca)
-    except (OSError, ssl.SSLError) as exc:
-        raise NatsAuthError(f"nats.tls_ca: cannot load {cfg.tls_ca}: {_why(exc)}") from None
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cfg.tls_cert and cfg.tls_key:
-        try:
-            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise NatsAuthError(
-                f"nats.tls_cert: cannot load {cfg.tls_cert} with its key: {_why(exc)}"
-            ) from None
-    return ctx
-
-
-def _why(exc: OSError) -> str:
-    """An OS or TLS error in a few words (no paths beyond the one we name, no secrets)."""
-    if isinstance(exc, ssl.SSLError):
-        return str(exc.reason or "invalid PEM")
-    return exc.strerror or type(exc).__name__
-
-
-def _credential_setting(cfg: Nats) -> str:
-    return "nats.creds" if cfg.creds else "nats.nkey_seed" if cfg.nkey_seed else "nats.urls"
-
-
-def fatal_reason(exc: BaseException, cfg: Nats) -> str | None:
-    """Why ``exc`` means our own configuration is wrong (setting first), or None to retry.
-
-    Our CA does not trust the server → ``nats.tls_ca``; the server refuses our
-    client certificate (TLS alert) → ``nats.tls_cert``; the server refuses our
-    credentials → ``nats.creds`` / ``nats.nkey_seed``.
-    """
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"nats.tls_ca: the NATS server's certificate is not trusted ({exc.verify_message})"
-    if isinstance(exc, ssl.SSLError) and "ALERT" in str(exc.reason):
-        return f"nats.tls_cert: the NATS server refused the client certificate ({exc.reason})"
-    if _is_auth_error(exc):
-        return f"{_credential_setting(cfg)}: the NATS server rejected the credentials"
-    if isinstance(exc, ModuleNotFoundError) and exc.name == "nkeys":
-        return (
-            f"{_credential_setting(cfg)}: NKey and creds authentication need the 'nkeys' "
-            "package (pip install 'nats-py[nkeys]')"
-        )
-    return None
-
-
-def check_files(cfg: Nats) -> None:
-    """Fail fast, naming the setting, when a credential or TLS file cannot be read."""
-    files = [("nats.tls_ca", cfg.tls_ca), ("nats.tls_cert", cfg.tls_cert)]
-    files += [("nats.tls_key", cfg.tls_key), ("nats.creds", cfg.creds)]
-    seed = cfg.nkey_seed
-    if seed and not os.path.isfile(seed) and _SEED_RE.fullmatch(seed.strip()) is None:
-        raise NatsAuthError("nats.nkey_seed: neither a readable file nor an NKey seed (S...)")
-    for setting, path in files:
-        if path is None:
-            continue
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as exc:
-            raise NatsAuthError(f"{setting}: cannot read {path}: {_why(exc)}") from None
-    _tls_context(cfg)
-
-
-def connect_options(cfg: Nats) -> dict[str, Any]:
-    """nats-py keyword arguments for our settings (credentials by reference, never logged)."""
-    opts: dict[str, Any] = {
-        "servers": list(cfg.urls),
-        "name": cfg.name,
-        "connect_timeout": cfg.connect_timeout_s,
-        "reconnect_time_wait": cfg.reconnect_wait_s,
-        "max_reconnect_attempts": -1,
-        "allow_reconnect": True,
-        "dont_randomize": False,
-    }
-    tls = _tls_context(cfg)
-    if tls is not None:
-        opts["tls"] = tls
-    if cfg.creds:
-        opts["user_credentials"] = cfg.creds
-    if cfg.nkey_seed:
-        if os.path.isfile(cfg.nkey_seed):
-            opts["nkeys_seed"] = cfg.nkey_seed
-        else:
-            opts["nkeys_seed_str"] = cfg.nkey_seed
-    return opts
-
-
-def _is_auth_error(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, nats.errors.AuthorizationError) or "authorization" in text
 
 
 class NatsLink:
@@ -198,9 +95,7 @@ class NatsLink:
                 if fatal is not None:
                     self._auth_failed = fatal
                     self._first_outcome.set()
-                log.error(
-                    "NATS connect failed", extra={"code": Code.NATS_DOWN, "reason": str(exc)}
-                )
+                log.error("NATS connect failed", extra={"code": Code.NATS_DOWN, "reason": str(exc)})
                 await asyncio.sleep(self.cfg.reconnect_wait_s)
                 continue
             self.nc = nc
@@ -249,7 +144,10 @@ class NatsLink:
     async def _on_error(self, exc: Exception) -> None:
         """nats-py retries its first connect forever: a fatal error at boot must end it."""
         reason = fatal_reason(exc, self.cfg)
-        if reason is not None and not self._first_outcome.is_set():
+        booting = not self._first_outcome.is_set()
+        if reason is None and booting and may_hide_refused_certificate(exc, self.cfg):
+            reason = await refused_client_certificate(self.cfg)
+        if reason is not None and booting:
             raise NatsAuthError(reason)
         log.warning("NATS error", extra={"code": Code.NATS_DOWN, "reason": reason or str(exc)})
 

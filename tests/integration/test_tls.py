@@ -29,6 +29,9 @@ from nats.aio.client import Client as NatsClient
 
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats
+from fanout.settings import Nats
+from fanout.worker.nats_auth import NatsAuthError
+from fanout.worker.nats_link import NatsLink
 from tests.conftest import ROOT, Gateway, launch_gateway
 from tests.integration import pki
 from tests.integration.wsclient import WsClient
@@ -71,10 +74,20 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def nats_tls(certs: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
-    """nats-server running the deploy config unchanged; its variables come from the env."""
+    """nats-server running the deploy config, forced to TLS 1.3; its variables come from the env.
+
+    With TLS 1.3 the server checks the client certificate after the handshake
+    has completed on the client's side: a refused certificate shows only on
+    the first read (alert, broken pipe or reset). Forcing 1.3 makes the tests
+    exercise that path on every machine.
+    """
     conf_dir = tmp_path_factory.mktemp("nats-conf")
     for name in ("nats-server.conf", "gateway-account.conf"):
         shutil.copy(DEPLOY / name, conf_dir / name)
+    conf = conf_dir / "nats-server.conf"
+    deploy_tls = "tls {\n"
+    assert conf.read_text().count(deploy_tls) == 1
+    conf.write_text(conf.read_text().replace(deploy_tls, deploy_tls + '  min_version: "1.3"\n'))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NATS_SERVER_CERT", str(certs.server.cert))
         mp.setenv("NATS_SERVER_KEY", str(certs.server.key))
@@ -396,6 +409,51 @@ def test_broken_tls_or_credentials_stop_the_boot_naming_the_setting(
     everything = out.stdout + out.stderr
     for secret in (certs.gateway_user.seed, stranger_seed, certs.client.key.read_text()[40:80]):
         assert secret not in everything
+
+
+#: Our client certificate -> the alert a TLS 1.3 nats-server answers it with.
+CLIENT_CERT = {
+    "from another CA": ("stranger", "TLSV1_ALERT_UNKNOWN_CA"),
+    "none": (None, "TLSV13_ALERT_CERTIFICATE_REQUIRED"),
+}
+
+
+@pytest.mark.parametrize("client", list(CLIENT_CERT), ids=list(CLIENT_CERT))
+async def test_connection_lost_at_boot_is_classified_by_the_servers_alert(
+    client: str, certs: Pki, nats_tls: EmbeddedNats
+) -> None:
+    """TLS 1.3: nats-py may see only a broken pipe; the link asks the server what it meant."""
+    which, alert = CLIENT_CERT[client]
+    pem = certs.stranger if which else None
+    cfg = Nats(
+        urls=[f"tls://127.0.0.1:{nats_tls.port}"],
+        tls_ca=str(certs.ca.cert),
+        tls_cert=str(pem.cert) if pem else None,
+        tls_key=str(pem.key) if pem else None,
+        nkey_seed=certs.gateway_user.seed,
+        connect_timeout_s=1.0,
+    )
+    link = NatsLink(cfg, lambda pattern, msg: None, lambda up: None)
+    with pytest.raises(NatsAuthError) as refused:
+        await link._on_error(BrokenPipeError(32, "Broken pipe"))
+    assert str(refused.value) == (
+        f"nats.tls_cert: the NATS server refused the client certificate ({alert})"
+    )
+
+
+async def test_connection_lost_with_an_accepted_certificate_is_retried(
+    certs: Pki, nats_tls: EmbeddedNats
+) -> None:
+    cfg = Nats(
+        urls=[f"tls://127.0.0.1:{nats_tls.port}"],
+        tls_ca=str(certs.ca.cert),
+        tls_cert=str(certs.client.cert),
+        tls_key=str(certs.client.key),
+        nkey_seed=certs.gateway_user.seed,
+        connect_timeout_s=1.0,
+    )
+    link = NatsLink(cfg, lambda pattern, msg: None, lambda up: None)
+    await link._on_error(BrokenPipeError(32, "Broken pipe"))  # logged; nats-py retries
 
 
 async def test_deploy_account_gives_the_gateway_least_privilege(
