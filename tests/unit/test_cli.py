@@ -196,7 +196,7 @@ def test_check_config_refuses_a_missing_key_file_naming_setting_and_path(
     assert out.out == ""
     assert out.err == (
         f"fanout: invalid config: tls.key: cannot read {tmp_path / 'privkey.pem'}:"
-        " No such file or directory\n"
+        " No such file or directory (from FANOUT_TLS_KEY)\n"
     )
 
 
