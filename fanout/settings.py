@@ -351,7 +351,7 @@ def _literal_values(tp: Any) -> list[str]:
 
 
 def _number(value: float) -> str:
-    return f"{value:g}"
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def _rule(tp: Any) -> str | None:
@@ -378,6 +378,8 @@ def _rule(tp: Any) -> str | None:
 
 #: A failed ``Meta`` constraint, as opposed to a wrong type (``Expected `int`, got `str```).
 _CONSTRAINT_RE = re.compile(r"Expected `[^`]+` ")
+#: A number setting given text that is not one (``FANOUT_SERVER_PORT=80a``): echo the text.
+_NOT_A_NUMBER_RE = re.compile(r"Expected `(int|float)`, got `str`")
 
 
 def _shown(path: str, value: Any) -> str:
@@ -402,6 +404,10 @@ def _error_path(exc: msgspec.ValidationError, tree: Mapping[str, Any]) -> tuple[
         return "config", text
     ftype = FIELD_TYPES.get(path)
     index = parts[2].rstrip("]") if len(parts) > 2 else ""
+    number = _NOT_A_NUMBER_RE.fullmatch(message)
+    if number and not index:
+        kind = "an integer" if number.group(1) == "int" else "a number"
+        message = f"expected {kind}, got {_shown(path, tree[parts[0]][parts[1]])}"
     if _CONSTRAINT_RE.match(message):
         if index.isdigit():
             rule = _rule(typing.get_args(_unwrap(ftype))[0])
