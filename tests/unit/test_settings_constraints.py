@@ -239,3 +239,13 @@ def test_a_rule_about_a_setting_nobody_set_names_no_source() -> None:
         settings.load(environ={"FANOUT_JWT_ISSUER": "iss"})
     assert (err.value.field, err.value.source) == ("jwt.public_key", None)
     assert str(err.value).endswith("(or ws.auth_required = false)")
+
+
+def test_a_header_name_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
+    """msgspec searches a pattern: ``$`` would match before the newline, ``\\Z`` does not."""
+    path = tmp_path / "fanout.toml"
+    path.write_text('[jwt]\npublic_key = "k"\n[requests]\nallowed_headers = ["X-A\\n"]\n')
+    with pytest.raises(settings.ConfigError) as err:
+        settings.load(path, environ={}, check_files=False)
+    assert err.value.field == "requests.allowed_headers"
+    assert err.value.message == "'X-A\\n': must be a header name (an RFC 9110 token)"
