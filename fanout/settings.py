@@ -363,7 +363,7 @@ def _rule(tp: Any) -> str | None:
         return None
     if meta.pattern is not None:
         return f"must be {meta.description}"
-    if meta.min_length is not None:
+    if meta.min_length is not None:  # only ever 1: "this list needs an item"
         return "must not be empty"
     if meta.ge is not None and meta.le is not None:
         rule = f"{_number(meta.ge)}..{_number(meta.le)}"
@@ -383,13 +383,14 @@ _NOT_A_NUMBER_RE = re.compile(r"Expected `(int|float)`, got `str`")
 
 
 def _shown(path: str, value: Any) -> str:
-    """How a list item is echoed in an error: URL credentials never, secrets never."""
+    """How a value the user typed is echoed in an error: URL credentials and secrets never."""
     if path in SECRET_FIELDS:
         return "<redacted>"
     return repr(redact_url(value) if isinstance(value, str) else value)
 
 
 def _error_path(exc: msgspec.ValidationError, tree: Mapping[str, Any]) -> tuple[str, str]:
+    """``(setting, message)`` for msgspec's error in an operator's words: the rule, the item."""
     text = str(exc)
     message, sep, where = text.rpartition(" - at `$.")
     if not sep:
