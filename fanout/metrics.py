@@ -106,7 +106,7 @@ for _outcome in REQUEST_OUTCOMES:
     REQUESTS.labels(_outcome)
 
 #: Why a handshake was refused with 503 XYW007: the only values of the ``limit`` label.
-LIMITS = ("draining", "shedding", "handshake_rate", "worker_full", "per_ip", "per_principal")
+LIMITS = ("shedding", "handshake_rate", "worker_full", "per_ip", "per_principal")
 LIMIT_REFUSALS = Counter(
     "fanout_limit_refusals", "WebSocket handshakes refused by a connection limit", ["limit"]
 )

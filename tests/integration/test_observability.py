@@ -177,7 +177,6 @@ async def test_handshakes_by_outcome(gateway: Gateway, token: str) -> None:
         "refused_token_invalid",
         "refused_origin",
         "refused_malformed",
-        "refused_draining",
         "refused_shedding",
         "refused_handshake_rate",
         "refused_worker_full",

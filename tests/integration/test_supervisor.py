@@ -366,7 +366,7 @@ def test_reload_naming_a_missing_file_is_refused_before_any_fork(
     )
     assert refused == [
         "reload refused, keeping the old settings: invalid config: jwt.denylist_path:"
-        f" cannot read {missing}: No such file or directory"
+        f" cannot read {missing}: No such file or directory (from {gw.config})"
     ]
     assert {s.index: s.pid for s in gw.listening()} == old
     assert gw.supervisor().generation == 0

@@ -85,11 +85,10 @@ def test_every_serve_option_has_help() -> None:
 
 def token_claims(capsys: pytest.CaptureFixture[str], public: Path) -> dict[str, object]:
     token = capsys.readouterr().out.strip()
-    keys = KeySet.from_pem(str(public))
-    principal = TokenVerifier(algorithms=["RS256"], issuer=None, audience=None).verify_with(
-        token, keys
-    )
-    return dict(principal.claims)
+    key = KeySet.from_pem(str(public)).find(None)
+    assert key is not None
+    verifier = TokenVerifier(algorithms=["RS256"], issuer=None, audience=None)
+    return dict(verifier.verify(token, key).claims)
 
 
 def test_token_without_subjects_omits_the_claim_so_the_whitelist_applies(
@@ -196,7 +195,7 @@ def test_check_config_refuses_a_missing_key_file_naming_setting_and_path(
     assert out.out == ""
     assert out.err == (
         f"fanout: invalid config: tls.key: cannot read {tmp_path / 'privkey.pem'}:"
-        " No such file or directory\n"
+        " No such file or directory (from FANOUT_TLS_KEY)\n"
     )
 
 

