@@ -26,6 +26,7 @@ from fanout.core.subjects import SubjectError, validate_pattern
 
 Policy = Literal["drop_oldest", "latest", "disconnect"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "text"]
 
 
 class ConfigError(Exception):
@@ -135,6 +136,8 @@ class Outbox(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class Log(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     level: LogLevel = "info"
+    #: ``auto``: text when stderr is a terminal (a person), else JSON lines (a log shipper).
+    format: LogFormat = "auto"
 
 
 class Demo(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

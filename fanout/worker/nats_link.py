@@ -198,9 +198,7 @@ class NatsLink:
                 if fatal is not None:
                     self._auth_failed = fatal
                     self._first_outcome.set()
-                log.error(
-                    "NATS connect failed", extra={"code": Code.NATS_DOWN, "reason": str(exc)}
-                )
+                log.error("NATS connect failed", extra={"code": Code.NATS_DOWN, "reason": str(exc)})
                 await asyncio.sleep(self.cfg.reconnect_wait_s)
                 continue
             self.nc = nc
@@ -251,7 +249,8 @@ class NatsLink:
         reason = fatal_reason(exc, self.cfg)
         if reason is not None and not self._first_outcome.is_set():
             raise NatsAuthError(reason)
-        log.warning("NATS error", extra={"code": Code.NATS_DOWN, "reason": reason or str(exc)})
+        message = "NATS error" if self.connected else "NATS connect failed"
+        log.warning(message, extra={"code": Code.NATS_DOWN, "reason": reason or str(exc)})
 
     async def _on_disconnected(self) -> None:
         if self._stopping:
