@@ -1047,15 +1047,15 @@ def na(value: object, spec: str = "") -> str:
 
 def table(result: dict[str, Any]) -> str:
     lat = result["latency_ms"]
+    running = str(result["server"]).startswith(("ws://", "wss://"))
+    workers = "running gateway" if running else f"workers {na(result['workers'])}"
     if result["source"] == "demo ticks":
         scenario = f"{result['connections']} conns on {result['subjects']} demo tick subjects"
-        workers = "running gateway"
     else:
         scenario = (
             f"{result['connections']} conns, {result['subjects']} subjects, "
             f"{result['rate']} msg/s, burst {result['burst']}, {result['payload']} B"
         )
-        workers = f"workers {na(result['workers'])}"
     cpu = (
         "n/a (give --server-pid)"
         if result["server_cpu_us_per_delivery"] is None
