@@ -121,8 +121,9 @@ class _Repeat:
 class RepeatSummary:
     """Collapse identical warnings into the first one plus "… repeated N times in S s".
 
-    Identical means same logger, level, message and code (other fields, such as
-    the error text, may differ). The first line goes out; the rest within
+    Identical means same logger, level, message, code and pid (other fields, such
+    as the error text, may differ; a line about another process, such as the
+    supervisor's "worker exited", is another event). The first line goes out; the rest within
     ``window_s`` are counted. The summary goes out with the first line logged
     after the window ends, or earlier, just before a differing line of level
     ``flush_level`` or above (so "NATS connected" follows the count of failures
@@ -147,13 +148,20 @@ class RepeatSummary:
         self.level = level
         self.flush_level = flush_level
         self._clock = clock
-        self._tracked: dict[tuple[str, int, str, object], _Repeat] = {}
+        self._tracked: dict[tuple[str, int, str, object, object], _Repeat] = {}
 
     def admit(self, record: logging.LogRecord) -> list[logging.LogRecord]:
         """What to write now: due summaries, then ``record`` unless it is counted."""
         now = self._clock()
         out = self._expired(now)
-        key = (record.name, record.levelno, record.getMessage(), record.__dict__.get("code"))
+        fields = record.__dict__
+        key = (
+            record.name,
+            record.levelno,
+            record.getMessage(),
+            fields.get("code"),
+            fields.get("pid"),
+        )
         tracked = record.levelno >= self.level and not record.__dict__.get("summarised")
         seen = self._tracked.get(key) if tracked else None
         if seen is not None:
@@ -206,6 +214,7 @@ class RepeatSummary:
                 "msg": "%s … repeated %d times in %d s",
                 "args": (first.getMessage(), entry.count, seconds),
                 "code": first.__dict__.get("code"),
+                "pid": first.__dict__.get("pid"),
                 "fields": {"repeated": entry.count, "seconds": seconds},
             }
         )

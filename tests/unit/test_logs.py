@@ -197,6 +197,21 @@ def test_a_differing_line_flushes_the_count_but_alternating_repeats_stay_counted
     assert messages(summary.admit(record("A"))) == ["A"]
 
 
+def test_lines_about_different_processes_are_different_events() -> None:
+    clock = Clock()
+    summary = logs.RepeatSummary(window_s=60, max_keys=8, clock=clock)
+    out: list[logging.LogRecord] = []
+    for pid in (101, 102, 101):
+        out += summary.admit(record("worker exited", name="fanout.supervisor", pid=pid))
+    out += summary.admit(record("worker started", logging.INFO, name="fanout.supervisor"))
+    assert [(r.getMessage(), r.__dict__.get("pid")) for r in out] == [
+        ("worker exited", 101),
+        ("worker exited", 102),
+        ("worker exited … repeated 1 times in 0 s", 101),
+        ("worker started", None),
+    ]
+
+
 def test_summarising_memory_is_bounded_by_max_keys() -> None:
     clock = Clock()
     summary = logs.RepeatSummary(window_s=60, max_keys=4, clock=clock)
