@@ -27,6 +27,7 @@ from fanout.core.subjects import SubjectError, validate_pattern
 
 Policy = Literal["drop_oldest", "latest", "disconnect"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "text"]
 
 # Single-field rules live on the types as msgspec ``Meta`` constraints; ``_rule`` turns a
 # failed one into "must be ...". A ``pattern`` needs a ``description`` saying what it
@@ -166,6 +167,8 @@ class Outbox(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class Log(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     level: LogLevel = "info"
+    #: ``auto``: text when stderr is a terminal (a person), else JSON lines (a log shipper).
+    format: LogFormat = "auto"
 
 
 class Demo(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from fanout import metrics
+from fanout import logs, metrics
 from fanout.core import protocol, subjects, websocket
 from fanout.core.acl import SubjectAcl
 from fanout.core.auth import Principal
@@ -137,6 +137,7 @@ class WsConnection(asyncio.Protocol):
         if self.state != CLOSED:
             if self.state == OPEN:
                 metrics.DISCONNECTS.labels("1006").inc()
+                logs.connection_event(log, "connection closed", self, 1006, str(exc or "peer gone"))
             self.state = CLOSED
             self.gateway.forget(self)
 
@@ -214,6 +215,9 @@ class WsConnection(asyncio.Protocol):
             return
         self.state = CLOSING
         self.closing_since = time.monotonic()
+        logs.connection_event(
+            log, "connection closed", self, code, "by client" if by_client else reason
+        )
         if by_client:
             metrics.DISCONNECTS.labels("client").inc()
         else:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-from fanout import metrics
+from fanout import logs, metrics
 from fanout.core import websocket
 from fanout.errors import Code
 from fanout.worker.gateway import Gateway, Refusal
@@ -109,6 +109,7 @@ class Gate(asyncio.Protocol):
         finally:
             self.gateway.pending_handshakes.pop(self, None)
         metrics.HANDSHAKES.labels("accepted").inc()
+        logs.connection_event(log, "connection opened", conn)
         self.transport = None
         transport.set_protocol(conn)
         if rest:

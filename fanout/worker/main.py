@@ -332,7 +332,7 @@ class Worker:
 
 def run(settings: Settings, index: int, state_dir: Path) -> int:
     """Entry point of a forked worker; returns its exit code."""
-    logs.setup(settings.log.level, worker=index)
+    logs.setup(settings.log.level, worker=index, fmt=settings.log.format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     setproctitle(f"fanout worker {index} :{settings.server.port} [0 clients]")

@@ -149,7 +149,8 @@ class NatsLink:
             reason = await refused_client_certificate(self.cfg)
         if reason is not None and booting:
             raise NatsAuthError(reason)
-        log.warning("NATS error", extra={"code": Code.NATS_DOWN, "reason": reason or str(exc)})
+        message = "NATS error" if self.connected else "NATS connect failed"
+        log.warning(message, extra={"code": Code.NATS_DOWN, "reason": reason or str(exc)})
 
     async def _on_disconnected(self) -> None:
         if self._stopping:

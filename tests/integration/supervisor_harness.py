@@ -120,7 +120,7 @@ def main() -> int:
     os.environ["HARNESS_OUT"] = out
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     settings = load(config)
-    logs.setup(settings.log.level)
+    logs.setup(settings.log.level, fmt=settings.log.format)
     supervisor = Supervisor(
         settings,
         worker_target=tiny_worker,

@@ -224,3 +224,21 @@ def test_token_help_says_requests_fail_closed(capsys: pytest.CaptureFixture[str]
     assert exit_info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "without it the token may make no requests" in help_text
+
+
+def test_log_format_from_env_then_flag_and_a_wrong_one_lists_the_values(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def effective(*argv: str) -> str:
+        return cli.load_settings(cli.parser().parse_args(["serve", "--demo", *argv])).log.format
+
+    assert effective() == "auto"
+    clean_env.setenv("FANOUT_LOG_FORMAT", "text")
+    assert effective() == "text"
+    assert effective("--log-format", "json") == "json"
+    clean_env.setenv("FANOUT_LOG_FORMAT", "yaml")
+    with pytest.raises(SystemExit) as done:
+        cli.main(["check-config", "--demo"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fanout: invalid config: log.format: ") and "auto, json, text" in err
