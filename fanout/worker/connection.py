@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from fanout import metrics
-from fanout.core import protocol, subjects, websocket
+from fanout.core import protocol, websocket
 from fanout.core.acl import SubjectAcl
 from fanout.core.auth import Principal
 from fanout.core.outbox import ClientQueue
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fanout.conn")
 
+#: Ops run per loop turn: a 1000-op frame must not hold the loop (other clients wait).
+OPS_PER_TURN = 64
+
 OPEN = 0
 CLOSING = 1
 CLOSED = 2
@@ -36,6 +40,7 @@ CLOSED = 2
 class WsConnection(asyncio.Protocol):
     __slots__ = (
         "acl",
+        "backlog",
         "bucket",
         "closing_since",
         "conn_id",
@@ -43,7 +48,6 @@ class WsConnection(asyncio.Protocol):
         "gateway",
         "hub",
         "last_rx",
-        "overlapping",
         "parser",
         "paused",
         "paused_since",
@@ -81,7 +85,8 @@ class WsConnection(asyncio.Protocol):
         self.subs: dict[str, None] = {}
         #: The verified raw JWT, kept only for ``requests.forward_token``.
         self.token: str | None = None
-        self.overlapping = False
+        #: Ops of a long frame still to run, a slice per loop turn (see ``on_text``).
+        self.backlog: _Backlog | None = None
         self.dirty = False
         self.paused = False
         self.paused_since = 0.0
@@ -141,9 +146,22 @@ class WsConnection(asyncio.Protocol):
 
     # -- inbound ops ------------------------------------------------------
     def on_text(self, payload: bytes) -> None:
+        """Run a frame's ops in order; a long frame runs in slices that yield to the loop.
+
+        Replies of one frame go out together, in one frame (a ``sub`` ack that
+        waits for its pattern to be live comes later, on its own).
+        """
         ops = protocol.decode_client_frame(payload)
         if len(ops) > 1 and not self.bucket.take(len(ops) - 1, self.last_rx):
             self.close(Close.POLICY, "inbound rate limit")
+            return
+        backlog = self.backlog
+        if backlog is not None:
+            backlog.ops.extend(ops)
+            return
+        if len(ops) > OPS_PER_TURN:
+            self.backlog = _Backlog(ops)
+            self._work()
             return
         replies: list[bytes] = []
         for op in ops:
@@ -153,28 +171,49 @@ class WsConnection(asyncio.Protocol):
             if self.state != OPEN:
                 return
         if replies:
-            self.send_control(
-                websocket.text_frame(replies[0] if len(replies) == 1 else protocol.batch(replies))
-            )
+            self.send_replies(replies)
 
-    def add_sub(self, pattern: str) -> None:
-        if not self.overlapping:
-            self.overlapping = any(subjects.intersects(pattern, p) for p in self.subs)
+    def _work(self) -> None:
+        """One slice of the backlog, then yield (``call_soon``) until it is done."""
+        backlog = self.backlog
+        if backlog is None:
+            return
+        if self.state != OPEN:
+            self.backlog = None
+            return
+        ops, replies, handle = backlog.ops, backlog.replies, self.gateway.handle
+        for _ in range(min(OPS_PER_TURN, len(ops))):
+            reply = handle(self, ops.popleft())
+            if reply is not None:
+                replies.append(reply)
+            if self.state != OPEN:
+                self.backlog = None
+                return
+        if ops:
+            self.hub.loop.call_soon(self._work)
+            return
+        self.backlog = None
+        if replies:
+            self.send_replies(replies)
+
+    def send_replies(self, replies: list[bytes]) -> None:
+        self.send_control(
+            websocket.text_frame(replies[0] if len(replies) == 1 else protocol.batch(replies))
+        )
+
+    def send_acks(self, op_ids: list[int]) -> None:
+        """Acks released later (their patterns went live): one frame, nothing once closed."""
+        if self.state == OPEN:
+            self.send_replies([protocol.ack(op_id) for op_id in op_ids])
+
+    def add_sub(self, pattern: str, op_id: int) -> bool:
+        """Subscribe; True when live at once (else the hub sends the ack later)."""
         self.subs[pattern] = None
-        self.hub.subscribe(self, pattern)
+        return self.hub.subscribe(self, pattern, op_id)
 
     def remove_sub(self, pattern: str) -> None:
         del self.subs[pattern]
         self.hub.unsubscribe(self, pattern)
-        if self.overlapping:
-            pats = list(self.subs)
-            self.overlapping = any(
-                subjects.intersects(a, b) for i, a in enumerate(pats) for b in pats[i + 1 :]
-            )
-
-    def canonical_pattern(self, subject: str) -> str | None:
-        """The one subscription that delivers ``subject`` when several match (sorted first)."""
-        return min((p for p in self.subs if subjects.matches(p, subject)), default=None)
 
     # -- outbound ---------------------------------------------------------
     def flush(self) -> int:
@@ -217,6 +256,16 @@ class WsConnection(asyncio.Protocol):
         self.transport.write(websocket.close_frame(code, reason))
         self.transport.close()
         self.gateway.forget(self, closing=True)
+
+
+class _Backlog:
+    """The ops of a long frame not run yet, and the replies gathered so far."""
+
+    __slots__ = ("ops", "replies")
+
+    def __init__(self, ops: list[protocol.ClientOp | protocol.FrameError]) -> None:
+        self.ops = deque(ops)
+        self.replies: list[bytes] = []
 
 
 def _drop_notice(subject: str, count: int) -> bytes:

@@ -182,7 +182,7 @@ class Worker:
             settings.server.max_connections, settings.server.fd_headroom
         )
         metrics.CONNECTION_CAP.set(gateway.max_connections)
-        self.link = link = NatsLink(settings.nats, hub.on_nats_message, self.on_nats_status)
+        self.link = link = NatsLink(settings.nats, hub, self.on_nats_status)
         hub.link = link
         try:
             await link.start()

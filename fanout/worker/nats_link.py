@@ -3,7 +3,8 @@
 nats-py closes a client for good on most ``-ERR`` even with infinite
 reconnects, so ``closed_cb`` is treated as fatal for the link: a new client is
 built and every wanted subscription is made again. The hub says which patterns
-it wants (``want``/``unwant``); this module owns the Subscription objects.
+it wants (``want``/``unwant``); this module owns the Subscription objects and
+drives :class:`fanout.core.subscriptions.Subscriptions`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import os
 import re
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from fanout.core.overlap import Route
+from fanout.core.subscriptions import SUB, Subscriptions, Turn
 from fanout.errors import Code
 from fanout.settings import Nats
 
@@ -29,7 +32,6 @@ log = logging.getLogger("fanout.nats")
 #: An NKey seed: 'S', the key type, then base32 (58 characters in all).
 _SEED_RE = re.compile(r"S[A-Z][A-Z2-7]{56}")
 
-OnMessage = Callable[[str, Msg], None]
 OnStatus = Callable[[bool], None]
 
 
@@ -138,23 +140,80 @@ def _is_auth_error(exc: BaseException) -> bool:
     return isinstance(exc, nats.errors.AuthorizationError) or "authorization" in text
 
 
-class NatsLink:
-    """Keeps one live NATS client and the subscriptions the hub wants."""
+class Listener(Protocol):
+    """What the link reports to the hub (which owns routing and the waiting acks)."""
 
-    def __init__(self, cfg: Nats, on_message: OnMessage, on_status: OnStatus) -> None:
+    def on_nats_message(
+        self, route: Route, subject: str, data: bytes, headers: dict[str, str] | None
+    ) -> None: ...
+
+    def subscribed(self, sid: int, pattern: str) -> Route: ...
+
+    def unsubscribing(self, route: Route) -> None: ...
+
+    def removed(self, route: Route) -> None: ...
+
+    def became_live(self, patterns: list[str]) -> None: ...
+
+    def routes_lost(self) -> None: ...
+
+
+class LinkClient(Client):
+    """nats-py's client, delivering our subscriptions' messages synchronously, in wire order.
+
+    nats-py gives each Subscription its own queue and task, so copies of one
+    message on two overlapping subscriptions reach us in no set order; here the
+    parser's call goes straight to the hub (no Msg object, no task hop). Other
+    subscriptions (the request inbox) keep nats-py's own path. ``_process_msg``
+    is private API: tests/unit/test_subscriptions.py pins its signature.
+    """
+
+    def __init__(self, listener: Listener) -> None:
+        super().__init__()
+        self.listener = listener
+        self.routes: dict[int, Route] = {}
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        route = self.routes.get(sid)
+        if route is None:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        stats = self.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        hdr = await self._process_headers(headers) if headers else None
+        self.listener.on_nats_message(route, subject.decode(), data, hdr)
+
+
+class NatsLink:
+    """Keeps one live NATS client and drives the subscriptions the hub wants.
+
+    One driver task applies the commands of :class:`Subscriptions` in order
+    (each SUB, each UNSUB), then sends ONE flush whose PONG confirms every SUB
+    of that turn: a 1000-sub batch costs one round trip. At most one nats-py
+    Subscription per pattern exists at any time.
+    """
+
+    def __init__(self, cfg: Nats, listener: Listener, on_status: OnStatus) -> None:
         self.cfg = cfg
-        self.on_message = on_message
+        self.listener = listener
         self.on_status = on_status
-        self.wanted: dict[str, Subscription | None] = {}
-        self.nc: Client | None = None
+        self.table = Subscriptions()
+        #: pattern → (nats-py Subscription, our route) of the current client.
+        self.subs: dict[str, tuple[Subscription, Route]] = {}
+        self.nc: LinkClient | None = None
         self.connected = False
         self.last_error: str | None = Code.NATS_DOWN
         self.reconnects = 0
         self._closed = asyncio.Event()
         self._first_outcome = asyncio.Event()
+        self._wake = asyncio.Event()
         self._auth_failed: str | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._driver: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str | None:
@@ -171,19 +230,22 @@ class NatsLink:
         ``status`` down frame) while the link keeps trying every configured URL.
         """
         check_files(self.cfg)
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run())
+        self._driver = loop.create_task(self._drive())
         try:
             await asyncio.wait_for(self._first_outcome.wait(), self.cfg.connect_timeout_s + 1.0)
         except TimeoutError:
             log.warning("NATS not reachable yet, retrying", extra={"code": Code.NATS_DOWN})
         if self._auth_failed is not None:
             self._task.cancel()
+            self._driver.cancel()
             raise NatsAuthError(self._auth_failed)
 
     async def _run(self) -> None:
         """Connect (nats-py retries every URL forever), serve, and rebuild after a close."""
         while not self._stopping:
-            nc = Client()
+            nc = LinkClient(self.listener)
             try:
                 await nc.connect(
                     **connect_options(self.cfg),
@@ -198,9 +260,7 @@ class NatsLink:
                 if fatal is not None:
                     self._auth_failed = fatal
                     self._first_outcome.set()
-                log.error(
-                    "NATS connect failed", extra={"code": Code.NATS_DOWN, "reason": str(exc)}
-                )
+                log.error("NATS connect failed", extra={"code": Code.NATS_DOWN, "reason": str(exc)})
                 await asyncio.sleep(self.cfg.reconnect_wait_s)
                 continue
             self.nc = nc
@@ -208,43 +268,87 @@ class NatsLink:
             self.connected = True
             self.last_error = None
             log.info("NATS connected", extra={"fields": {"url": self.url}})
-            for pattern in list(self.wanted):
-                await self._subscribe(pattern)
+            self._wake.set()
             self.on_status(True)
             self._first_outcome.set()
             await self._closed.wait()
 
-    async def _subscribe(self, pattern: str) -> None:
-        nc = self.nc
-        if nc is None or not nc.is_connected or pattern not in self.wanted:
-            return
-        on_message = self.on_message
-
-        async def deliver(msg: Msg) -> None:
-            on_message(pattern, msg)
-
-        sub = await nc.subscribe(pattern, cb=deliver, pending_bytes_limit=64 * 1024 * 1024)
-        if pattern in self.wanted and self.nc is nc:
-            self.wanted[pattern] = sub
-        else:
-            await sub.unsubscribe()
-
-    def want(self, pattern: str) -> None:
-        self.wanted[pattern] = None
-        if self.nc is not None and self.nc.is_connected:
-            asyncio.get_running_loop().create_task(self._subscribe(pattern))
+    def want(self, pattern: str) -> bool:
+        """The hub wants ``pattern``; True when it is live already (ack at once)."""
+        if self.table.want(pattern):
+            return True
+        self._wake.set()
+        return False
 
     def unwant(self, pattern: str) -> None:
-        sub = self.wanted.pop(pattern, None)
-        if sub is not None and self.nc is not None and not self.nc.is_closed:
-            asyncio.get_running_loop().create_task(self._unsubscribe(sub))
+        self.table.unwant(pattern)
+        self._wake.set()
 
-    @staticmethod
-    async def _unsubscribe(sub: Subscription) -> None:
-        try:
-            await sub.unsubscribe()
-        except nats.errors.Error as exc:
-            log.debug("unsubscribe failed", extra={"reason": str(exc)})
+    def is_live(self, pattern: str) -> bool:
+        return self.table.is_live(pattern)
+
+    @property
+    def subscriptions(self) -> int:
+        """NATS subscriptions of the current client (what nats-server holds for it)."""
+        return len(self.subs)
+
+    async def _drive(self) -> None:
+        """The one driver: whenever there is work, a turn of commands and one flush."""
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            nc = self.nc
+            if nc is None or nc.is_closed or not self.table.has_work:
+                continue
+            turn = self.table.take()
+            unsubscribed = await self._apply(nc, turn)
+            if not turn.needs_flush:
+                continue
+            try:
+                if not nc.is_connected:
+                    raise nats.errors.ConnectionReconnectingError
+                await nc.flush(timeout=max(1, int(self.cfg.connect_timeout_s)))
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.debug("subscription flush failed", extra={"reason": str(exc)})
+                self.table.lost(turn)
+                live: list[str] = []
+                if nc.is_connected:
+                    self._wake.set()
+            else:
+                live = self.table.confirmed(turn)
+            for route in unsubscribed:
+                nc.routes.pop(route.sid, None)
+                self.listener.removed(route)
+            if live:
+                self.listener.became_live(live)
+
+    async def _apply(self, nc: LinkClient, turn: Turn) -> list[Route]:
+        """Send one turn's SUBs and UNSUBs in order; the routes unsubscribed."""
+        unsubscribed: list[Route] = []
+        table = self.table
+        for op, pattern in turn.commands:
+            if turn.epoch != table.epoch:
+                break  # the client was replaced meanwhile: the new one gets every SUB
+            if op == SUB:
+                try:
+                    sub = await nc.subscribe(pattern)
+                except nats.errors.Error as exc:
+                    log.debug("subscribe failed", extra={"reason": str(exc)})
+                    break
+                if turn.epoch != table.epoch:
+                    break
+                route = self.listener.subscribed(sub._id, pattern)
+                nc.routes[sub._id] = route
+                self.subs[pattern] = (sub, route)
+                continue
+            sub, route = self.subs.pop(pattern)
+            self.listener.unsubscribing(route)
+            unsubscribed.append(route)
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error as exc:
+                log.debug("unsubscribe failed", extra={"reason": str(exc)})
+        return unsubscribed
 
     async def _on_error(self, exc: Exception) -> None:
         """nats-py retries its first connect forever: a fatal error at boot must end it."""
@@ -260,11 +364,14 @@ class NatsLink:
             self.connected = False
             self.last_error = Code.NATS_DOWN
             log.warning("NATS disconnected", extra={"code": Code.NATS_DOWN})
+            self.table.disconnected()
             self.on_status(False)
 
     async def _on_reconnected(self) -> None:
         self.connected = True
         self.reconnects += 1
+        self.table.reconnected()
+        self._wake.set()
         log.info("NATS reconnected", extra={"fields": {"url": self.url}})
         self.on_status(True)
 
@@ -273,8 +380,9 @@ class NatsLink:
             return
         log.error("NATS connection closed; rebuilding the link", extra={"code": Code.NATS_DOWN})
         await self._on_disconnected()
-        for pattern in self.wanted:
-            self.wanted[pattern] = None
+        self.table.reset()
+        self.subs.clear()
+        self.listener.routes_lost()
         self.nc = None
         self._closed.set()
 
@@ -287,8 +395,9 @@ class NatsLink:
 
     async def close(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._driver):
+            if task is not None:
+                task.cancel()
         nc, self.nc = self.nc, None
         if nc is not None and not nc.is_closed:
             try:
