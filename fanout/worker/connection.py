@@ -20,6 +20,7 @@ from fanout.core import protocol, websocket
 from fanout.core.acl import SubjectAcl
 from fanout.core.auth import Principal
 from fanout.core.outbox import ClientQueue
+from fanout.core.protocol import FrameError
 from fanout.core.ratelimit import TokenBucket
 from fanout.errors import CLOSE_REASON_CODE, Close
 
@@ -54,6 +55,7 @@ class WsConnection(asyncio.Protocol):
         "peer",
         "principal",
         "queue",
+        "replies",
         "state",
         "subs",
         "token",
@@ -85,8 +87,10 @@ class WsConnection(asyncio.Protocol):
         self.subs: dict[str, None] = {}
         #: The verified raw JWT, kept only for ``requests.forward_token``.
         self.token: str | None = None
-        #: Ops of a long frame still to run, a slice per loop turn (see ``on_text``).
-        self.backlog: _Backlog | None = None
+        #: Frames whose ops still have to run, a slice per loop turn (see ``on_text``).
+        self.backlog: deque[deque[protocol.ClientOp | FrameError]] | None = None
+        #: The replies of the frame whose ops are running.
+        self.replies: Replies | None = None
         self.dirty = False
         self.paused = False
         self.paused_since = 0.0
@@ -148,8 +152,9 @@ class WsConnection(asyncio.Protocol):
     def on_text(self, payload: bytes) -> None:
         """Run a frame's ops in order; a long frame runs in slices that yield to the loop.
 
-        Replies of one frame go out together, in one frame (a ``sub`` ack that
-        waits for its pattern to be live comes later, on its own).
+        The replies of one frame go out together, in op order, in one frame; a
+        ``sub`` ack that waits for its pattern to be live holds them back until
+        it is released (see :class:`Replies`).
         """
         ops = protocol.decode_client_frame(payload)
         if len(ops) > 1 and not self.bucket.take(len(ops) - 1, self.last_rx):
@@ -157,54 +162,59 @@ class WsConnection(asyncio.Protocol):
             return
         backlog = self.backlog
         if backlog is not None:
-            backlog.ops.extend(ops)
+            backlog.append(deque(ops))
             return
         if len(ops) > OPS_PER_TURN:
-            self.backlog = _Backlog(ops)
+            self.backlog = deque([deque(ops)])
             self._work()
             return
-        replies: list[bytes] = []
+        group = self.replies = Replies(self)
+        handle = self.gateway.handle
         for op in ops:
-            reply = self.gateway.handle(self, op)
+            reply = handle(self, op)
             if reply is not None:
-                replies.append(reply)
+                group.replies.append(reply)
             if self.state != OPEN:
                 return
-        if replies:
-            self.send_replies(replies)
+        self.replies = None
+        group.done()
 
     def _work(self) -> None:
-        """One slice of the backlog, then yield (``call_soon``) until it is done."""
+        """Up to OPS_PER_TURN ops of the backlog, then yield (``call_soon``) until it is done."""
         backlog = self.backlog
         if backlog is None:
             return
-        if self.state != OPEN:
-            self.backlog = None
-            return
-        ops, replies, handle = backlog.ops, backlog.replies, self.gateway.handle
-        for _ in range(min(OPS_PER_TURN, len(ops))):
-            reply = handle(self, ops.popleft())
-            if reply is not None:
-                replies.append(reply)
+        budget = OPS_PER_TURN
+        handle = self.gateway.handle
+        while budget and backlog:
             if self.state != OPEN:
                 self.backlog = None
                 return
-        if ops:
+            ops = backlog[0]
+            group = self.replies
+            if group is None:
+                group = self.replies = Replies(self)
+            while ops and budget:
+                budget -= 1
+                reply = handle(self, ops.popleft())
+                if reply is not None:
+                    group.replies.append(reply)
+                if self.state != OPEN:
+                    self.backlog = None
+                    return
+            if not ops:
+                backlog.popleft()
+                self.replies = None
+                group.done()
+        if backlog:
             self.hub.loop.call_soon(self._work)
-            return
-        self.backlog = None
-        if replies:
-            self.send_replies(replies)
+        else:
+            self.backlog = None
 
     def send_replies(self, replies: list[bytes]) -> None:
         self.send_control(
             websocket.text_frame(replies[0] if len(replies) == 1 else protocol.batch(replies))
         )
-
-    def send_acks(self, op_ids: list[int]) -> None:
-        """Acks released later (their patterns went live): one frame, nothing once closed."""
-        if self.state == OPEN:
-            self.send_replies([protocol.ack(op_id) for op_id in op_ids])
 
     def add_sub(self, pattern: str, op_id: int) -> bool:
         """Subscribe; True when live at once (else the hub sends the ack later)."""
@@ -258,14 +268,42 @@ class WsConnection(asyncio.Protocol):
         self.gateway.forget(self, closing=True)
 
 
-class _Backlog:
-    """The ops of a long frame not run yet, and the replies gathered so far."""
+class Replies:
+    """The replies of one inbound frame, in op order, sent as one frame once complete.
 
-    __slots__ = ("ops", "replies")
+    A ``sub`` whose pattern is not live yet reserves its slot (:meth:`defer`);
+    the hub fills it when nats-server has confirmed the subscription.
+    """
 
-    def __init__(self, ops: list[protocol.ClientOp | protocol.FrameError]) -> None:
-        self.ops = deque(ops)
+    __slots__ = ("conn", "open", "replies", "waiting")
+
+    def __init__(self, conn: WsConnection) -> None:
+        self.conn = conn
         self.replies: list[bytes] = []
+        self.waiting = 0
+        self.open = True
+
+    def defer(self) -> int:
+        self.waiting += 1
+        self.replies.append(b"")
+        return len(self.replies) - 1
+
+    def fill(self, index: int, reply: bytes) -> None:
+        self.replies[index] = reply
+        self.waiting -= 1
+        if not (self.open or self.waiting):
+            self._send()
+
+    def done(self) -> None:
+        """Every op of the frame ran."""
+        self.open = False
+        if not self.waiting:
+            self._send()
+
+    def _send(self) -> None:
+        replies, self.replies = self.replies, []
+        if replies:
+            self.conn.send_replies(replies)
 
 
 def _drop_notice(subject: str, count: int) -> bytes:

@@ -24,7 +24,7 @@ from fanout.errors import Close, Code
 from fanout.settings import Settings
 
 if TYPE_CHECKING:
-    from fanout.worker.connection import WsConnection
+    from fanout.worker.connection import Replies, WsConnection
     from fanout.worker.nats_link import NatsLink
 
 log = logging.getLogger("fanout.hub")
@@ -48,8 +48,8 @@ class Hub:
         self.max_batch_bytes = settings.outbox.max_bytes
         self.subscription_count = 0
         self.overlaps = Overlaps()
-        #: pattern → (connection, op id) of the sub acks waiting for it to be live.
-        self.waiting: dict[str, list[tuple[WsConnection, int]]] = {}
+        #: pattern → the sub acks waiting for it to be live: (replies, slot, op id).
+        self.waiting: dict[str, list[tuple[Replies, int, int]]] = {}
         self.nats_up = False
         self.forwarded = 0
         self.nats_messages = 0
@@ -83,13 +83,15 @@ class Hub:
         else:
             live = link is None or link.is_live(pattern)
         self.settle(conn)
-        if live or not self.nats_up:
+        replies = conn.replies
+        if live or not self.nats_up or replies is None:
             return True
+        waiter = (replies, replies.defer(), op_id)
         waiters = self.waiting.get(pattern)
         if waiters is None:
-            self.waiting[pattern] = [(conn, op_id)]
+            self.waiting[pattern] = [waiter]
         else:
-            waiters.append((conn, op_id))
+            waiters.append(waiter)
         return False
 
     def unsubscribe(self, conn: WsConnection, pattern: str) -> None:
@@ -97,10 +99,11 @@ class Hub:
         self.subscription_count -= 1
         waiters = self.waiting.get(pattern)
         if waiters is not None:
-            mine = [op_id for c, op_id in waiters if c is conn]
+            mine = [w for w in waiters if w[0].conn is conn]
             if mine:
-                waiters[:] = [w for w in waiters if w[0] is not conn]
-                conn.send_acks(mine)
+                waiters[:] = [w for w in waiters if w[0].conn is not conn]
+                for replies, index, op_id in mine:
+                    replies.fill(index, protocol.ack(op_id))
         if self.router.remove(conn, pattern):
             self.batches.pop(pattern, None)
             self.waiting.pop(pattern, None)
@@ -137,17 +140,10 @@ class Hub:
         self.overlaps.clear()
 
     def became_live(self, patterns: list[str]) -> None:
-        """Release the acks that waited for these patterns (one frame per connection)."""
-        acks: dict[WsConnection, list[int]] = {}
+        """Release the acks that waited for these patterns."""
         for pattern in patterns:
-            for conn, op_id in self.waiting.pop(pattern, ()):
-                mine = acks.get(conn)
-                if mine is None:
-                    acks[conn] = [op_id]
-                else:
-                    mine.append(op_id)
-        for conn, ids in acks.items():
-            conn.send_acks(ids)
+            for replies, index, op_id in self.waiting.pop(pattern, ()):
+                replies.fill(index, protocol.ack(op_id))
 
     def release_all(self) -> None:
         """NATS went down: every waiting ack now (the ``status`` down frame follows)."""
