@@ -16,7 +16,11 @@ from pathlib import Path
 
 import nats
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
+from fanout.core.subjects import matches
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats
 from tests.conftest import Gateway, http_get, launch_gateway
@@ -45,6 +49,7 @@ def gw(
         # 1000-op frames back to back: the churn tests are about the loop, not the rate limit
         FANOUT_WS_INBOUND_RATE="100000",
         FANOUT_WS_INBOUND_BURST="5000",
+        FANOUT_WS_ALLOW_FULL_WILDCARD="true",
     )
     yield gateway
     gateway.stop()
@@ -303,3 +308,109 @@ async def test_neighbour_is_served_while_three_clients_churn_1000_subscriptions(
     await settled_subscriptions(
         gw, nats_mon, lambda h: not any(s.startswith("xy.md.ch.") for s in h)
     )
+
+
+MODEL_PATTERNS = ["xy.md.m.a", "xy.md.m.b", "xy.md.m.*", "xy.md.m.>", "xy.md.m.a.b"]
+MODEL_SUBJECTS = ["xy.md.m.a", "xy.md.m.b", "xy.md.m.a.b", "xy.md.m.c"]
+BARRIER = "xy.md.bar"
+
+
+def test_model_sub_unsub_overlap_disconnect_publish(
+    gw: Gateway, nats_mon: EmbeddedNats, token: str
+) -> None:
+    """Random sequences against a reference model: after an ack every matching message
+    arrives exactly once, nothing after an unsub ack, no NATS subscription left over.
+
+    Each client also holds BARRIER; a publish is followed by a barrier message, and
+    the worker delivers in wire order, so what a client got before the barrier is
+    exactly what that publish gave it.
+    """
+    loop = asyncio.new_event_loop()
+    run = loop.run_until_complete
+    pub = run(nats.connect(nats_mon.url, name="test-publisher"))
+    runs = 0
+
+    class Model(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.clients: list[WsClient | None] = [None, None, None]
+            self.subs: list[set[str]] = [set(), set(), set()]
+            self.ids = 0
+            self.n = 0
+
+        def _op(self, slot: int, kind: str, subject: str) -> None:
+            client = self.clients[slot]
+            assert client is not None
+            self.ids += 1
+            reply = run(op(client, {"op": kind, "id": self.ids, "subject": subject}))
+            assert reply == {"op": "ack", "id": self.ids}
+
+        @rule(slot=st.integers(0, 2))
+        def connect(self, slot: int) -> None:
+            if self.clients[slot] is None:
+                self.clients[slot] = run(WsClient.connect(gw.ws, token))
+                self.subs[slot] = set()
+                self._op(slot, "sub", BARRIER)
+
+        @rule(slot=st.integers(0, 2), pattern=st.sampled_from(MODEL_PATTERNS))
+        def sub(self, slot: int, pattern: str) -> None:
+            if self.clients[slot] is not None:
+                self._op(slot, "sub", pattern)
+                self.subs[slot].add(pattern)
+
+        @rule(slot=st.integers(0, 2), pattern=st.sampled_from(MODEL_PATTERNS))
+        def unsub(self, slot: int, pattern: str) -> None:
+            if self.clients[slot] is not None:
+                self._op(slot, "unsub", pattern)
+                self.subs[slot].discard(pattern)
+
+        @rule(slot=st.integers(0, 2))
+        def disconnect(self, slot: int) -> None:
+            client = self.clients[slot]
+            if client is not None:
+                run(client.close())
+                self.clients[slot] = None
+
+        @rule(subject=st.sampled_from(MODEL_SUBJECTS))
+        def publish(self, subject: str) -> None:
+            self.n += 1
+            n = self.n
+            run(pub.publish(subject, b'{"n":%d}' % n))
+            run(pub.publish(BARRIER, b'{"bar":%d}' % n))
+            run(pub.flush())
+            for slot, client in enumerate(self.clients):
+                if client is None:
+                    continue
+                got = run(messages_until(client, {"bar": n}))
+                expected = [{"n": n}] if any(matches(p, subject) for p in self.subs[slot]) else []
+                assert got == expected, (slot, subject, sorted(self.subs[slot]))
+
+        def teardown(self) -> None:
+            nonlocal runs
+            runs += 1
+            for slot in range(3):
+                self.disconnect(slot)
+
+            def clean() -> bool:
+                return not any(
+                    s.startswith(("xy.md.m.", BARRIER)) for s in nats_subscriptions(nats_mon)
+                )
+
+            assert run(eventually(clean)), nats_subscriptions(nats_mon)
+
+    try:
+        run_state_machine_as_test(
+            Model,
+            settings=settings(
+                max_examples=40,
+                stateful_step_count=30,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+            ),
+        )
+        held = run(settled_subscriptions(gw, nats_mon, lambda h: True))
+        assert not any(s.startswith(("xy.md.m.", BARRIER)) for s in held)
+    finally:
+        run(pub.close())
+        loop.close()
+    assert runs >= 40
