@@ -34,6 +34,9 @@ _SEED_RE = re.compile(r"S[A-Z][A-Z2-7]{56}")
 
 OnStatus = Callable[[bool], None]
 
+#: SUB/UNSUB commands sent per loop turn (each costs nats-py a Subscription object).
+COMMANDS_PER_TURN = 64
+
 
 class NatsAuthError(Exception):
     """Credentials or TLS refused, or their files unusable: retrying will not help.
@@ -326,7 +329,9 @@ class NatsLink:
         """Send one turn's SUBs and UNSUBs in order; the routes unsubscribed."""
         unsubscribed: list[Route] = []
         table = self.table
-        for op, pattern in turn.commands:
+        for done, (op, pattern) in enumerate(turn.commands):
+            if done and not done % COMMANDS_PER_TURN:
+                await asyncio.sleep(0)  # thousands of commands must not hold the loop
             if turn.epoch != table.epoch:
                 break  # the client was replaced meanwhile: the new one gets every SUB
             if op == SUB:
@@ -348,6 +353,9 @@ class NatsLink:
                 await sub.unsubscribe()
             except nats.errors.Error as exc:
                 log.debug("unsubscribe failed", extra={"reason": str(exc)})
+            # nats-py's Subscription and its message iterator refer to each other: break
+            # the cycle, or every unsubscribe leaves garbage for a full (slow) collection
+            sub._message_iterator = None
         return unsubscribed
 
     async def _on_error(self, exc: Exception) -> None:

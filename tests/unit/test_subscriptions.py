@@ -112,13 +112,15 @@ def test_reset_resubscribes_everything_wanted_and_ignores_old_turns() -> None:
 
 
 def test_nats_py_private_api_we_rely_on() -> None:
-    """LinkClient overrides Client._process_msg and reads Subscription._id: a nats-py
-    upgrade that changes them must fail here, loudly."""
+    """LinkClient overrides Client._process_msg, reads Subscription._id and clears
+    Subscription._message_iterator: a nats-py upgrade that changes them must fail
+    here, loudly."""
     params = list(inspect.signature(Client._process_msg).parameters)
     assert params == ["self", "sid", "subject", "reply", "data", "headers"]
     assert inspect.iscoroutinefunction(Client._process_msg)
     assert inspect.iscoroutinefunction(Client._process_headers)
-    assert "_id" in inspect.getsource(Subscription.__init__)
+    init = inspect.getsource(Subscription.__init__)
+    assert "self._id = id" in init and "self._message_iterator = None" in init
     assert "_process_msg(sid, subject, reply, payload, hdr)" in inspect.getsource(
         __import__("nats.protocol.parser", fromlist=["Parser"]).Parser.parse
     )
