@@ -161,6 +161,34 @@ class Listener(Protocol):
     def routes_lost(self) -> None: ...
 
 
+class _RoutedSubscription(Subscription):
+    """A Subscription whose messages never queue: LinkClient hands them to the hub.
+
+    It sets the attributes nats-py's client reads (reconnect replay, unsubscribe,
+    close, drain) and skips the queue, event and iterator ``Subscription.__init__``
+    builds; tests/unit/test_subscriptions.py pins that list against nats-py.
+    """
+
+    def __init__(self, conn: Client, sid: int, subject: str) -> None:
+        self._conn = conn
+        self._id = sid
+        self._subject = subject
+        self._queue = ""
+        self._max_msgs = 0
+        self._received = 0
+        self._cb = None
+        self._future = None
+        self._closed = False
+        self._pending_msgs_limit = 0
+        self._pending_bytes_limit = 0
+        self._pending_queue = None  # type: ignore[assignment]
+        self._pending_next_msgs_calls = {}
+        self._pending_size = 0
+        self._wait_for_msgs_task = None
+        self._message_iterator = None
+        self._jsi = None
+
+
 class LinkClient(Client):
     """nats-py's client, delivering our subscriptions' messages synchronously, in wire order.
 
@@ -175,6 +203,23 @@ class LinkClient(Client):
         super().__init__()
         self.listener = listener
         self.routes: dict[int, Route] = {}
+
+    async def route(self, pattern: str) -> tuple[Subscription, Route]:
+        """Subscribe ``pattern`` for the hub: what ``subscribe`` does, minus the
+        per-subscription queue, event and iterator nobody would read (their cost
+        and their garbage were most of a sub/unsub). The route is in place before
+        the SUB is on the wire."""
+        if self.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if self.is_draining:
+            raise nats.errors.ConnectionDrainingError
+        self._sid += 1
+        sid = self._sid
+        sub = _RoutedSubscription(self, sid, pattern)
+        route = self.routes[sid] = self.listener.subscribed(sid, pattern)
+        self._subs[sid] = sub
+        await self._send_subscribe(sub)
+        return sub, route
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
@@ -336,15 +381,13 @@ class NatsLink:
                 break  # the client was replaced meanwhile: the new one gets every SUB
             if op == SUB:
                 try:
-                    sub = await nc.subscribe(pattern)
+                    routed = await nc.route(pattern)
                 except nats.errors.Error as exc:
                     log.debug("subscribe failed", extra={"reason": str(exc)})
                     break
                 if turn.epoch != table.epoch:
                     break
-                route = self.listener.subscribed(sub._id, pattern)
-                nc.routes[sub._id] = route
-                self.subs[pattern] = (sub, route)
+                self.subs[pattern] = routed
                 continue
             sub, route = self.subs.pop(pattern)
             self.listener.unsubscribing(route)
@@ -353,9 +396,6 @@ class NatsLink:
                 await sub.unsubscribe()
             except nats.errors.Error as exc:
                 log.debug("unsubscribe failed", extra={"reason": str(exc)})
-            # nats-py's Subscription and its message iterator refer to each other: break
-            # the cycle, or every unsubscribe leaves garbage for a full (slow) collection
-            sub._message_iterator = None
         return unsubscribed
 
     async def _on_error(self, exc: Exception) -> None:

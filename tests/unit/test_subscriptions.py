@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import re
 
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
+from nats.protocol.parser import Parser
 
 from fanout.core.subscriptions import DRAINING, LIVE, PENDING, SUB, UNSUB, Subscriptions
+from fanout.worker.nats_link import _RoutedSubscription
 
 
 def test_want_take_confirm_makes_live() -> None:
@@ -112,18 +115,24 @@ def test_reset_resubscribes_everything_wanted_and_ignores_old_turns() -> None:
 
 
 def test_nats_py_private_api_we_rely_on() -> None:
-    """LinkClient overrides Client._process_msg, reads Subscription._id and clears
-    Subscription._message_iterator: a nats-py upgrade that changes them must fail
-    here, loudly."""
+    """LinkClient overrides Client._process_msg and subscribes with its own lean
+    Subscription (Client._sid, _subs, _send_subscribe): a nats-py upgrade that
+    changes any of it must fail here, loudly."""
     params = list(inspect.signature(Client._process_msg).parameters)
     assert params == ["self", "sid", "subject", "reply", "data", "headers"]
     assert inspect.iscoroutinefunction(Client._process_msg)
     assert inspect.iscoroutinefunction(Client._process_headers)
-    init = inspect.getsource(Subscription.__init__)
-    assert "self._id = id" in init and "self._message_iterator = None" in init
-    assert "_process_msg(sid, subject, reply, payload, hdr)" in inspect.getsource(
-        __import__("nats.protocol.parser", fromlist=["Parser"]).Parser.parse
-    )
+    parse = inspect.getsource(Parser.parse)
+    assert "_process_msg(sid, subject, reply, payload, hdr)" in parse
+    subscribe = inspect.getsource(Client.subscribe)
+    for step in ("self._sid += 1", "self._subs[sid] = sub", "await self._send_subscribe(sub)"):
+        assert step in subscribe
+    assert list(inspect.signature(Client._send_subscribe).parameters) == ["self", "sub"]
+
+    def attributes(init: object) -> set[str]:
+        return set(re.findall(r"self\.(_\w+)\s*(?::[^=]*)?=", inspect.getsource(init)))  # type: ignore[arg-type]
+
+    assert attributes(_RoutedSubscription.__init__) == attributes(Subscription.__init__)
 
 
 PATTERNS = st.sampled_from(["a", "b", "c.*", "c.>"])
