@@ -87,8 +87,9 @@ class Overlaps:
 
     def remove(self, route: Route) -> None:
         """No copy can arrive on it any more (the flush after its UNSUB came back)."""
-        if self.routes.pop(route.sid, None) is None:
-            return
+        if self.routes.get(route.sid) is not route:
+            return  # already gone (its client was replaced: sids start again at 1)
+        del self.routes[route.sid]
         self.trie.remove(route.pattern, route)
         for other in self.trie.intersecting(route.pattern):
             other.overlap -= 1

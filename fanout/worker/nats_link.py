@@ -218,7 +218,13 @@ class LinkClient(Client):
         sub = _RoutedSubscription(self, sid, pattern)
         route = self.routes[sid] = self.listener.subscribed(sid, pattern)
         self._subs[sid] = sub
-        await self._send_subscribe(sub)
+        try:
+            await self._send_subscribe(sub)
+        except BaseException:
+            self._subs.pop(sid, None)
+            del self.routes[sid]
+            self.listener.removed(route)
+            raise
         return sub, route
 
     async def _process_msg(

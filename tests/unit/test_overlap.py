@@ -99,3 +99,14 @@ def test_every_message_exactly_once_while_a_pattern_is_removed(
             if o.select(route, "m.a.x", data) is not None:
                 delivered.append(data)
     assert delivered == [str(i).encode() for i in range(n)]
+
+
+def test_a_route_of_a_replaced_client_cannot_remove_its_successor() -> None:
+    """A new NATS client numbers its sids from 1 again."""
+    o = Overlaps()
+    old = o.add(1, "m.a")
+    o.clear()
+    new = o.add(1, "m.a")
+    o.remove(old)
+    assert o.routes == {1: new}
+    assert o.trie.matching("m.a") == [new]
