@@ -92,7 +92,18 @@ class Client:
 
 
 async def connect(session: aiohttp.ClientSession, url: str, token: str) -> Client:
-    ws = await session.ws_connect(url, protocols=("bearer", token), autoping=True, max_msg_size=0)
+    """Connect; a shedding worker (503) is retried for up to 60 s (the old code sheds)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ws = await session.ws_connect(
+                url, protocols=("bearer", token), autoping=True, max_msg_size=0
+            )
+            break
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status != 503 or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
     welcome = await ws.receive()
     if welcome.type != aiohttp.WSMsgType.TEXT:
         raise RuntimeError("no welcome frame")

@@ -21,6 +21,7 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.protocol import command as prot_command
 
 from fanout.core.overlap import Route
 from fanout.core.subscriptions import SUB, Subscriptions, Turn
@@ -34,7 +35,7 @@ _SEED_RE = re.compile(r"S[A-Z][A-Z2-7]{56}")
 
 OnStatus = Callable[[bool], None]
 
-#: SUB/UNSUB commands sent per loop turn (each costs nats-py a Subscription object).
+#: SUB/UNSUB commands handled per loop turn: 3000 of them must not hold the loop.
 COMMANDS_PER_TURN = 64
 
 
@@ -206,9 +207,10 @@ class LinkClient(Client):
 
     async def route(self, pattern: str) -> tuple[Subscription, Route]:
         """Subscribe ``pattern`` for the hub: what ``subscribe`` does, minus the
-        per-subscription queue, event and iterator nobody would read (their cost
-        and their garbage were most of a sub/unsub). The route is in place before
-        the SUB is on the wire."""
+        per-subscription queue, event and iterator nobody would read and the
+        flush per command (their cost and their garbage were most of a sub/unsub).
+        The route is in place before the SUB is on the wire; :meth:`confirm`
+        sends the turn's commands."""
         if self.is_closed:
             raise nats.errors.ConnectionClosedError
         if self.is_draining:
@@ -219,13 +221,32 @@ class LinkClient(Client):
         route = self.routes[sid] = self.listener.subscribed(sid, pattern)
         self._subs[sid] = sub
         try:
-            await self._send_subscribe(sub)
+            await self._send_command(prot_command.sub_cmd(pattern, "", sid))
         except BaseException:
             self._subs.pop(sid, None)
             del self.routes[sid]
             self.listener.removed(route)
             raise
         return sub, route
+
+    async def unroute(self, sub: Subscription) -> None:
+        """``sub.unsubscribe()`` without its per-command flush (the turn's flush sends it)."""
+        sub._closed = True
+        self._remove_sub(sub._id)
+        if not self.is_reconnecting:
+            await self._send_command(prot_command.unsub_cmd(sub._id, 0))
+
+    async def confirm(self, timeout_s: float) -> None:
+        """Write every buffered command, then PING and wait for the PONG.
+
+        nats-py's ``flush`` writes its PING straight to the socket, ahead of
+        commands still in its buffer: on its own it would not prove that
+        nats-server has read the SUBs before it.
+        """
+        if not self.is_connected:
+            raise nats.errors.ConnectionReconnectingError
+        await self._flush_pending(force_flush=True)
+        await self.flush(timeout=max(1, int(timeout_s)))
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
@@ -359,9 +380,7 @@ class NatsLink:
             if not turn.needs_flush:
                 continue
             try:
-                if not nc.is_connected:
-                    raise nats.errors.ConnectionReconnectingError
-                await nc.flush(timeout=max(1, int(self.cfg.connect_timeout_s)))
+                await nc.confirm(self.cfg.connect_timeout_s)
             except (nats.errors.Error, TimeoutError) as exc:
                 log.debug("subscription flush failed", extra={"reason": str(exc)})
                 self.table.lost(turn)
@@ -399,7 +418,7 @@ class NatsLink:
             self.listener.unsubscribing(route)
             unsubscribed.append(route)
             try:
-                await sub.unsubscribe()
+                await nc.unroute(sub)
             except nats.errors.Error as exc:
                 log.debug("unsubscribe failed", extra={"reason": str(exc)})
         return unsubscribed

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
+from nats.protocol.command import sub_cmd, unsub_cmd
 from nats.protocol.parser import Parser
 
 from fanout.core.subscriptions import DRAINING, LIVE, PENDING, SUB, UNSUB, Subscriptions
@@ -115,9 +116,10 @@ def test_reset_resubscribes_everything_wanted_and_ignores_old_turns() -> None:
 
 
 def test_nats_py_private_api_we_rely_on() -> None:
-    """LinkClient overrides Client._process_msg and subscribes with its own lean
-    Subscription (Client._sid, _subs, _send_subscribe): a nats-py upgrade that
-    changes any of it must fail here, loudly."""
+    """LinkClient overrides Client._process_msg and (un)subscribes with its own lean
+    Subscription the way nats-py does (Client._sid, _subs, _send_command,
+    _remove_sub, _flush_pending): a nats-py upgrade that changes any of it must
+    fail here, loudly."""
     params = list(inspect.signature(Client._process_msg).parameters)
     assert params == ["self", "sid", "subject", "reply", "data", "headers"]
     assert inspect.iscoroutinefunction(Client._process_msg)
@@ -127,7 +129,23 @@ def test_nats_py_private_api_we_rely_on() -> None:
     subscribe = inspect.getsource(Client.subscribe)
     for step in ("self._sid += 1", "self._subs[sid] = sub", "await self._send_subscribe(sub)"):
         assert step in subscribe
-    assert list(inspect.signature(Client._send_subscribe).parameters) == ["self", "sub"]
+    send = inspect.getsource(Client._send_subscribe)
+    assert "prot_command.sub_cmd(sub._subject, EMPTY, sub._id)" in send
+    unsubscribe = inspect.getsource(Subscription.unsubscribe)
+    for step in (
+        "self._closed = True",
+        "self._conn._remove_sub(self._id)",
+        "if not self._conn.is_reconnecting:",
+        "await self._conn._send_unsubscribe(self._id, limit=limit)",
+    ):
+        assert step in unsubscribe
+    assert "prot_command.unsub_cmd(sid, limit)" in inspect.getsource(Client._send_unsubscribe)
+    assert list(inspect.signature(Client._send_command).parameters) == ["self", "cmd", "priority"]
+    assert "force_flush" in inspect.signature(Client._flush_pending).parameters
+    # why LinkClient.confirm writes the buffer first: the PING skips it
+    assert "self._transport.write(PING_PROTO)" in inspect.getsource(Client._send_ping)
+    assert sub_cmd("a.b", "", 7) == b"SUB a.b  7\r\n"
+    assert unsub_cmd(7, 0) == b"UNSUB 7 \r\n"
 
     def attributes(init: object) -> set[str]:
         return set(re.findall(r"self\.(_\w+)\s*(?::[^=]*)?=", inspect.getsource(init)))  # type: ignore[arg-type]
