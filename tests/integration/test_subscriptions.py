@@ -414,3 +414,59 @@ def test_model_sub_unsub_overlap_disconnect_publish(
         run(pub.close())
         loop.close()
     assert runs >= 40
+
+
+async def test_nats_down_acks_at_once_and_delivery_resumes_on_reconnect(
+    tmp_path: Path, keypair: tuple[Path, Path]
+) -> None:
+    """While NATS is down a sub is acked at once (with the status down frame); the
+    subscription reaches nats-server on reconnect and delivery resumes."""
+    server = EmbeddedNats()
+    server.start()
+    gateway = launch_gateway(
+        tmp_path,
+        "--workers",
+        "1",
+        NATS_URLS=server.url,
+        JWT_PUBLIC_KEY=str(keypair[1]),
+        FANOUT_NATS_RECONNECT_WAIT_S="0.2",
+    )
+    tok = make_token(
+        private_key_pem=keypair[0].read_bytes(), sub="down", subjects=["xy.md.>"], ttl_s=600
+    )
+    client = await WsClient.connect(gateway.ws, tok)
+    try:
+        await op(client, {"op": "sub", "id": 1, "subject": "xy.md.down.before"})
+        server.kill()
+        down = await client.expect(lambda f: f.get("op") == "status", timeout=10)
+        assert down["nats"] == "down"
+        assert await op(client, {"op": "sub", "id": 2, "subject": "xy.md.down.during"}) == {
+            "op": "ack",
+            "id": 2,
+        }
+        server = EmbeddedNats(port=server.port)
+        server.start()
+        up = await client.expect(lambda f: f.get("op") == "status", timeout=15)
+        assert up["nats"] == "up"
+        pub = await nats.connect(server.url)
+        try:
+            for subject in ("xy.md.down.before", "xy.md.down.during"):
+                # the resubscription races the publisher's connect: retry until it lands
+                async with asyncio.timeout(10):
+                    while True:
+                        await pub.publish(subject, b'{"probe":1}')
+                        await pub.flush()
+                        try:
+                            await client.expect(
+                                lambda f, s=subject: f.get("op") == "msg" and f["subject"] == s,
+                                0.3,
+                            )
+                        except TimeoutError:
+                            continue
+                        break
+        finally:
+            await pub.close()
+    finally:
+        await client.close()
+        gateway.stop()
+        server.stop()
