@@ -302,7 +302,8 @@ class Gateway:
             return self.error(conn, op.id, Code.SUBJECT_DENIED, "requests are not enabled")
         return self.requests.handle(conn, op)
 
-    def on_sub(self, conn: WsConnection, op: protocol.Sub) -> bytes:
+    def on_sub(self, conn: WsConnection, op: protocol.Sub) -> bytes | None:
+        """The ack, or None when it waits for the pattern to be live (the hub sends it)."""
         if op.subject in conn.subs:
             return protocol.ack(op.id)
         reason = conn.acl.check(op.subject)
@@ -310,8 +311,9 @@ class Gateway:
             return self.error(conn, op.id, Code.SUBJECT_DENIED, reason)
         if len(conn.subs) >= self.settings.ws.max_subs:
             return self.error(conn, op.id, Code.LIMIT_EXCEEDED, "too many subscriptions")
-        conn.add_sub(op.subject)
-        return protocol.ack(op.id)
+        if conn.add_sub(op.subject, op.id):
+            return protocol.ack(op.id)
+        return None
 
     async def reauthenticate(self, conn: WsConnection, op: protocol.Auth) -> None:
         """The ``auth`` op: same identity, fresh expiry, ACL re-applied.
