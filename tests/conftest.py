@@ -1,34 +1,77 @@
-"""Shared fixtures: real nats-server processes, real gateway processes, real sockets."""
+"""The one fixture layer: real nats-server processes, real gateway processes, real sockets.
+
+- ``nats_server`` (one per test) and ``nats_module`` (one per test module): a real
+  nats-server on a free loopback port, stopped afterwards.
+- ``make_gateway(*args, start=True, wait_ready=True, **env)``: `fanout serve` processes on
+  free ports with per-test log dirs; each is stopped after the test and its whole process
+  group is checked gone, so no gateway outlives the test that started it.
+- ``keypair``: an RSA key pair (private.pem, public.pem) for signing test tokens.
+- ``tcp_migrate_req``: the host's net.ipv4.tcp_migrate_req set to 1 for one test and
+  restored after it; the tests using it share one xdist group so they never overlap.
+- :func:`tests.helpers.wait_for` / :func:`tests.helpers.async_wait_for`: the only way to wait.
+- :mod:`tests.integration.wsclient`: the WebSocket client of the tests (decoded frames,
+  close codes) and raw-socket helpers.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from fanout.embedded_nats import EmbeddedNats, free_port
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 
 
 @pytest.fixture
 def nats_server() -> Iterator[EmbeddedNats]:
-    server = EmbeddedNats()
-    server.start()
-    try:
+    """A nats-server of this test's own (tests that stop, kill or reconfigure it)."""
+    with EmbeddedNats() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def nats_module() -> Iterator[EmbeddedNats]:
+    """One nats-server shared by a test module's tests (each uses its own subjects)."""
+    with EmbeddedNats() as server:
+        yield server
+
+
+@pytest.fixture
+def tcp_migrate_req() -> Iterator[None]:
+    """net.ipv4.tcp_migrate_req=1 for this test (a SO_REUSEPORT listener that closes hands its
+    queued handshakes to a sibling), restored afterwards: the host is not ours to change.
+
+    Tests using it must be marked ``xdist_group("tcp_migrate_req")`` so that no other test
+    restores the setting under them.
+    """
+    if not MIGRATE_REQ.exists():
+        yield
+        return
+    before = MIGRATE_REQ.read_text().strip()
+    if before != "1":
+        try:
+            MIGRATE_REQ.write_text("1")
+        except OSError:
+            pytest.skip("net.ipv4.tcp_migrate_req=1 is needed and cannot be set here")
+    try:
+        yield
     finally:
-        server.stop()
+        if before != "1":
+            MIGRATE_REQ.write_text(before)
 
 
 @pytest.fixture(scope="session")
@@ -78,20 +121,22 @@ class Gateway:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.logs()}")
-            try:
-                status, _, _ = http_get(
-                    self.http + ("/readyz" if wait_ready else "/healthz"), 1.0
-                )
-                if status == 200 and (not wait_ready or self._all_workers_up()):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"gateway not ready in {timeout}s:\n{self.logs()}")
+        try:
+            wait_for(lambda: self._up(wait_ready), timeout, "the gateway to be ready")
+        except AssertionError:
+            with contextlib.suppress(AssertionError):  # the readiness failure is the news
+                self.stop()
+            raise RuntimeError(f"gateway not ready in {timeout}s:\n{self.logs()}") from None
+
+    def _up(self, wait_ready: bool) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.logs()}")
+        try:
+            status, _, _ = http_get(self.http + ("/readyz" if wait_ready else "/healthz"), 1.0)
+            return status == 200 and (not wait_ready or self._all_workers_up())
+        except OSError:
+            return False
 
     def _all_workers_up(self) -> bool:
         """Every worker asked for with ``--workers N`` is listening (ready = the first one)."""
@@ -106,6 +151,8 @@ class Gateway:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the supervisor's exit code once
+        its whole process group (workers, side processes) is gone."""
         proc = self.proc
         if proc is None:
             return None
@@ -116,7 +163,30 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        try:
+            wait_for(lambda: not group_alive(proc.pid), 5.0, f"process group {proc.pid} to end")
+        except AssertionError:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(
+                f"gateway {proc.pid} left processes behind (killed now):\n{self.logs()}"
+            ) from None
         return proc.returncode
+
+
+def group_alive(pgid: int) -> bool:
+    """Is any process (zombies aside) still in process group ``pgid``?"""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def gateway_env(**extra: str) -> dict[str, str]:
@@ -145,7 +215,9 @@ def launch_gateway(
 
 
 @pytest.fixture
-def make_gateway(tmp_path: Path) -> Iterator[object]:
+def make_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    """``make_gateway(*args, start=True, wait_ready=True, **env)``: gateways stopped after the
+    test (process group checked gone)."""
     started: list[Gateway] = []
 
     def make(*args: str, start: bool = True, wait_ready: bool = True, **env: str) -> Gateway:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import subprocess
@@ -23,15 +22,10 @@ from tests.integration.wsclient import (
     payload_of,
     raw_handshake,
     read_close_code,
+    wait_for_interest,
 )
 
 ORIGIN = "https://app.example.com"
-
-
-@pytest.fixture(scope="module")
-def nats_module() -> Iterator[EmbeddedNats]:
-    with EmbeddedNats() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +59,6 @@ async def nc(nats_module: EmbeddedNats) -> AsyncIterator[nats.aio.client.Client]
     client = await nats.connect(nats_module.url)
     yield client
     await client.close()
-
-
-async def wait_for_interest(nc: nats.aio.client.Client, client: WsClient, subject: str) -> None:
-    """Publish probes until the gateway's subscription delivers one (the SUB is async)."""
-    async with asyncio.timeout(5):
-        while True:
-            await nc.publish(subject, b'{"probe":true}')
-            try:
-                frame = await client.expect(lambda f: f.get("op") == "msg", timeout=0.2)
-            except TimeoutError:
-                continue
-            if frame.get("data") == {"probe": True}:
-                return
 
 
 async def test_welcome_then_ack_then_messages(
@@ -366,8 +347,13 @@ async def test_demo_mode_serves_ticks_anonymously(tmp_path: Path) -> None:
         assert tick["subject"] == "xy.md.tick.demo"
         assert {"symbol", "price", "ts", "seq"} <= set(tick["data"])
         created = await client.op(
-            {"op": "request", "id": 2, "subject": "svc.orders.create",
-             "data": {"item": "tea", "qty": 2}, "timeout_ms": 3000},
+            {
+                "op": "request",
+                "id": 2,
+                "subject": "svc.orders.create",
+                "data": {"item": "tea", "qty": 2},
+                "timeout_ms": 3000,
+            },
             timeout=5,
         )
         assert created["op"] == "reply" and created["data"]["item"] == "tea"

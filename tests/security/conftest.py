@@ -18,12 +18,6 @@ from tests.conftest import Gateway
 from tests.security.hostile import Neighbour, Signer, start_gateway
 
 
-@pytest.fixture(scope="module")
-def nats_mod() -> Iterator[EmbeddedNats]:
-    with EmbeddedNats() as server:
-        yield server
-
-
 @pytest.fixture(scope="session")
 def signer(keypair: tuple[Path, Path]) -> Signer:
     private, public = keypair
@@ -33,19 +27,19 @@ def signer(keypair: tuple[Path, Path]) -> Signer:
 @pytest.fixture(scope="module")
 def gw(
     request: pytest.FixtureRequest,
-    nats_mod: EmbeddedNats,
+    nats_module: EmbeddedNats,
     keypair: tuple[Path, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Gateway]:
     env = getattr(request.module, "GATEWAY_ENV", {})
-    gateway = start_gateway(tmp_path_factory.mktemp("gw"), nats_mod.url, keypair[1], **env)
+    gateway = start_gateway(tmp_path_factory.mktemp("gw"), nats_module.url, keypair[1], **env)
     yield gateway
     gateway.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def nc(nats_mod: EmbeddedNats) -> AsyncIterator[NatsClient]:
-    client = await nats.connect(nats_mod.url)
+async def nc(nats_module: EmbeddedNats) -> AsyncIterator[NatsClient]:
+    client = await nats.connect(nats_module.url)
     yield client
     await client.close()
 
