@@ -16,6 +16,7 @@ import pytest
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats
 from tests.conftest import Gateway, gateway_env, http_get, launch_gateway
+from tests.helpers import wait_for
 from tests.integration.wsclient import (
     WsClient,
     client_frame,
@@ -246,7 +247,11 @@ def test_unmasked_frame_closes_1002(gw: Gateway, token: str) -> None:
         sock.close()
 
 
+XYW001_COUNTED = r'^fanout_handshake_failures_total\{code="XYW001"\} [1-9]'
+
+
 def test_healthz_and_metrics(gw: Gateway) -> None:
+    assert refused(gw.port)[0] == 401  # no token: one XYW001 to count, whatever ran before
     status, body, _ = http_get(gw.http + "/healthz")
     assert status == 200
     health = json.loads(body)
@@ -263,9 +268,18 @@ def test_healthz_and_metrics(gw: Gateway) -> None:
     assert len(health["workers"]) == 1
     status, body, _ = http_get(gw.http + "/readyz")
     assert status == 200
-    status, body, _ = http_get(gw.http + "/metrics")
-    assert status == 200
-    text = body.decode()
+
+    def metrics() -> str:
+        status, body, _ = http_get(gw.http + "/metrics")
+        assert status == 200
+        return body.decode()
+
+    # worker counters reach /metrics once per sweep
+    text = wait_for(
+        lambda: t if re.search(XYW001_COUNTED, t := metrics(), re.M) else None,
+        10,
+        "the refused handshake counted",
+    )
     for series in (
         "xy_ws_active_connections",
         "xy_ws_messages_forwarded_total",
@@ -277,7 +291,6 @@ def test_healthz_and_metrics(gw: Gateway) -> None:
         "fanout_workers",
     ):
         assert re.search(rf"^{series}(\{{|\s)", text, re.M), series
-    assert re.search(r'^fanout_handshake_failures_total\{code="XYW001"\} [1-9]', text, re.M)
 
 
 async def test_dedup_overlapping_subscriptions(
