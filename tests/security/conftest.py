@@ -14,8 +14,24 @@ import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 
 from fanout.embedded_nats import EmbeddedNats
-from tests.conftest import Gateway
+from tests.conftest import Gateway, http_get
+from tests.helpers import wait_for
 from tests.security.hostile import Neighbour, Signer, start_gateway
+
+
+@pytest.fixture(autouse=True)
+def leaves_the_gateway_ready(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A case that overloads the module's shared gateway (a stalled loop sheds new
+    handshakes) must not fail the next case, whichever it is: after each test, the
+    gateway is ready again (or the test that left it overloaded errors in teardown)."""
+    yield
+    if "gw" in request.fixturenames:
+        gateway: Gateway = request.getfixturevalue("gw")
+        wait_for(
+            lambda: http_get(gateway.http + "/readyz")[0] == 200,
+            30,
+            "the shared gateway to be ready again",
+        )
 
 
 @pytest.fixture(scope="session")
