@@ -7,7 +7,7 @@
   group is checked gone, so no gateway outlives the test that started it.
 - ``keypair``: an RSA key pair (private.pem, public.pem) for signing test tokens.
 - ``tcp_migrate_req``: the host's net.ipv4.tcp_migrate_req set to 1 for one test and
-  restored after it; the tests using it share one xdist group so they never overlap.
+  restored after it; a lock file keeps two such tests (two xdist workers) from overlapping.
 - :func:`tests.helpers.wait_for` / :func:`tests.helpers.async_wait_for`: the only way to wait.
 - :mod:`tests.integration.wsclient`: the WebSocket client of the tests (decoded frames,
   close codes) and raw-socket helpers.
@@ -16,11 +16,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -34,6 +36,24 @@ from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Property tests (hypothesis ``@given``) run many examples each: they are ``slow``, so
+    ``-m "not slow"`` keeps the edit-test loop short; the full suite runs them all."""
+    for item in items:
+        if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
+    """Long parameters (keys and tokens generated at import) get their argument's name as id:
+    pytest-xdist needs the same test ids in every worker, and a fresh key differs per process
+    (pytest numbers the duplicates)."""
+    if isinstance(val, str | bytes) and len(val) > 100:
+        return argname
+    return None
 
 
 @pytest.fixture
@@ -55,23 +75,25 @@ def tcp_migrate_req() -> Iterator[None]:
     """net.ipv4.tcp_migrate_req=1 for this test (a SO_REUSEPORT listener that closes hands its
     queued handshakes to a sibling), restored afterwards: the host is not ours to change.
 
-    Tests using it must be marked ``xdist_group("tcp_migrate_req")`` so that no other test
-    restores the setting under them.
+    The tests using it hold a lock file meanwhile, so that under pytest-xdist no other
+    worker restores the setting under a test that needs it.
     """
     if not MIGRATE_REQ.exists():
         yield
         return
-    before = MIGRATE_REQ.read_text().strip()
-    if before != "1":
-        try:
-            MIGRATE_REQ.write_text("1")
-        except OSError:
-            pytest.skip("net.ipv4.tcp_migrate_req=1 is needed and cannot be set here")
-    try:
-        yield
-    finally:
+    with (Path(tempfile.gettempdir()) / "fanout-tests-tcp_migrate_req.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = MIGRATE_REQ.read_text().strip()
         if before != "1":
-            MIGRATE_REQ.write_text(before)
+            try:
+                MIGRATE_REQ.write_text("1")
+            except OSError:
+                pytest.skip("net.ipv4.tcp_migrate_req=1 is needed and cannot be set here")
+        try:
+            yield
+        finally:
+            if before != "1":
+                MIGRATE_REQ.write_text(before)
 
 
 @pytest.fixture(scope="session")

@@ -111,7 +111,6 @@ async def test_kill_9_worker_page_reconnects_and_resubscribes(page: Page, demo_g
     assert any("closed 1006" in line for line in after["log"])
 
 
-@pytest.mark.xdist_group("tcp_migrate_req")
 @pytest.mark.usefixtures("tcp_migrate_req")
 async def test_sighup_rolling_restart_reconnects_at_once(page: Page, demo_gw: Gateway) -> None:
     before = await open_live(page, demo_gw)

@@ -31,7 +31,7 @@ from tests.integration.wsclient import WsClient, client_frame, wait_for_interest
 BIG = 32 * 1024
 WRITE_TIMEOUT_S = 2.0
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 
 @pytest.fixture

@@ -32,6 +32,8 @@ from tests.helpers import async_wait_for, wait_for
 from tests.integration import pki
 from tests.integration.wsclient import WsClient, wait_for_interest
 
+pytestmark = pytest.mark.slow  # boots a dozen gateways, some of them on purpose broken
+
 DEPLOY = ROOT / "deploy" / "nats"
 
 

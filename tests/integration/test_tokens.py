@@ -28,7 +28,7 @@ from tests.helpers import async_wait_for
 from tests.integration.test_gateway_core import refused
 from tests.integration.wsclient import ConnectionClosed, WsClient
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 
 @pytest.fixture(scope="module")

@@ -187,7 +187,6 @@ async def test_process_titles(
     assert not any("BEGIN" in t or "eyJ" in t for t in titles)
 
 
-@pytest.mark.xdist_group("tcp_migrate_req")
 @pytest.mark.usefixtures("tcp_migrate_req")
 async def test_sighup_rolling_restart_refuses_no_handshake(
     nats_server: EmbeddedNats,

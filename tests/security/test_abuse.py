@@ -33,7 +33,7 @@ from tests.security.hostile import (
     upgrade_request,
 )
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 GATEWAY_ENV = {
     "FANOUT_WS_PING_INTERVAL_S": "1",
