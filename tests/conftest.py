@@ -47,6 +47,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The random order's seed at the end of every run (``-q`` hides pytest-randomly's header):
+    a failure that depends on the order is replayed with ``-p randomly --randomly-seed=N``."""
+    seed = getattr(terminalreporter.config.option, "randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(f"random order: --randomly-seed={seed}")
+
+
 def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
     """Long parameters (keys and tokens generated at import) get their argument's name as id:
     pytest-xdist needs the same test ids in every worker, and a fresh key differs per process
