@@ -64,6 +64,21 @@ def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str)
     return None
 
 
+@pytest.fixture(autouse=True)
+def leaves_the_process_as_found() -> Iterator[None]:
+    """The environment and the working directory are shared by every later test of this
+    process: a test that changes them must put them back (``monkeypatch`` does)."""
+    env, cwd = dict(os.environ), os.getcwd()
+    yield
+    after = dict(os.environ)
+    for name in ("PYTEST_CURRENT_TEST",):  # pytest's own, set per test
+        env.pop(name, None)
+        after.pop(name, None)
+    changed = {k for k in env.keys() | after.keys() if env.get(k) != after.get(k)}
+    assert changed == set(), f"the test left environment variables changed: {sorted(changed)}"
+    assert os.getcwd() == cwd, f"the test left the working directory at {os.getcwd()}"
+
+
 @pytest.fixture
 def nats_server() -> Iterator[EmbeddedNats]:
     """A nats-server of this test's own (tests that stop, kill or reconfigure it)."""
