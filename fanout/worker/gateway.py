@@ -2,7 +2,7 @@
 
 ``admit`` runs the handshake checks in the contract's order (Origin, limits,
 token present, token valid) and either refuses with a status + code or
-returns a live :class:`WsConnection`. Limits are: draining, load shedding,
+returns a live :class:`WsConnection`. Limits are: load shedding,
 the per-address handshake rate, the worker's connection cap (kept below the
 fd limit by the worker), per-address and per-principal caps; the address is
 the peer's, or the client's behind a trusted proxy. ``handle`` answers one
@@ -195,8 +195,7 @@ class Gateway:
         try:
             accept = websocket.check_upgrade(head)
         except websocket.HandshakeError as exc:
-            extra = (("Sec-WebSocket-Version", "13"),) if exc.status == 426 else ()
-            raise Refusal(exc.status, exc.code, exc.message, extra) from None
+            raise Refusal(exc.status, exc.code, exc.message, tuple(exc.headers)) from None
         if len(head.header_values("host")) != 1:
             raise Refusal(400, Code.MALFORMED, "exactly one Host header required")
         jwt = self.settings.jwt

@@ -204,6 +204,27 @@ async def test_plain_get_on_ws_path_is_426(gw: Gateway, neighbour: Neighbour) ->
     await neighbour.check()
 
 
+async def test_refusals_carry_the_headers_http_asks_for(gw: Gateway, neighbour: Neighbour) -> None:
+    """405 names the allowed method (``Allow``), 426 the protocol to upgrade to (RFC 9110)."""
+    post = await send_request(gw.port, upgrade_request(gw.port, method="POST", xff=fresh_ip()))
+    post.close()
+    assert (post.status, post.headers.get("allow")) == (405, "GET")
+    old = upgrade_request(
+        gw.port,
+        xff=fresh_ip(),
+        omit=("Sec-WebSocket-Version",),
+        extra=[("Sec-WebSocket-Version", "8")],
+    )
+    reply = await send_request(gw.port, old)
+    reply.close()
+    assert reply.status == 426
+    assert (reply.headers.get("upgrade"), reply.headers.get("sec-websocket-version")) == (
+        "websocket",
+        "13",
+    )
+    await neighbour.check()
+
+
 async def test_tokens_never_reach_the_log(gw: Gateway, signer: Signer) -> None:
     token = signer.token(iss="https://evil.test/")
     reply = await handshake(gw.port, token=token)
