@@ -39,6 +39,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("host", "server.host"),
         ("port", "server.port"),
         ("log_level", "log.level"),
+        ("log_format", "log.format"),
     ):
         value = getattr(args, flag, None)
         if value is not None:
@@ -59,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fanout import logs
     from fanout.supervisor import Supervisor
 
-    logs.setup(cfg.log.level)
+    logs.setup(cfg.log.level, fmt=cfg.log.format)
     side: list[Any] = []
     if cfg.demo.enabled:
         from fanout.demo import side_processes
@@ -171,7 +172,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
-        help="log.level (default info)",
+        help="log.level (default info); debug adds a line per connection opened and closed",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=["auto", "json", "text"],
+        help="log.format (default auto: text on a terminal, else JSON lines)",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -61,7 +61,7 @@ async def publish_ticks(
 
 def run_publisher(settings: Settings) -> int:
     """Side-process entry point: publish until SIGTERM."""
-    logs.setup(settings.log.level)
+    logs.setup(settings.log.level, fmt=settings.log.format)
     setproctitle("fanout demo-publisher")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -81,7 +81,7 @@ def run_orders_service(settings: Settings) -> int:
     """Side-process entry point: the demo order book on ``svc.orders.*`` until SIGTERM."""
     from fanout.demo_orders import build
 
-    logs.setup(settings.log.level)
+    logs.setup(settings.log.level, fmt=settings.log.format)
     setproctitle("fanout demo-orders")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -106,7 +106,7 @@ for _outcome in REQUEST_OUTCOMES:
     REQUESTS.labels(_outcome)
 
 #: Why a handshake was refused with 503 XYW007: the only values of the ``limit`` label.
-LIMITS = ("draining", "shedding", "handshake_rate", "worker_full", "per_ip", "per_principal")
+LIMITS = ("shedding", "handshake_rate", "worker_full", "per_ip", "per_principal")
 LIMIT_REFUSALS = Counter(
     "fanout_limit_refusals", "WebSocket handshakes refused by a connection limit", ["limit"]
 )
@@ -234,6 +234,17 @@ def build_labels() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             labels[label] = "none"
     return labels
+
+
+#: The steps of a worker's periodic task: the only values of the ``step`` label.
+PERIODIC_STEPS = ("load", "process", "sweep", "ping", "heartbeat", "title")
+PERIODIC_ERRORS = Counter(
+    "fanout_periodic_errors",
+    "Exceptions in a worker's periodic task by step (the task logs each kind once and goes on)",
+    ["step"],
+)
+for _step in PERIODIC_STEPS:
+    PERIODIC_ERRORS.labels(_step)
 
 
 class GatewayCollector(Collector):

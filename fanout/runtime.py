@@ -2,24 +2,31 @@
 
 It is also prometheus-client's ``PROMETHEUS_MULTIPROC_DIR``. Files in it:
 
-- ``worker-<pid>.json``: one :class:`WorkerState` per worker, rewritten
-  atomically from the worker's event loop every ``heartbeat_interval_s``. That
+- ``worker-<pid>.json``: one :class:`WorkerState` per worker, rewritten in
+  place (:class:`StateFile`, no new fd) from the worker's event loop every
+  ``heartbeat_interval_s``. That
   write is the heartbeat: a blocked loop stops writing, and the supervisor
   notices. Any worker reads all of them to answer /healthz for the gateway.
 - ``boot-error-<pid>.txt``: why a worker could not boot (it then exits 3).
 - ``supervisor.json``: :class:`SupervisorState`, written by the supervisor.
 - ``*.db``: prometheus-client's multiprocess files.
 
-Every write goes to a temporary name first and is renamed into place, so a
-reader sees a whole old file or a whole new one; torn or foreign files are
-skipped, never fatal.
+Apart from that directory, ``fanout serve`` holds one lock file per host:port
+(:func:`lock_port`): SO_REUSEPORT would let a second supervisor on the same
+port join the first one's listeners without a word.
+
+Every other write goes to a temporary name first and is renamed into place, so
+a reader sees a whole old file or a whole new one; torn or foreign files are
+skipped (a torn worker file is read again first), never fatal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -36,6 +43,8 @@ _WORKER_PREFIX = "worker-"
 _BOOT_ERROR_PREFIX = "boot-error-"
 #: What may be wiped at start: only files of ours (a misconfigured path must not cost data).
 _OWN_SUFFIXES = (".json", ".db", ".txt", ".tmp")
+#: Reads of a state file before it counts as torn (a worker rewrites it in place).
+_READ_TRIES = 3
 
 
 class WorkerState(msgspec.Struct, kw_only=True):
@@ -138,13 +147,50 @@ def write_state(state_dir: Path, state: WorkerState) -> None:
     _write_atomic(state_path(state_dir, state.pid), _encode(state))
 
 
+class StateFile:
+    """A worker's own state file, opened once: the heartbeat must never need a new fd.
+
+    With the fd table full (EMFILE) an atomic write-and-rename cannot even open
+    its temporary file, and a worker that stops beating is killed by the
+    supervisor. So the file is rewritten in place through the one descriptor
+    opened at start; shorter contents are padded with spaces (valid JSON) so
+    the file never shrinks. A reader that catches a write half done sees
+    invalid JSON and reads again (:func:`read_state`).
+    """
+
+    def __init__(self, state_dir: Path, pid: int) -> None:
+        self._fd = os.open(
+            state_path(state_dir, pid), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+        )
+        self._size = 0
+
+    def write(self, state: WorkerState) -> None:
+        data = _encode(state)
+        if len(data) < self._size:
+            data = data.ljust(self._size)
+        os.pwrite(self._fd, data, 0)
+        self._size = len(data)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 def read_state(state_dir: Path, pid: int) -> WorkerState | None:
-    """The state file of ``pid``, or None when it is missing, torn or not that pid's."""
-    try:
-        state = _decode_worker(state_path(state_dir, pid).read_bytes())
-    except (OSError, msgspec.DecodeError):
-        return None
-    return state if state.pid == pid else None
+    """The state file of ``pid``, or None when it is missing, torn or not that pid's.
+
+    A worker rewrites its file in place (:class:`StateFile`): a read that
+    overlaps a write may be torn, so a torn read is retried a few times.
+    """
+    path = state_path(state_dir, pid)
+    for _ in range(_READ_TRIES):
+        try:
+            state = _decode_worker(path.read_bytes())
+        except OSError:
+            return None
+        except msgspec.DecodeError:
+            continue
+        return state if state.pid == pid else None
+    return None
 
 
 def read_states(state_dir: Path) -> list[WorkerState]:
@@ -197,3 +243,54 @@ def read_restarts(state_dir: Path) -> dict[str, int]:
     """Worker restarts by reason since the supervisor started (empty if unknown)."""
     state = read_supervisor_state(state_dir)
     return dict(state.restarts) if state is not None else {}
+
+
+class PortTaken(Exception):
+    """Another ``fanout serve`` holds this host:port; the message names it and its pid."""
+
+
+def lock_dir() -> Path:
+    """Where serve locks live: per user, in ``$XDG_RUNTIME_DIR`` or else ``/tmp``.
+
+    Not ``$TMPDIR``: every ``fanout serve`` of this user must find the same
+    file, whatever its environment.
+    """
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime_dir) / "fanout" if runtime_dir else Path(f"/tmp/fanout-{os.getuid()}")
+
+
+def hold_port(host: str, port: int) -> int | None:
+    """The serve lock of a fixed port (None for port 0: every worker gets its own port)."""
+    if not port:
+        return None
+    try:
+        return lock_port(host, port)
+    except OSError as exc:
+        raise PortTaken(f"cannot take the lock of port {port}: {exc}") from None
+
+
+def lock_port(host: str, port: int) -> int:
+    """Take the serve lock of ``host:port`` for this process and its children; its fd.
+
+    ``flock`` is released by the kernel when the last holder exits (forked
+    workers inherit it: while one still serves the port, it stays taken).
+    PortTaken names the holder's pid; OSError when the lock cannot be made.
+    """
+    directory = lock_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise OSError(f"{directory} is not a directory of this user")
+    path = directory / f"serve-{host}-{port}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise PortTaken(
+            f"port {port} on {host} is already served by the fanout supervisor pid {holder}"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

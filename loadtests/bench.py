@@ -14,8 +14,20 @@ the same run::
     python loadtests/bench.py --connections 1000 --rate 20 --duration 20
     python loadtests/bench.py --connections 1000 --rate 20 --duration 20 --server natsws
 
-Everything is on loopback; every wait is bounded; every process it starts is
-stopped on exit, Ctrl-C included. One JSON line on stdout, then a human table.
+``--url`` targets a gateway that is already running instead (nothing is
+started but the clients): with ``--nats`` the bench publishes its stream through
+that NATS (the gateway's); without it the clients measure the demo tick stream
+of ``fanout serve --demo`` (``xy.md.tick.<symbol>``, millisecond timestamps).
+``--token``/``--key`` authenticate (neither: anonymous, as ``--demo`` allows);
+``--server-pid`` (the supervisor) adds the server's CPU and RSS figures::
+
+    fanout serve --demo --port 8080 &
+    python loadtests/bench.py --url ws://127.0.0.1:8080/ws --connections 200 --duration 10
+
+Everything is on loopback unless ``--url`` says otherwise; every wait is
+bounded; every process it starts is stopped on exit, Ctrl-C included. A
+progress line per second on stderr while it runs; one JSON line on stdout, then
+a human table.
 """
 
 from __future__ import annotations
@@ -54,9 +66,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 HOST = "127.0.0.1"
 SUBJECT = "xy.md.bench.{}"
-#: per-client-process shared counters: connected, warmed, received, failed
-SLOTS = 4
-CONNECTED, WARMED, RECEIVED, FAILED = range(SLOTS)
+TICK_SUBJECT = "xy.md.tick.{}"
+#: per-client-process shared counters: connected (all settled), warmed, received, failed, open
+SLOTS = 5
+CONNECTED, WARMED, RECEIVED, FAILED, OPEN = range(SLOTS)
+STARTED = time.monotonic()
 MAX_LATENCY_SAMPLES = 4_000_000
 #: a lock-free ``multiprocessing.Array("q")``: ctypes arrays have no precise static type
 Counters = Any
@@ -182,12 +196,20 @@ def make_payload(n: int, size: int) -> bytes:
     return head + b"x" * max(0, size - len(head) - 2) + b'"}'
 
 
-def publisher_main(port: int, subjects: int, rate: float, burst: int, size: int,
-                   duration: float, ctl: Connection) -> None:
+def publisher_main(
+    host: str,
+    port: int,
+    subjects: int,
+    rate: float,
+    burst: int,
+    size: int,
+    duration: float,
+    ctl: Connection,
+) -> None:
     """Warm up (seq 0) until told ``go``, then publish the measured phase and report."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    sock = nats_handshake(HOST, port, "bench-publisher")
+    sock = nats_handshake(host, port, "bench-publisher")
     names = [SUBJECT.format(s).encode() for s in range(subjects)]
     warm_deadline = time.monotonic() + 600
     while time.monotonic() < warm_deadline:
@@ -230,8 +252,12 @@ def pub(subject: bytes, payload: bytes) -> bytes:
 
 # --- clients (picows on uvloop, their own processes) -----------------------------------------
 class Data(msgspec.Struct):
+    """The bench publisher's ``t``/``n``, or a demo tick's ``ts`` (unix ms) and ``seq``."""
+
     t: int = 0
     n: int = -1
+    ts: int = 0
+    seq: int = -1
 
 
 class Frame(msgspec.Struct):
@@ -261,6 +287,9 @@ class Stats:
         self.record = record_latency
 
     def on_data(self, listener: BenchListener, data: Data) -> None:
+        if data.ts:
+            self.on_tick(listener, data)
+            return
         n = data.n
         if n <= 0:
             if not listener.warm:
@@ -273,6 +302,22 @@ class Stats:
         listener.last_n = n
         if self.record:
             self.lat.append((time.monotonic_ns() - data.t) // 1000)
+            if len(self.lat) >= MAX_LATENCY_SAMPLES:
+                self.record = False
+
+    def on_tick(self, listener: BenchListener, data: Data) -> None:
+        """A demo tick: the first one warms the connection, every later one counts."""
+        if not listener.warm:
+            listener.warm = True
+            self.warmed += 1
+            listener.last_n = data.seq
+            return
+        self.received += 1
+        if data.seq > listener.last_n + 1:
+            self.gaps += data.seq - listener.last_n - 1
+        listener.last_n = data.seq
+        if self.record:
+            self.lat.append(max(0, time.time_ns() // 1000 - data.ts * 1000))
             if len(self.lat) >= MAX_LATENCY_SAMPLES:
                 self.record = False
 
@@ -377,10 +422,13 @@ class ClientJob:
     concurrency: int = 64
     lifetime_s: float = 3600.0
     subscribe: bool = True
+    #: Demo symbols to subscribe to (``xy.md.tick.<symbol>``) instead of the bench subjects.
+    tick_symbols: list[str] = field(default_factory=list)
 
 
-async def open_connection(job: ClientJob, conn_no: int, stats: Stats,
-                          keep: list[picows.WSTransport]) -> None:
+async def open_connection(
+    job: ClientJob, conn_no: int, stats: Stats, keep: list[picows.WSTransport]
+) -> None:
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
     natsws = job.kind == "natsws"
@@ -394,7 +442,10 @@ async def open_connection(job: ClientJob, conn_no: int, stats: Stats,
         websocket_handshake_timeout=20,
     )
     keep.append(transport)
-    subject = SUBJECT.format(conn_no % job.subjects).encode()
+    if job.tick_symbols:
+        subject = TICK_SUBJECT.format(job.tick_symbols[conn_no % len(job.tick_symbols)]).encode()
+    else:
+        subject = SUBJECT.format(conn_no % job.subjects).encode()
     if natsws:
         connect = b'CONNECT {"verbose":false,"pedantic":false,"protocol":1,"headers":false}\r\n'
         sub = b"SUB %s 1\r\n" % subject if job.subscribe else b""
@@ -426,6 +477,7 @@ async def client_async(job: ClientJob, counters: Counters, ctl: Connection) -> N
     while time.monotonic() < deadline:
         await asyncio.sleep(0.05)
         counters[base + CONNECTED] = len(keep) if connecting.done() else 0
+        counters[base + OPEN] = len(keep)
         counters[base + WARMED] = stats.warmed
         counters[base + RECEIVED] = stats.received
         counters[base + FAILED] = stats.failed
@@ -436,14 +488,16 @@ async def client_async(job: ClientJob, counters: Counters, ctl: Connection) -> N
     with contextlib.suppress(asyncio.CancelledError):
         await connecting
     if command == "report":
-        ctl.send({
-            "received": stats.received,
-            "dropped": stats.dropped,
-            "gaps": stats.gaps,
-            "failed": stats.failed,
-            "closes": dict(stats.closes),
-            "lat": stats.lat.tobytes(),
-        })
+        ctl.send(
+            {
+                "received": stats.received,
+                "dropped": stats.dropped,
+                "gaps": stats.gaps,
+                "failed": stats.failed,
+                "closes": dict(stats.closes),
+                "lat": stats.lat.tobytes(),
+            }
+        )
     for transport in keep:
         transport.disconnect(graceful=False)
 
@@ -503,9 +557,15 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def start_gateway(procs: Procs, nats_url: str, workers: int, max_conns: int,
-                  extra_env: Sequence[str], log_path: Path,
-                  src: str | None = None) -> tuple[int, str]:
+def start_gateway(
+    procs: Procs,
+    nats_url: str,
+    workers: int,
+    max_conns: int,
+    extra_env: Sequence[str],
+    log_path: Path,
+    src: str | None = None,
+) -> tuple[int, str]:
     """``fanout serve`` with a fresh dev key pair; returns (port, token)."""
     assert procs.tmp is not None
     keys = Path(procs.tmp.name)
@@ -513,14 +573,16 @@ def start_gateway(procs: Procs, nats_url: str, workers: int, max_conns: int,
     (keys / "public.pem").write_bytes(public)
     token = make_token(private_key_pem=private, sub="bench", subjects=["xy.md.>"], ttl_s=86_000)
     port = free_port()
-    env = clean_env({
-        "NATS_URLS": nats_url,
-        "JWT_PUBLIC_KEY": str(keys / "public.pem"),
-        "FANOUT_SERVER_HOST": HOST,
-        "FANOUT_SERVER_PORT": str(port),
-        "FANOUT_SERVER_MAX_CONNECTIONS": str(max_conns),
-        "FANOUT_LOG_LEVEL": "warning",
-    })
+    env = clean_env(
+        {
+            "NATS_URLS": nats_url,
+            "JWT_PUBLIC_KEY": str(keys / "public.pem"),
+            "FANOUT_SERVER_HOST": HOST,
+            "FANOUT_SERVER_PORT": str(port),
+            "FANOUT_SERVER_MAX_CONNECTIONS": str(max_conns),
+            "FANOUT_LOG_LEVEL": "warning",
+        }
+    )
     for item in extra_env:
         name, _, value = item.partition("=")
         env[name] = value
@@ -530,16 +592,20 @@ def start_gateway(procs: Procs, nats_url: str, workers: int, max_conns: int,
     # shadow --gateway-src with whatever tree the bench was started from.
     procs.gateway = subprocess.Popen(
         [sys.executable, "-m", "fanout.cli", "serve", "--workers", str(workers)],
-        env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         cwd=keys,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if procs.gateway.poll() is not None:
             raise RuntimeError(f"gateway exited {procs.gateway.returncode}; log: {log_path}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(
-            f"http://{HOST}:{port}/readyz", timeout=1
-        ) as resp:
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"http://{HOST}:{port}/readyz", timeout=1) as resp,
+        ):
             if resp.status == 200:
                 return port, token
         time.sleep(0.1)
@@ -548,9 +614,12 @@ def start_gateway(procs: Procs, nats_url: str, workers: int, max_conns: int,
 
 def gateway_counters(url: str) -> dict[str, float]:
     """Totals from the gateway's /metrics (they are published once per second)."""
-    host_port = url.removeprefix("ws://").partition("/")[0]
-    names = ("xy_ws_slow_consumers_total", "xy_ws_messages_dropped_total",
-             "xy_ws_messages_forwarded_total")
+    host_port = url.partition("://")[2].partition("/")[0]
+    names = (
+        "xy_ws_slow_consumers_total",
+        "xy_ws_messages_dropped_total",
+        "xy_ws_messages_forwarded_total",
+    )
     out = dict.fromkeys(names, 0.0)
     with urllib.request.urlopen(f"http://{host_port}/metrics", timeout=5) as resp:
         for line in resp.read().decode().splitlines():
@@ -569,9 +638,13 @@ def stalled_client(url: str, token: str | None, subject: str, natsws: bool) -> s
     sock.settimeout(10)
     sock.connect((host, int(port)))
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    sock.sendall((f"GET /{path} HTTP/1.1\r\nHost: {host_port}\r\nUpgrade: websocket\r\n"
-                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                  f"Sec-WebSocket-Version: 13\r\n{auth}\r\n").encode())
+    sock.sendall(
+        (
+            f"GET /{path} HTTP/1.1\r\nHost: {host_port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{auth}\r\n"
+        ).encode()
+    )
     head = b""
     for _ in range(100):
         if b"\r\n\r\n" in head:
@@ -580,8 +653,9 @@ def stalled_client(url: str, token: str | None, subject: str, natsws: bool) -> s
     if not head.startswith(b"HTTP/1.1 101"):
         raise RuntimeError(f"stalled client refused: {head[:40]!r}")
     if natsws:
-        sock.sendall(masked_frame(0x2, b'CONNECT {"verbose":false}\r\nSUB %s 1\r\n'
-                                  % subject.encode()))
+        sock.sendall(
+            masked_frame(0x2, b'CONNECT {"verbose":false}\r\nSUB %s 1\r\n' % subject.encode())
+        )
     else:
         sock.sendall(masked_frame(0x1, b'{"op":"sub","id":1,"subject":"%s"}' % subject.encode()))
     return sock
@@ -594,11 +668,26 @@ def masked_frame(opcode: int, payload: bytes) -> bytes:
     return bytes((0x80 | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
 
 
-def wait_until(pred: Callable[[], bool], timeout_s: float, step: float = 0.05) -> bool:
+def say(text: str) -> None:
+    """A progress line on stderr, stamped with the seconds since the tool started."""
+    print(f"[{time.monotonic() - STARTED:7.1f} s] {text}", file=sys.stderr, flush=True)
+
+
+def wait_until(
+    pred: Callable[[], bool],
+    timeout_s: float,
+    step: float = 0.05,
+    progress: Callable[[], str] | None = None,
+) -> bool:
+    """Poll ``pred`` until true or ``timeout_s``; ``progress()`` is said once a second."""
     deadline = time.monotonic() + timeout_s
+    next_say = time.monotonic() + 1.0
     while time.monotonic() < deadline:
         if pred():
             return True
+        if progress is not None and time.monotonic() >= next_say:
+            say(progress())
+            next_say += 1.0
         time.sleep(step)
     return pred()
 
@@ -609,16 +698,62 @@ def percentile(sorted_values: Sequence[int], q: float) -> float:
     return float(sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))])
 
 
-def server_pids(procs: Procs) -> list[int]:
+def gateway_tree(root: int) -> list[int]:
+    """A running gateway's supervisor ``root`` and its workers (not ``--demo``'s side processes)."""
+
+    def is_worker(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"fanout worker")
+        except OSError:
+            return False
+
+    return [root, *(p for p in process_tree(root) if p != root and is_worker(p))]
+
+
+def server_pids(procs: Procs, root: int | None = None) -> list[int]:
+    """The server's processes: ours, or the gateway at ``root`` (``--server-pid``); [] unknown."""
     if procs.gateway is not None:
         return process_tree(procs.gateway.pid)
-    assert procs.nats is not None and procs.nats.proc is not None
-    return [procs.nats.proc.pid]
+    if root is not None:
+        return gateway_tree(root)
+    if procs.nats is not None and procs.nats.proc is not None:
+        return [procs.nats.proc.pid]
+    return []
 
 
-def start_servers(procs: Procs, server: str, workers: int, max_conns: int,
-                  gateway_env: Sequence[str], log_dir: str | None,
-                  src: str | None = None) -> tuple[str, str | None]:
+def target(args: argparse.Namespace) -> tuple[str, str | None]:
+    """``--url`` as a WebSocket URL and the token to present (None: anonymous)."""
+    scheme, sep, rest = args.url.partition("://")
+    scheme = {"http": "ws", "https": "wss"}.get(scheme, scheme)
+    if not sep or scheme not in ("ws", "wss") or not rest:
+        raise RuntimeError(f"--url needs ws://host:port/path, got {args.url!r}")
+    host_port, slash, path = rest.partition("/")
+    url = f"{scheme}://{host_port}/{path if slash and path else 'ws'}"
+    if args.token:
+        return url, str(args.token)
+    if args.key:
+        key = Path(args.key).read_bytes()
+        return url, make_token(private_key_pem=key, sub="bench", subjects=["xy.md.>"], ttl_s=3600)
+    return url, None
+
+
+def nats_address(url: str) -> tuple[str, int]:
+    host_port = url.partition("://")[2] if "://" in url else url
+    host, _, port = host_port.rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise RuntimeError(f"--nats needs nats://host:port, got {url!r}")
+    return host, int(port)
+
+
+def start_servers(
+    procs: Procs,
+    server: str,
+    workers: int,
+    max_conns: int,
+    gateway_env: Sequence[str],
+    log_dir: str | None,
+    src: str | None = None,
+) -> tuple[str, str | None]:
     """nats-server, plus the gateway unless ``server`` is natsws; returns (ws url, token)."""
     procs.tmp = tempfile.TemporaryDirectory(prefix="fanout-bench-")
     natsws = server == "natsws"
@@ -631,8 +766,9 @@ def start_servers(procs: Procs, server: str, workers: int, max_conns: int,
             raise RuntimeError("nats-server websocket listener did not start")
         return f"ws://{HOST}:{ws_port}/", None
     log_path = Path(log_dir or procs.tmp.name) / "gateway.log"
-    port, token = start_gateway(procs, procs.nats.url, workers, max_conns, gateway_env, log_path,
-                                src)
+    port, token = start_gateway(
+        procs, procs.nats.url, workers, max_conns, gateway_env, log_path, src
+    )
     return f"ws://{HOST}:{port}/ws", token
 
 
@@ -649,23 +785,51 @@ def spawn_client(procs: Procs, job: ClientJob, counters: Counters) -> tuple[Conn
 
 def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
     nofile = raise_nofile()
-    natsws = args.server == "natsws"
-    url, token = start_servers(procs, args.server, args.workers, args.connections + 1000,
-                               args.gateway_env, args.log_dir, args.gateway_src)
-    assert procs.nats is not None and procs.nats.proc is not None
-    nats_pid = procs.nats.proc.pid
+    natsws = args.server == "natsws" and not args.url
+    ticks = bool(args.url) and not args.nats
+    nats_pid: int | None = None
+    if args.url:
+        url, token = target(args)
+        nats_host, nats_port = nats_address(args.nats) if args.nats else (HOST, 0)
+        say(
+            f"target {url}, {'demo ticks' if ticks else 'publishing via ' + args.nats}, "
+            f"{'token' if token else 'anonymous'}"
+        )
+    else:
+        url, token = start_servers(
+            procs,
+            args.server,
+            args.workers,
+            args.connections + 1000,
+            args.gateway_env,
+            args.log_dir,
+            args.gateway_src,
+        )
+        assert procs.nats is not None and procs.nats.proc is not None
+        nats_host, nats_port, nats_pid = HOST, procs.nats.port, procs.nats.proc.pid
+        say(f"started {args.server} at {url}")
     time.sleep(0.3)
-    rss_idle = sum(proc_rss(p) for p in workers_of(procs))
+    rss_idle = sum(proc_rss(p) for p in workers_of(procs, args.server_pid))
 
     m = max(1, min(args.clients, args.connections))
     counters: Counters = mp.Array("q", m * SLOTS, lock=False)
     pipes: list[Connection] = []
     client_pids: list[int] = []
     per = [args.connections // m + (1 if i < args.connections % m else 0) for i in range(m)]
+    symbols = [x.strip() for x in args.symbols.split(",") if x.strip()] if ticks else []
     first = 0
     for i, count in enumerate(per):
-        job = ClientJob(i, args.server, url, token, first, count, args.subjects,
-                        record_latency=not args.no_latency)
+        job = ClientJob(
+            i,
+            "natsws" if natsws else "fanout",
+            url,
+            token,
+            first,
+            count,
+            args.subjects,
+            record_latency=not args.no_latency,
+            tick_symbols=symbols,
+        )
         pipe, pid = spawn_client(procs, job, counters)
         pipes.append(pipe)
         client_pids.append(pid)
@@ -675,64 +839,117 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
         return sum(counters[i * SLOTS + slot] for i in range(m))
 
     connect_timeout = 30 + args.connections / 200
-    done = wait_until(lambda: all(counters[i * SLOTS + CONNECTED] + counters[i * SLOTS + FAILED]
-                                  >= per[i] for i in range(m)), connect_timeout)
+    done = wait_until(
+        lambda: all(
+            counters[i * SLOTS + CONNECTED] + counters[i * SLOTS + FAILED] >= per[i]
+            for i in range(m)
+        ),
+        connect_timeout,
+        progress=lambda: (
+            f"connecting: {total(OPEN)}/{args.connections} open, {total(FAILED)} failed"
+        ),
+    )
     if not done or total(FAILED):
-        raise RuntimeError(f"connected {total(CONNECTED)}/{args.connections}, "
-                           f"failed {total(FAILED)} (RLIMIT_NOFILE {nofile})")
-    rss_connected = sum(proc_rss(p) for p in workers_of(procs))
+        raise RuntimeError(
+            f"connected {total(CONNECTED)}/{args.connections}, "
+            f"failed {total(FAILED)} (RLIMIT_NOFILE {nofile})"
+        )
+    say(f"connected {args.connections}")
+    rss_connected = sum(proc_rss(p) for p in workers_of(procs, args.server_pid))
     for i in range(args.stalled):
-        procs.stalled.append(stalled_client(url, token, SUBJECT.format(i % args.subjects),
-                                            natsws))
+        procs.stalled.append(stalled_client(url, token, SUBJECT.format(i % args.subjects), natsws))
 
     ctx = mp.get_context("fork")
     pub_parent, pub_child = ctx.Pipe()
-    publisher = ctx.Process(
-        target=publisher_main,
-        args=(procs.nats.port, args.subjects, args.rate, args.burst, args.payload,
-              args.duration, pub_child),
-        daemon=True,
-    )
-    publisher.start()
-    procs.children.append(publisher)
-    if not wait_until(lambda: total(WARMED) >= args.connections, 30):
+    if not ticks:
+        publisher = ctx.Process(
+            target=publisher_main,
+            args=(
+                nats_host,
+                nats_port,
+                args.subjects,
+                args.rate,
+                args.burst,
+                args.payload,
+                args.duration,
+                pub_child,
+            ),
+            daemon=True,
+        )
+        publisher.start()
+        procs.children.append(publisher)
+    if not wait_until(
+        lambda: total(WARMED) >= args.connections,
+        30,
+        progress=lambda: f"warming up: {total(WARMED)}/{args.connections} got a first message",
+    ):
         raise RuntimeError(f"only {total(WARMED)}/{args.connections} connections got a message")
     time.sleep(0.5)
 
-    spids = server_pids(procs)
-    print(f"measuring; server pids {' '.join(map(str, spids))}", file=sys.stderr, flush=True)
+    spids = server_pids(procs, args.server_pid)
+    say(f"measuring {args.duration} s; server pids {' '.join(map(str, spids)) or 'unknown'}")
     cpu0 = CpuSnapshot.take(spids)
     client0 = CpuSnapshot.take(client_pids)
-    nats0 = CpuSnapshot.take([nats_pid])
+    nats0 = CpuSnapshot.take([nats_pid] if nats_pid else [])
+    before: dict[str, float] = {}
+    if args.url:
+        with contextlib.suppress(OSError, ValueError):
+            before = gateway_counters(url)
     wall0 = time.monotonic()
-    pub_parent.send("go")
-    if not pub_parent.poll(args.duration + 60):
-        raise RuntimeError("publisher did not finish")
-    published = pub_parent.recv()
-    subscribers = Counter(i % args.subjects for i in range(args.connections))
-    expected = published["per_subject"] * sum(subscribers.values())
-    drain_limit = max(5.0, args.duration)
-    last, last_change = -1, time.monotonic()
-    drain_deadline = time.monotonic() + drain_limit
-    while time.monotonic() < drain_deadline:
-        got = total(RECEIVED)
-        if got >= expected:
-            break
-        if got != last:
-            last, last_change = got, time.monotonic()
-        elif time.monotonic() - last_change > 2.0:
-            break
-        time.sleep(0.02)
+    received0 = total(RECEIVED)
+
+    def measuring() -> str:
+        return (
+            f"measuring: {time.monotonic() - wall0:.0f}/{args.duration:.0f} s, "
+            f"{total(RECEIVED) - received0} delivered"
+        )
+
+    expected: int | None = None
+    if ticks:
+        end = wall0 + args.duration
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(1.0, left))
+            say(measuring())
+        published = {"per_subject": 0, "late_ticks": 0}
+        pub_s = time.monotonic() - wall0
+    else:
+        pub_parent.send("go")
+        deadline = wall0 + args.duration + 60
+        while not pub_parent.poll(1.0):
+            if time.monotonic() > deadline:
+                raise RuntimeError("publisher did not finish")
+            say(measuring())
+        published = pub_parent.recv()
+        pub_s = published["end"] - published["start"]
+        subscribers = Counter(i % args.subjects for i in range(args.connections))
+        expected = published["per_subject"] * sum(subscribers.values())
+        drain_limit = max(5.0, args.duration)
+        last, last_change = -1, time.monotonic()
+        drain_deadline = time.monotonic() + drain_limit
+        while time.monotonic() < drain_deadline:
+            got = total(RECEIVED)
+            if got >= expected:
+                break
+            if got != last:
+                last, last_change = got, time.monotonic()
+            elif time.monotonic() - last_change > 2.0:
+                break
+            time.sleep(0.02)
     wall1 = time.monotonic()
+    measured_received = total(RECEIVED) - received0
     cpu1 = CpuSnapshot.take(spids)
     client1 = CpuSnapshot.take(client_pids)
-    nats1 = CpuSnapshot.take([nats_pid])
-    rss_end = sum(proc_rss(p) for p in workers_of(procs))
+    nats1 = CpuSnapshot.take([nats_pid] if nats_pid else [])
+    rss_end = sum(proc_rss(p) for p in workers_of(procs, args.server_pid))
     counters_end: dict[str, float] = {}
     if not natsws:
         time.sleep(1.2)
-        counters_end = gateway_counters(url)
-    pub_parent.send("bye")
+        with contextlib.suppress(OSError, ValueError):
+            after = gateway_counters(url)
+            counters_end = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    if not ticks:
+        pub_parent.send("bye")
+    say("collecting the clients' reports")
 
     reports = []
     for pipe in pipes:
@@ -741,7 +958,7 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
         if not pipe.poll(60):
             raise RuntimeError("a client process did not report")
         reports.append(pipe.recv())
-    received = sum(r["received"] for r in reports)
+    received = measured_received if ticks else sum(r["received"] for r in reports)
     lat = array.array("q")
     for r in reports:
         lat.frombytes(r["lat"])
@@ -749,30 +966,37 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
     closes: Counter[str] = Counter()
     for r in reports:
         closes.update(r["closes"])
+    gaps = sum(r["gaps"] for r in reports)
 
     user, sys_, lost_procs = cpu1.since(cpu0)
     cu, cs, _ = client1.since(client0)
     nu, ns, _ = nats1.since(nats0)
-    pub_s = published["end"] - published["start"]
     per_delivery = 1e6 / received if received else float("nan")
+    cpu_known = bool(spids)
+
+    def per_server_delivery(seconds: float) -> float | None:
+        return round(seconds * per_delivery, 3) if cpu_known else None
+
+    rss_known = rss_connected > 0
     return {
         "label": args.label,
-        "server": args.server,
-        "workers": args.workers if not natsws else None,
+        "server": args.url or args.server,
+        "workers": args.workers if not (natsws or args.url) else None,
+        "source": "demo ticks" if ticks else "bench publisher",
         "connections": args.connections,
-        "subjects": args.subjects,
-        "rate": args.rate,
-        "burst": args.burst,
-        "payload": args.payload,
+        "subjects": len(symbols) if ticks else args.subjects,
+        "rate": None if ticks else args.rate,
+        "burst": None if ticks else args.burst,
+        "payload": None if ticks else args.payload,
         "duration_s": round(pub_s, 3),
         "measured_s": round(wall1 - wall0, 3),
-        "published": published["per_subject"] * args.subjects,
+        "published": None if ticks else published["per_subject"] * args.subjects,
         "late_ticks": published["late_ticks"],
         "expected": expected,
         "delivered": received,
-        "lost": expected - received,
+        "lost": gaps if expected is None else expected - received,
         "dropped_notices": sum(r["dropped"] for r in reports),
-        "gaps": sum(r["gaps"] for r in reports),
+        "gaps": gaps,
         "closes": dict(closes),
         "deliveries_per_s": round(received / pub_s, 1) if pub_s > 0 else None,
         "latency_ms": {
@@ -781,52 +1005,89 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
             "max": (ordered[-1] / 1000) if ordered else float("nan"),
             "samples": len(ordered),
         },
-        "server_cpu_s": {"user": user, "sys": sys_},
-        "server_cpu_us_per_delivery": round((user + sys_) * per_delivery, 3),
-        "server_user_us_per_delivery": round(user * per_delivery, 3),
-        "server_sys_us_per_delivery": round(sys_ * per_delivery, 3),
+        "server_cpu_s": {"user": user, "sys": sys_} if cpu_known else None,
+        "server_cpu_us_per_delivery": per_server_delivery(user + sys_),
+        "server_user_us_per_delivery": per_server_delivery(user),
+        "server_sys_us_per_delivery": per_server_delivery(sys_),
         "server_procs_lost": lost_procs,
         "client_cpu_us_per_delivery": round((cu + cs) * per_delivery, 3),
-        "nats_cpu_s": round(nu + ns, 3) if not natsws else None,
-        "rss_per_conn_kib": round(rss_connected / args.connections / 1024, 2),
-        "rss_delta_per_conn_kib": round((rss_connected - rss_idle) / args.connections / 1024, 2),
-        "rss_end_mib": round(rss_end / 2**20, 1),
-        "rss_growth_mib": round((rss_end - rss_connected) / 2**20, 1),
+        "nats_cpu_s": round(nu + ns, 3) if nats_pid else None,
+        "rss_per_conn_kib": round(rss_connected / args.connections / 1024, 2)
+        if rss_known
+        else None,
+        "rss_delta_per_conn_kib": round((rss_connected - rss_idle) / args.connections / 1024, 2)
+        if rss_known
+        else None,
+        "rss_end_mib": round(rss_end / 2**20, 1) if rss_known else None,
+        "rss_growth_mib": round((rss_end - rss_connected) / 2**20, 1) if rss_known else None,
         "stalled": args.stalled,
         "slow_consumers_cut": counters_end.get("xy_ws_slow_consumers_total"),
         "dropped_total": counters_end.get("xy_ws_messages_dropped_total"),
     }
 
 
-def workers_of(procs: Procs) -> list[int]:
-    """The processes holding client sockets: gateway workers, or nats-server itself."""
+def workers_of(procs: Procs, root: int | None = None) -> list[int]:
+    """The processes holding client sockets: gateway workers, or nats-server itself.
+
+    With ``--url``: the children of ``root`` (``--server-pid``), or none when it is unknown.
+    """
     if procs.gateway is not None:
         return [p for p in process_tree(procs.gateway.pid) if p != procs.gateway.pid]
-    assert procs.nats is not None and procs.nats.proc is not None
-    return [procs.nats.proc.pid]
+    if root is not None:
+        return gateway_tree(root)[1:]
+    if procs.nats is not None and procs.nats.proc is not None:
+        return [procs.nats.proc.pid]
+    return []
+
+
+def na(value: object, spec: str = "") -> str:
+    """``value`` formatted, or ``n/a`` when the run could not measure it."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def table(result: dict[str, Any]) -> str:
     lat = result["latency_ms"]
+    running = str(result["server"]).startswith(("ws://", "wss://"))
+    workers = "running gateway" if running else f"workers {na(result['workers'])}"
+    if result["source"] == "demo ticks":
+        scenario = f"{result['connections']} conns on {result['subjects']} demo tick subjects"
+    else:
+        scenario = (
+            f"{result['connections']} conns, {result['subjects']} subjects, "
+            f"{result['rate']} msg/s, burst {result['burst']}, {result['payload']} B"
+        )
+    cpu = (
+        "n/a (give --server-pid)"
+        if result["server_cpu_us_per_delivery"] is None
+        else f"{result['server_cpu_us_per_delivery']:.3f} "
+        f"(user {result['server_user_us_per_delivery']:.3f}, "
+        f"sys {result['server_sys_us_per_delivery']:.3f})"
+    )
     rows = [
-        ("server", f"{result['server']} (workers {result['workers']})"),
-        ("scenario", f"{result['connections']} conns, {result['subjects']} subjects, "
-                     f"{result['rate']} msg/s, burst {result['burst']}, "
-                     f"{result['payload']} B, {result['duration_s']} s"),
+        ("server", f"{result['server']} ({workers})"),
+        ("scenario", f"{scenario}, {result['duration_s']} s"),
         ("deliveries/s", f"{result['deliveries_per_s']}"),
-        ("delivered / expected", f"{result['delivered']} / {result['expected']} "
-                                 f"(lost {result['lost']}, dropped notices "
-                                 f"{result['dropped_notices']}, gaps {result['gaps']})"),
+        (
+            "delivered / expected",
+            f"{result['delivered']} / {na(result['expected'])} "
+            f"(lost {result['lost']}, dropped notices "
+            f"{result['dropped_notices']}, gaps {result['gaps']})",
+        ),
         ("latency ms p50/p99/max", f"{lat['p50']:.2f} / {lat['p99']:.2f} / {lat['max']:.2f}"),
-        ("server CPU-µs/delivery", f"{result['server_cpu_us_per_delivery']:.3f} "
-                                   f"(user {result['server_user_us_per_delivery']:.3f}, "
-                                   f"sys {result['server_sys_us_per_delivery']:.3f})"),
+        ("server CPU-µs/delivery", cpu),
         ("client CPU-µs/delivery", f"{result['client_cpu_us_per_delivery']:.3f}"),
-        ("RSS per connection KiB", f"{result['rss_per_conn_kib']} "
-                                   f"(delta over idle {result['rss_delta_per_conn_kib']})"),
-        ("RSS end / growth MiB", f"{result['rss_end_mib']} / {result['rss_growth_mib']} "
-                                 f"({result['stalled']} stalled subscribers, "
-                                 f"{result['slow_consumers_cut']} cut)"),
+        (
+            "RSS per connection KiB",
+            f"{na(result['rss_per_conn_kib'])} "
+            f"(delta over idle {na(result['rss_delta_per_conn_kib'])})",
+        ),
+        (
+            "RSS end / growth MiB",
+            f"{na(result['rss_end_mib'])} / "
+            f"{na(result['rss_growth_mib'])} "
+            f"({result['stalled']} stalled subscribers, "
+            f"{na(result['slow_consumers_cut'])} cut)",
+        ),
         ("closes", json.dumps(result["closes"])),
     ]
     width = max(len(name) for name, _ in rows)
@@ -834,31 +1095,79 @@ def table(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--server", choices=["fanout", "natsws"], default="fanout")
-    p.add_argument("--connections", type=int, default=1000)
-    p.add_argument("--subjects", type=int, default=1)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--server",
+        choices=["fanout", "natsws"],
+        default="fanout",
+        help="what to start and measure (ignored with --url)",
+    )
+    p.add_argument(
+        "--url",
+        help="measure this running gateway (ws://host:port/ws) instead of "
+        "starting one; see --nats, --token, --key, --server-pid",
+    )
+    p.add_argument(
+        "--nats",
+        help="with --url: publish through this NATS (nats://host:port); "
+        "without it, measure the demo tick stream",
+    )
+    p.add_argument(
+        "--token", help="with --url: the JWT to present (neither this nor --key: anonymous)"
+    )
+    p.add_argument("--key", help="with --url: a private key PEM to sign a token for xy.md.>")
+    p.add_argument(
+        "--server-pid",
+        type=int,
+        help="with --url: the supervisor's pid, for the server CPU and RSS figures",
+    )
+    p.add_argument(
+        "--symbols",
+        default="demo,btc,eth,sol",
+        help="with --url and no --nats: demo symbols to subscribe to",
+    )
+    p.add_argument("--connections", type=int, default=1000, help="WebSocket clients")
+    p.add_argument("--subjects", type=int, default=1, help="subjects published round robin")
     p.add_argument("--rate", type=float, default=20.0, help="messages/s published (all subjects)")
     p.add_argument("--burst", type=int, default=1, help="messages per subject per tick")
     p.add_argument("--payload", type=int, default=100, help="payload bytes")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="gateway workers started")
     p.add_argument("--clients", type=int, default=2, help="client processes")
     p.add_argument("--no-latency", action="store_true", help="do not record latencies")
-    p.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra environment for the gateway, e.g. FANOUT_OUTBOX_WRITE_DELAY_MS=1")
-    p.add_argument("--log-dir", help="keep the gateway log here")
-    p.add_argument("--gateway-src", metavar="DIR",
-                   help="run the gateway from another source tree (PYTHONPATH), e.g. an export "
-                        "of the previous revision: before/after in the same session")
+    p.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the gateway, e.g. FANOUT_OUTBOX_WRITE_DELAY_MS=1",
+    )
+    p.add_argument("--log-dir", help="keep the gateway log here (None: in a temporary directory)")
+    p.add_argument(
+        "--gateway-src",
+        metavar="DIR",
+        help="run the gateway from another source tree (PYTHONPATH), e.g. an export "
+        "of the previous revision: before/after in the same session",
+    )
     p.add_argument("--label", default="", help="a name for this run in the JSON line")
-    p.add_argument("--stalled", type=int, default=0,
-                   help="extra subscribers that never read (slow consumers under test)")
+    p.add_argument(
+        "--stalled",
+        type=int,
+        default=0,
+        help="extra subscribers that never read (slow consumers under test)",
+    )
     args = p.parse_args(argv)
     if args.connections < 1 or args.subjects < 1 or args.rate <= 0 or args.burst < 1:
         p.error("connections, subjects, burst must be >= 1 and rate > 0")
     if not 1 <= args.duration <= 3600:
         p.error("duration must be 1..3600 s")
+    if not args.url and (args.nats or args.token or args.key or args.server_pid):
+        p.error("--nats, --token, --key and --server-pid go with --url")
+    if args.url and args.stalled and not args.nats:
+        p.error("--stalled needs published bench subjects: give --nats with --url")
     return args
 
 

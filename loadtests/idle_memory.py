@@ -35,6 +35,7 @@ from bench import (
     Procs,
     raise_nofile,
     run_tool,
+    say,
     spawn_client,
     start_servers,
     wait_until,
@@ -69,8 +70,9 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
     nofile = raise_nofile()
     if args.connections + 100 > nofile:
         raise RuntimeError(f"RLIMIT_NOFILE hard limit {nofile} is too low for the worker")
-    url, token = start_servers(procs, args.server, 1, args.connections + 100, [], None,
-                               args.gateway_src)
+    url, token = start_servers(
+        procs, args.server, 1, args.connections + 100, [], None, args.gateway_src
+    )
     workers = workers_of(procs)
     if len(workers) != 1:
         raise RuntimeError(f"expected one worker, found {workers}")
@@ -82,8 +84,18 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
     opened = 0
     for step in range(args.steps):
         count = per_step if step < args.steps - 1 else args.connections - opened
-        job = ClientJob(step, args.server, url, token, opened, count, args.subjects,
-                        read_buffer=2048, record_latency=False, subscribe=args.subscribe)
+        job = ClientJob(
+            step,
+            args.server,
+            url,
+            token,
+            opened,
+            count,
+            args.subjects,
+            read_buffer=2048,
+            record_latency=False,
+            subscribe=args.subscribe,
+        )
         spawn_client(procs, job, counters)
         base = step * SLOTS
 
@@ -91,11 +103,14 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
             return bool(counters[base + CONNECTED] + counters[base + FAILED] >= count)
 
         if not wait_until(settled, 60 + count / 100) or counters[base + FAILED]:
-            raise RuntimeError(f"step {step}: connected {counters[base + CONNECTED]}/{count}, "
-                               f"failed {counters[base + FAILED]}")
+            raise RuntimeError(
+                f"step {step}: connected {counters[base + CONNECTED]}/{count}, "
+                f"failed {counters[base + FAILED]}"
+            )
         opened += count
         time.sleep(args.settle)
         rows.append(sample(worker, opened))
+        say(f"step {step + 1}/{args.steps}: {opened} connections, RSS {rows[-1]['VmRSS']} KiB")
     first, last = rows[0], rows[-1]
     k: int = args.connections
 
@@ -117,33 +132,42 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"{'connections':>12} {'RSS KiB':>10} {'anon KiB':>10} {'file KiB':>9} "
-             f"{'TCP mem KiB':>12} {'Δ RSS/conn':>11}"]
+    lines = [
+        f"{'connections':>12} {'RSS KiB':>10} {'anon KiB':>10} {'file KiB':>9} "
+        f"{'TCP mem KiB':>12} {'Δ RSS/conn':>11}"
+    ]
     prev = None
     for row in result["steps"]:
         slope = ""
         if prev is not None and row["connections"] > prev["connections"]:
             added = row["connections"] - prev["connections"]
             slope = f"{(row['VmRSS'] - prev['VmRSS']) / added:.2f}"
-        lines.append(f"{row['connections']:>12} {row['VmRSS']:>10} {row['RssAnon']:>10} "
-                     f"{row['RssFile']:>9} {row['tcp_mem_kib']:>12} {slope:>11}")
+        lines.append(
+            f"{row['connections']:>12} {row['VmRSS']:>10} {row['RssAnon']:>10} "
+            f"{row['RssFile']:>9} {row['tcp_mem_kib']:>12} {slope:>11}"
+        )
         prev = row
-    lines.append(f"{result['server']}: {result['rss_per_conn_kib']} KiB RSS per idle connection "
-                 f"(anon {result['anon_per_conn_kib']}, kernel TCP "
-                 f"{result['kernel_tcp_per_conn_kib']}) at {result['connections']} connections")
+    lines.append(
+        f"{result['server']}: {result['rss_per_conn_kib']} KiB RSS per idle connection "
+        f"(anon {result['anon_per_conn_kib']}, kernel TCP "
+        f"{result['kernel_tcp_per_conn_kib']}) at {result['connections']} connections"
+    )
     return "\n".join(lines)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--server", choices=["fanout", "natsws"], default="fanout")
-    p.add_argument("--connections", type=int, default=10_000)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--server", choices=["fanout", "natsws"], default="fanout", help="what to start")
+    p.add_argument("--connections", type=int, default=10_000, help="idle WebSockets in all")
     p.add_argument("--steps", type=int, default=5, help="client processes, one per step")
     p.add_argument("--subscribe", action="store_true", help="each connection subscribes once")
-    p.add_argument("--subjects", type=int, default=100)
+    p.add_argument("--subjects", type=int, default=100, help="distinct subjects (--subscribe)")
     p.add_argument("--settle", type=float, default=1.5, help="seconds before each reading")
     p.add_argument("--gateway-src", metavar="DIR", help="run the gateway from this source tree")
-    p.add_argument("--label", default="")
+    p.add_argument("--label", default="", help="a name for this run in the JSON line")
     args = p.parse_args(argv)
     if not 1 <= args.steps <= 50 or args.connections < args.steps:
         p.error("need 1 <= steps <= 50 and connections >= steps")

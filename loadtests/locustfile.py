@@ -1,33 +1,45 @@
-"""Locust scenario: WebSocket subscribers and one NATS publisher, latency and loss as events.
+"""Locust scenario: WebSocket subscribers (and a NATS publisher), latency and loss as events.
 
-Each ``WsSubscriber`` opens a WebSocket with a token, subscribes to one of
-``FANOUT_LOCUST_SUBJECTS`` subjects and reports every ``msg`` as a request
-event named ``msg`` (response time = now − the publisher's timestamp, in ms);
-every ``dropped`` notice and every sequence gap is a failure event
-(``dropped`` / ``gap``), so loss shows in Locust's failure table. One
-``NatsPublisher`` (fixed count) publishes ``{"t": <unix ns>, "n": <seq>, "p": ...}``
-at ``FANOUT_LOCUST_RATE`` messages/s, round robin over the subjects.
-
-Locust runs on gevent, so both clients are small blocking-socket clients
-(gevent makes them cooperative); they speak just enough WebSocket and NATS.
-
-Run (headless, time-bounded; everything on loopback)::
+Works against ``fanout serve --demo`` as is (anonymous, the demo's tick stream)::
 
     pip install -e '.[load]'
+    fanout serve --demo --port 8080 &
+    locust -f loadtests/locustfile.py --headless -u 200 -r 50 -t 30s --host http://127.0.0.1:8080
+
+Each ``WsSubscriber`` opens a WebSocket to ``--host`` (``http://host:port`` means
+``ws://host:port/ws``; a ``ws://`` URL is used as is), subscribes to one subject
+and reports every ``msg`` as a request event named ``msg`` (response time = now −
+the message's timestamp, in ms); every ``dropped`` notice and every sequence gap
+is a failure event (``dropped`` / ``gap``), so loss shows in Locust's failure
+table. Locust prints its progress table every few seconds and the summary at the end.
+
+Two sources of messages:
+
+- **demo ticks** (default): subscribers take ``xy.md.tick.<symbol>`` round robin
+  over ``FANOUT_LOCUST_SYMBOLS`` (default ``demo,btc,eth,sol``, the demo's); the
+  demo publisher sends every symbol each ``demo.interval_s`` (0.5 s), with ``ts``
+  (unix ms) and ``seq``. Latency has millisecond resolution.
+- **own publisher** (``FANOUT_LOCUST_NATS=nats://host:port``, the gateway's NATS):
+  one ``NatsPublisher`` publishes ``{"t": <unix ns>, "n": <seq>, "p": ...}`` at
+  ``FANOUT_LOCUST_RATE`` messages/s round robin over ``FANOUT_LOCUST_SUBJECTS``
+  subjects ``xy.md.bench.<i>``, ``FANOUT_LOCUST_PAYLOAD`` bytes each. E.g. against
+  a gateway that requires tokens::
+
     fanout keygen --out /tmp/keys --kind ec
     nats-server -a 127.0.0.1 -p 4222 &
     JWT_PUBLIC_KEY=/tmp/keys/public.pem NATS_URLS=nats://127.0.0.1:4222 \\
         fanout serve --workers 1 --host 127.0.0.1 --port 8080 &
-    FANOUT_LOCUST_KEY=/tmp/keys/private.pem FANOUT_LOCUST_RATE=50 \\
-        locust -f loadtests/locustfile.py --headless -u 201 -r 100 --run-time 30s \\
-        --stop-timeout 5 --host ws://127.0.0.1:8080/ws
+    FANOUT_LOCUST_KEY=/tmp/keys/private.pem FANOUT_LOCUST_NATS=nats://127.0.0.1:4222 \\
+        FANOUT_LOCUST_RATE=50 locust -f loadtests/locustfile.py --headless -u 201 -r 100 \\
+        --run-time 30s --stop-timeout 5 --host http://127.0.0.1:8080
 
-Environment: ``FANOUT_LOCUST_TOKEN`` (a token) or ``FANOUT_LOCUST_KEY`` (a
-private key PEM to sign one), ``FANOUT_LOCUST_NATS`` (default
-``nats://127.0.0.1:4222``), ``FANOUT_LOCUST_SUBJECTS`` (default 1),
-``FANOUT_LOCUST_RATE`` (messages/s, default 10), ``FANOUT_LOCUST_PAYLOAD``
-(bytes, default 100). Latency uses the wall clock, so publisher and
-subscribers should share a host (or a well synced clock).
+Token: ``FANOUT_LOCUST_TOKEN`` (a token) or ``FANOUT_LOCUST_KEY`` (a private key
+PEM to sign one for ``xy.md.>``); neither: anonymous, as ``--demo`` allows.
+Defaults: ``FANOUT_LOCUST_SUBJECTS`` 1, ``FANOUT_LOCUST_RATE`` 10 messages/s,
+``FANOUT_LOCUST_PAYLOAD`` 100 bytes. Latency uses the wall clock, so publisher
+and subscribers should share a host (or a well synced clock). These variables
+share the ``FANOUT_`` prefix with the gateway's settings; ``fanout serve`` only
+warns about them.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import itertools
 import json
 import os
 import socket
+import ssl
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -48,46 +61,79 @@ from fanout.devtoken import make_token
 SUBJECTS = max(1, int(os.environ.get("FANOUT_LOCUST_SUBJECTS", "1")))
 RATE = float(os.environ.get("FANOUT_LOCUST_RATE", "10"))
 PAYLOAD = int(os.environ.get("FANOUT_LOCUST_PAYLOAD", "100"))
-NATS_URL = os.environ.get("FANOUT_LOCUST_NATS", "nats://127.0.0.1:4222")
+NATS_URL = os.environ.get("FANOUT_LOCUST_NATS", "")
+SYMBOLS = [
+    s.strip() for s in os.environ.get("FANOUT_LOCUST_SYMBOLS", "demo,btc,eth,sol").split(",")
+] or ["demo"]
 SUBJECT = "xy.md.bench.{}"
+TICK_SUBJECT = "xy.md.tick.{}"
+DEFAULT_HOST = "http://127.0.0.1:8080"
 RECV_SLICE_S = 1.0
 _ids = itertools.count()
 
 
-def token() -> str:
+def token() -> str | None:
+    """The bearer token to present, or None (anonymous: ``fanout serve --demo``)."""
     given = os.environ.get("FANOUT_LOCUST_TOKEN")
     if given:
         return given
     key = os.environ.get("FANOUT_LOCUST_KEY")
     if not key:
-        raise RuntimeError("set FANOUT_LOCUST_TOKEN or FANOUT_LOCUST_KEY")
+        return None
     return make_token(
         private_key_pem=Path(key).read_bytes(), sub="locust", subjects=["xy.md.>"], ttl_s=3600
     )
 
 
+def ws_url(host: str) -> str:
+    """``http(s)://host:port[/path]`` (Locust's usual ``--host``) as the gateway's WebSocket URL."""
+    parts = urlsplit(host)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"need an http(s):// or ws(s):// --host, got {host!r}")
+    path = parts.path if parts.path not in ("", "/") else "/ws"
+    return f"{scheme}://{parts.netloc}{path}"
+
+
+def subject_for(n: int) -> str:
+    """The subject of the ``n``-th subscriber: demo ticks unless we publish ourselves."""
+    if NATS_URL:
+        return SUBJECT.format(n % SUBJECTS)
+    return TICK_SUBJECT.format(SYMBOLS[n % len(SYMBOLS)])
+
+
 def report(kind: str, name: str, ms: float, length: int, exc: Exception | None) -> None:
     """One Locust request event (failures when ``exc`` is set)."""
     events.request.fire(  # type: ignore[no-untyped-call]
-        request_type=kind, name=name, response_time=ms, response_length=length,
-        exception=exc, context={},
+        request_type=kind,
+        name=name,
+        response_time=ms,
+        response_length=length,
+        exception=exc,
+        context={},
     )
 
 
 class WsConn:
     """A minimal client-side WebSocket over a blocking socket (text frames only)."""
 
-    def __init__(self, url: str, bearer: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, bearer: str | None, timeout_s: float = 10.0) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "ws" or parts.hostname is None:
+        if parts.scheme not in ("ws", "wss") or parts.hostname is None:
             raise ValueError(f"need a ws:// URL, got {url!r}")
-        self.sock = socket.create_connection((parts.hostname, parts.port or 80), timeout_s)
+        tls = parts.scheme == "wss"
+        sock = socket.create_connection(
+            (parts.hostname, parts.port or (443 if tls else 80)), timeout_s
+        )
+        if tls:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+        self.sock = sock
         key = base64.b64encode(os.urandom(16)).decode()
+        auth = f"Authorization: Bearer {bearer}\r\n" if bearer else ""
         request = (
             f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
             "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {bearer}\r\n\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"
         )
         self.sock.sendall(request.encode())
         self.buf = b""
@@ -100,7 +146,9 @@ class WsConn:
             self.buf += chunk
         head, _, self.buf = self.buf.partition(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 101"):
-            raise ConnectionError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+            status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+            hint = "" if bearer else " (no token: set FANOUT_LOCUST_TOKEN or FANOUT_LOCUST_KEY)"
+            raise ConnectionError(f"{status}{hint}")
 
     def send_text(self, data: bytes) -> None:
         mask = os.urandom(4)
@@ -164,11 +212,11 @@ class WsSubscriber(User):
     wait_time = between(0, 0)
 
     def on_start(self) -> None:
-        self.subject = SUBJECT.format(next(_ids) % SUBJECTS)
+        self.subject = subject_for(next(_ids))
         self.last_n: int | None = None
         started = time.perf_counter()
         try:
-            self.ws = WsConn(self.host or "ws://127.0.0.1:8080/ws", token())
+            self.ws = WsConn(ws_url(self.host or DEFAULT_HOST), token())
             op = {"op": "sub", "id": 1, "subject": self.subject}
             self.ws.send_text(json.dumps(op).encode())
         except (OSError, ConnectionError, ValueError) as exc:
@@ -201,21 +249,28 @@ class WsSubscriber(User):
         op = frame.get("op")
         data = frame.get("data")
         if op == "msg" and isinstance(data, dict):
-            latency_ms = (time.time_ns() - int(data["t"])) / 1e6
-            n = int(data["n"])
+            if "t" in data:  # our publisher: unix ns and a sequence number per subject
+                latency_ms, n = (time.time_ns() - int(data["t"])) / 1e6, int(data["n"])
+            else:  # a demo tick: unix ms and the publisher's cycle number
+                latency_ms, n = time.time() * 1000 - int(data["ts"]), int(data["seq"])
             if self.last_n is not None and n > self.last_n + 1:
                 gap = ConnectionError(f"{n - self.last_n - 1} messages missing")
                 report("WS", "gap", 0, 0, gap)
             self.last_n = n
-            report("WS", "msg", latency_ms, length, None)
+            report("WS", "msg", max(0.0, latency_ms), length, None)
         elif op == "dropped":
             loss = ConnectionError(f"dropped {frame.get('count')} ({frame.get('code')})")
             report("WS", "dropped", 0, 0, loss)
+        elif op == "error":
+            report(
+                "WS", "error", 0, 0, ConnectionError(f"{frame.get('code')}: {frame.get('message')}")
+            )
 
 
 class NatsPublisher(User):
-    """Publishes timestamped messages over a raw NATS connection (one of these per run)."""
+    """Publishes timestamped messages over a raw NATS connection (one per run, with NATS)."""
 
+    abstract = not NATS_URL  # demo ticks: the demo publisher does this
     fixed_count = 1
     wait_time = constant_throughput(RATE)
 

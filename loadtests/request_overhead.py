@@ -206,6 +206,7 @@ async def measure(
         while len(direct) < args.count and time.monotonic() < deadline:
             direct += await direct_block(nc, block, args.concurrency)
             gateway += await gateway_block(requester, block, args.concurrency)
+            print(f"measured {len(direct)}/{args.count} requests per path", file=sys.stderr)
         cpu = group_cpu_s(gateway_pgid) - cpu_before
     finally:
         await ws.close()
@@ -230,12 +231,16 @@ async def measure(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--count", type=int, default=3000, help="requests per path (max 100000)")
-    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=300, help="unmeasured requests per path")
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight (max 100)")
-    parser.add_argument("--responder", choices=sorted(RESPONDERS), default="plain")
-    parser.add_argument("--max-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--responder", choices=sorted(RESPONDERS), default="plain", help="the NATS service"
+    )
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="stop measuring after")
     args = parser.parse_args()
     args.count = min(max(args.count, 10), 100_000)
     args.concurrency = min(max(args.concurrency, 1), 100)

@@ -122,17 +122,23 @@ async def capture(
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "demo.png")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n", 1)[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "demo.png", help="PNG to write")
     p.add_argument("--seconds", type=float, default=20.0, help="let the charts fill this long")
     p.add_argument("--interval", type=float, default=0.2, help="demo tick interval (s)")
-    p.add_argument("--scheme", choices=["dark", "light"], default="dark")
+    p.add_argument("--scheme", choices=["dark", "light"], default="dark", help="colour scheme")
     args = p.parse_args()
     if not Path(CHROMIUM).exists():
         print(f"{CHROMIUM} is missing (Debian package `chromium`)", file=sys.stderr)
         return 1
     port = free_port()
     proc = start_gateway(port, args.interval)
+    print(
+        f"demo gateway ready on :{port}; filling the charts for {args.seconds} s", file=sys.stderr
+    )
     try:
         view = asyncio.run(
             capture(f"http://127.0.0.1:{port}/", args.out, args.seconds, args.scheme)

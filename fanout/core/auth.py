@@ -324,16 +324,6 @@ class TokenVerifier:
         alg, kid, _ = self._split(token)
         return alg, kid
 
-    def verify_with(
-        self, token: str, keys: KeyLookup, *, max_lifetime_s: int | None = None
-    ) -> Principal:
-        """Find the key by the token's ``kid`` in ``keys`` and :meth:`verify`."""
-        _, kid = self.header(token)
-        key = keys.find(kid)
-        if key is None:
-            raise _invalid("unknown signing key")
-        return self.verify(token, key, max_lifetime_s=max_lifetime_s)
-
     def verify(self, token: str, key: Key, *, max_lifetime_s: int | None = None) -> Principal:
         """Check signature and claims; ``max_lifetime_s`` tightens the cap (query tokens)."""
         alg, _, (head, body, sig) = self._split(token)
@@ -461,8 +451,3 @@ def extract_token(
         if values:
             return values[0], "query"
     return None, ""
-
-
-def missing_token() -> AuthError:
-    """The answer when auth is required and :func:`extract_token` found nothing."""
-    return AuthError(Code.UNAUTHORIZED, "missing token")

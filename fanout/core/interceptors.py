@@ -29,8 +29,6 @@ from fanout.core.metadata import new_traceparent, parse_traceparent, valid_trace
 from fanout.core.ratelimit import TokenBucket
 from fanout.errors import Code
 
-#: Names usable in ``requests.interceptors``, in the default order.
-INTERCEPTOR_NAMES = ("acl", "rate_limit", "circuit_breaker", "deadline", "tracing")
 #: Without these a request cannot be built safely; the other two may be left out.
 REQUIRED_INTERCEPTORS = frozenset({"acl", "deadline", "tracing"})
 
@@ -460,10 +458,6 @@ class InterceptorChain:
         if missing:
             raise ValueError(f"required interceptors missing: {sorted(missing)}")
         return cls([available[name] for name in order])
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(i.name for i in self.interceptors)
 
     def before(self, ctx: RequestContext, now: float) -> Rejection | None:
         interceptors = self.interceptors

@@ -52,9 +52,11 @@ ULID_PATTERN = "^[0-7][0-9A-HJKMNP-TV-Z]{25}$"
 TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$"
 #: Correlation and causation ids: visible ASCII, no spaces (they end up in logs and headers).
 ID_PATTERN = f"^[!-~]{{1,{MAX_ID_CHARS}}}$"
+#: A header name: an RFC 9110 token (what nats-py and the server accept). ``\Z``, not ``$``:
+#: msgspec searches, and ``$`` would let a trailing newline through into a NATS header.
+HEADER_NAME_PATTERN = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z"
 #: A header value nats-py sends unchanged: no control characters, no outer whitespace.
 VALUE_PATTERN = r"^(?:[^\x00-\x1f\x7f\s]|[^\x00-\x1f\x7f\s][^\x00-\x1f\x7f]*[^\x00-\x1f\x7f\s])$"
-_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE_RE = re.compile(VALUE_PATTERN)
 _ID_RE = re.compile(ID_PATTERN)
 _TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
@@ -220,11 +222,6 @@ def valid_tracestate(value: str) -> bool:
 
 
 # -- header values ------------------------------------------------------------------------------
-def valid_header_name(name: str) -> bool:
-    """An RFC 9110 token (what nats-py and the server accept as a header name)."""
-    return _TOKEN_RE.fullmatch(name) is not None
-
-
 def valid_header_value(value: str) -> bool:
     """Sent unchanged by nats-py: no control characters, no outer whitespace, bounded."""
     return len(value) <= MAX_HEADER_VALUE_CHARS and _VALUE_RE.fullmatch(value) is not None

@@ -45,7 +45,8 @@ _MAX_CLOSE_REASON = 123
 
 
 class HandshakeError(Exception):
-    """The upgrade request is refused; ``response()`` is the complete HTTP answer.
+    """The upgrade request is refused; ``status``, ``code``, ``message`` and ``headers``
+    are the HTTP answer (:func:`response_error` writes it).
 
     ``message`` never quotes the request: header values may hold a token.
     """
@@ -62,9 +63,6 @@ class HandshakeError(Exception):
         self.code = code
         self.message = message
         self.headers = tuple(headers)
-
-    def response(self) -> bytes:
-        return response_error(self.status, self.code, self.message, self.headers)
 
 
 def _bad(message: str) -> HandshakeError:

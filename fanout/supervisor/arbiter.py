@@ -8,6 +8,7 @@ restart, refill the wanted workers and side processes. The rules come from
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -64,6 +65,7 @@ class Supervisor:
         self._dir_ours = False
         self._roll: policy.Roll[tuple[Settings, Settings, int]] | None = None
         self._pid = os.getpid()
+        self._port_lock: int | None = None  # the serve lock's fd, held for life
 
     def run(self) -> int:
         """Serve until asked to stop; the exit code of `fanout serve`."""
@@ -97,6 +99,13 @@ class Supervisor:
 
     def start(self) -> None:
         setproctitle(self._title())
+        server = self._settings.server
+        try:
+            self._port_lock = runtime.hold_port(server.host, server.port)
+        except runtime.PortTaken as exc:
+            with contextlib.suppress(OSError):  # the fresh, empty one `fanout serve` made
+                self.state_dir.rmdir()
+            raise Halt(str(exc)) from None
         try:
             runtime.make_state_dir(self.state_dir)
         except (OSError, RuntimeError) as exc:

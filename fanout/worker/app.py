@@ -106,6 +106,7 @@ def build_app(
         return view
 
     app = web.Application()
+    app.on_response_prepare.append(_one_request_per_socket)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
@@ -124,3 +125,13 @@ async def ws_without_upgrade(request: web.Request) -> web.Response:
         status=426,
         headers={"Upgrade": "websocket", "Sec-WebSocket-Version": "13"},
     )
+
+
+async def _one_request_per_socket(request: web.Request, response: web.StreamResponse) -> None:
+    """``Connection: close`` on every answer: the gate hands aiohttp one request per socket.
+
+    aiohttp runs this hook after it wrote its own Connection header, so both
+    the header and the handler's keep-alive decision are set here.
+    """
+    response.force_close()
+    response.headers["Connection"] = "close"

@@ -12,6 +12,12 @@ error log would quote the start of the header, a token included), and a head
 still incomplete ``server.handshake_timeout_s`` after accept is cut by the
 sweep (slow-loris). With TLS, the handshake itself is bounded by the same
 timeout (``ssl_handshake_timeout``) before this protocol even starts.
+
+A plain HTTP socket serves exactly one request: aiohttp gets that request's
+head and nothing after it (a pipelined request never reaches its parser), the
+answer says ``Connection: close``, and the gate stays in front of aiohttp so
+the socket keeps counting toward the connection cap and is cut by the same
+deadline if it is still open ``server.handshake_timeout_s`` after accept.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-from fanout import metrics
+from fanout import logs, metrics
 from fanout.core import websocket
 from fanout.errors import Code
 from fanout.worker.gateway import Gateway, Refusal
@@ -31,11 +37,21 @@ log = logging.getLogger("fanout.handshake")
 
 
 class Gate(asyncio.Protocol):
-    __slots__ = ("buf", "gateway", "http_factory", "peer", "transport", "upgrading", "via_proxy")
+    __slots__ = (
+        "buf",
+        "gateway",
+        "http",
+        "http_factory",
+        "peer",
+        "transport",
+        "upgrading",
+        "via_proxy",
+    )
 
     def __init__(self, gateway: Gateway, http_factory: Callable[[], asyncio.Protocol]) -> None:
         self.gateway = gateway
         self.http_factory = http_factory
+        self.http: asyncio.Protocol | None = None
         self.buf = bytearray()
         self.peer = "?"
         self.transport: asyncio.Transport | None = None
@@ -50,7 +66,7 @@ class Gate(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         transport = self.transport
-        if transport is None or self.upgrading:
+        if transport is None or self.upgrading or self.http is not None:
             return
         self.buf += data
         max_head = self.gateway.settings.server.max_request_head_bytes
@@ -70,13 +86,10 @@ class Gate(asyncio.Protocol):
             self.buf = bytearray()
             asyncio.get_running_loop().create_task(self.upgrade(transport, head, rest))
             return
-        self.gateway.pending_handshakes.pop(self, None)
-        http = self.http_factory()
-        transport.set_protocol(http)
+        http = self.http = self.http_factory()
         http.connection_made(transport)
-        http.data_received(bytes(self.buf))
+        http.data_received(bytes(self.buf[:consumed]))
         self.buf = bytearray()
-        self.transport = None
 
     async def upgrade(
         self, transport: asyncio.Transport, head: websocket.RequestHead, rest: bytes
@@ -96,6 +109,7 @@ class Gate(asyncio.Protocol):
         finally:
             self.gateway.pending_handshakes.pop(self, None)
         metrics.HANDSHAKES.labels("accepted").inc()
+        logs.connection_event(log, "connection opened", conn)
         self.transport = None
         transport.set_protocol(conn)
         if rest:
@@ -123,9 +137,19 @@ class Gate(asyncio.Protocol):
             )
             transport.close()
 
-    def eof_received(self) -> bool:
-        return False
+    def eof_received(self) -> bool | None:
+        return self.http.eof_received() if self.http is not None else False
+
+    def pause_writing(self) -> None:
+        if self.http is not None:
+            self.http.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.http is not None:
+            self.http.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gateway.pending_handshakes.pop(self, None)
         self.transport = None
+        if self.http is not None:
+            self.http.connection_lost(exc)

@@ -42,7 +42,7 @@ from fanout.core.subjects import SubjectError, matches, validate_subject
 from fanout.errors import Code
 from fanout.logs import ClientEventLog
 from fanout.settings import Settings
-from fanout.worker.connection import WsConnection
+from fanout.worker.connection import OPEN, WsConnection
 from fanout.worker.nats_link import NatsLink
 
 log = logging.getLogger("fanout.requests")
@@ -282,7 +282,8 @@ class RequestBroker:
                 else:
                     hdr.pop(metadata.TRACESTATE, None)
                 hdr.setdefault(metadata.CORRELATION_ID, headers[metadata.CORRELATION_ID])
-                frame = protocol.reply(op_id, msg.data, hdr)
+                if conn.state == OPEN:  # a reply to a closed client is dropped unencoded
+                    frame = protocol.reply(op_id, msg.data, hdr)
         finally:
             left = self.in_flight.pop(conn, 1) - 1
             if left > 0:
@@ -294,7 +295,24 @@ class RequestBroker:
             metrics.REQUESTS.labels(label).inc()
         else:
             frame = self._refuse(conn, op_id, code, f"{message} on {ctx.subject}", label)
-        conn.send_control(websocket.text_frame(frame))
+        if conn.state == OPEN:
+            self._deliver(conn, websocket.text_frame(frame))
+
+    @staticmethod
+    def _deliver(conn: WsConnection, frame: bytes) -> None:
+        """Write a reply under the client's outbox byte cap, or cut the client (4003).
+
+        Replies can be as large as NATS allows and a client picks how many it
+        asks for: one that stops reading must not make the worker hold them.
+        What the client has not taken yet (transport buffer + outbox) plus
+        this reply must fit in ``outbox.max_bytes``; a reply alone may exceed
+        it when nothing else is pending, as a message may.
+        """
+        pending = conn.transport.get_write_buffer_size() + conn.queue.nbytes
+        if pending and pending + len(frame) > conn.queue.max_bytes:
+            conn.hub.cut_slow_consumer(conn, "outbox full")
+            return
+        conn.send_control(frame)
 
     # -- circuit state gauge --------------------------------------------------------------------
     def _on_transition(self, subject: str, old: BreakerState, new: BreakerState) -> None:

@@ -85,11 +85,10 @@ def test_every_serve_option_has_help() -> None:
 
 def token_claims(capsys: pytest.CaptureFixture[str], public: Path) -> dict[str, object]:
     token = capsys.readouterr().out.strip()
-    keys = KeySet.from_pem(str(public))
-    principal = TokenVerifier(algorithms=["RS256"], issuer=None, audience=None).verify_with(
-        token, keys
-    )
-    return dict(principal.claims)
+    key = KeySet.from_pem(str(public)).find(None)
+    assert key is not None
+    verifier = TokenVerifier(algorithms=["RS256"], issuer=None, audience=None)
+    return dict(verifier.verify(token, key).claims)
 
 
 def test_token_without_subjects_omits_the_claim_so_the_whitelist_applies(
@@ -196,7 +195,7 @@ def test_check_config_refuses_a_missing_key_file_naming_setting_and_path(
     assert out.out == ""
     assert out.err == (
         f"fanout: invalid config: tls.key: cannot read {tmp_path / 'privkey.pem'}:"
-        " No such file or directory\n"
+        " No such file or directory (from FANOUT_TLS_KEY)\n"
     )
 
 
@@ -225,3 +224,21 @@ def test_token_help_says_requests_fail_closed(capsys: pytest.CaptureFixture[str]
     assert exit_info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "without it the token may make no requests" in help_text
+
+
+def test_log_format_from_env_then_flag_and_a_wrong_one_lists_the_values(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def effective(*argv: str) -> str:
+        return cli.load_settings(cli.parser().parse_args(["serve", "--demo", *argv])).log.format
+
+    assert effective() == "auto"
+    clean_env.setenv("FANOUT_LOG_FORMAT", "text")
+    assert effective() == "text"
+    assert effective("--log-format", "json") == "json"
+    clean_env.setenv("FANOUT_LOG_FORMAT", "yaml")
+    with pytest.raises(SystemExit) as done:
+        cli.main(["check-config", "--demo"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fanout: invalid config: log.format: ") and "auto, json, text" in err

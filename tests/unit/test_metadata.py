@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 import pytest
 from hypothesis import given
@@ -169,10 +171,10 @@ def test_header_values(value: str, ok: bool) -> None:
 
 
 def test_header_names_and_reserved() -> None:
-    assert md.valid_header_name("X-Tenant")
-    assert not md.valid_header_name("X Tenant")
-    assert not md.valid_header_name("X:Tenant")
-    assert not md.valid_header_name("")
+    """msgspec ``search``es a ``Meta`` pattern: a trailing newline must not slip through."""
+    assert re.search(md.HEADER_NAME_PATTERN, "X-Tenant")
+    for bad in ("X Tenant", "X:Tenant", "", "X-Tenant\n", "X-Tenant\r\nPUB x 1"):
+        assert not re.search(md.HEADER_NAME_PATTERN, bad), bad
     for name in ("Fanout-Principal", "fanout-anything", "AUTHORIZATION", "Authorization"):
         assert md.is_reserved(name)
     for name in ("X-Fanout", "traceparent", "Authorization-Hint"):

@@ -174,3 +174,47 @@ def test_supervisor_state_and_restarts(state_dir: Path) -> None:
     assert runtime.read_restarts(state_dir) == {"signal": 1, "timeout": 0}
     (state_dir / runtime.SUPERVISOR_FILE).write_bytes(b'{"pid": 1, "workers_')
     assert runtime.read_supervisor_state(state_dir) is None
+
+
+def test_state_file_rewrites_in_place_through_one_descriptor(tmp_path: Path) -> None:
+    """The heartbeat must not need a new fd (EMFILE): one open descriptor, same inode."""
+    pid = os.getpid()
+    state_file = runtime.StateFile(tmp_path, pid)
+    try:
+        state_file.write(make_state(pid, nats_url="nats://a-rather-long-host-name.example:4222"))
+        inode = os.stat(runtime.state_path(tmp_path, pid)).st_ino
+        fds = len(os.listdir("/proc/self/fd"))
+        shorter = make_state(pid, nats_url=None, clients=3)
+        state_file.write(shorter)
+        assert len(os.listdir("/proc/self/fd")) == fds
+        assert os.stat(runtime.state_path(tmp_path, pid)).st_ino == inode
+        assert runtime.read_state(tmp_path, pid) == shorter  # padded, still valid JSON
+    finally:
+        state_file.close()
+
+
+def test_serve_lock_is_exclusive_per_host_and_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    held = runtime.lock_port("127.0.0.1", 18080)
+    try:
+        other = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from fanout import runtime; runtime.lock_port('127.0.0.1', 18080)",
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)},
+        )
+        assert other.returncode == 1
+        assert other.stderr.strip().splitlines()[-1] == (
+            "fanout.runtime.PortTaken: port 18080 on 127.0.0.1 is already served by the "
+            f"fanout supervisor pid {os.getpid()}"
+        )
+        os.close(runtime.lock_port("127.0.0.1", 18081))  # another port: free
+    finally:
+        os.close(held)
+    assert stat.S_IMODE(os.stat(tmp_path / "fanout").st_mode) == 0o700

