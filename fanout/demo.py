@@ -117,7 +117,9 @@ async def create_streams(settings: Settings) -> None:
         await nc.close()
 
 
-async def create_stream(nc: Client, name: str, pattern: str, republish_prefix: str) -> None:
+async def create_stream(
+    nc: Client, name: str, pattern: str, republish_prefix: str, replicas: int = 1
+) -> None:
     """The stream recovery reads, republishing to ``<prefix>.<pattern>`` (demo and tests only:
     in production the streams are the operator's). Idempotent."""
     js = nc.jetstream()
@@ -128,6 +130,7 @@ async def create_stream(nc: Client, name: str, pattern: str, republish_prefix: s
         max_msgs=100_000,
         max_age=3600.0,
         allow_direct=True,
+        num_replicas=replicas,
     )
     try:
         await js.add_stream(config)

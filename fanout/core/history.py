@@ -251,7 +251,9 @@ class Window(Generic[T]):
             return
         items = self._items
         if items and seq <= items[-1][0]:
-            return
+            if seq == items[-1][0]:
+                return  # the same message again
+            self.reset()  # sequences went back: the stream was recreated
         if previous is not None:
             tail = items[-1][0] if items else self.complete_after
             if tail is None or previous != tail:

@@ -19,7 +19,7 @@ from fanout.errors import Code
 
 #: The protocol this server speaks, "major.minor": a minor version only adds. The
 #: ``welcome`` frame's ``v`` is the major, which changes only for something incompatible.
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "1.2"
 _WIRE_MAJOR = int(PROTOCOL_VERSION.partition(".")[0])
 
 

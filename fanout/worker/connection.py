@@ -19,6 +19,7 @@ from fanout import logs, metrics
 from fanout.core import protocol, websocket
 from fanout.core.acl import SubjectAcl
 from fanout.core.auth import Principal
+from fanout.core.history import Reason, Resume
 from fanout.core.outbox import ClientQueue
 from fanout.core.protocol import FrameError
 from fanout.core.ratelimit import TokenBucket
@@ -218,10 +219,12 @@ class WsConnection(asyncio.Protocol):
             websocket.text_frame(replies[0] if len(replies) == 1 else protocol.batch(replies))
         )
 
-    def add_sub(self, pattern: str, op_id: int) -> bool:
-        """Subscribe; True when live at once (else the hub sends the ack later)."""
+    def add_sub(
+        self, pattern: str, op_id: int, resume: Resume | Reason | None = None
+    ) -> bytes | None:
+        """Subscribe; the ack when live at once, else None (the hub sends it later)."""
         self.subs[pattern] = None
-        return self.hub.subscribe(self, pattern, op_id)
+        return self.hub.subscribe(self, pattern, op_id, resume)
 
     def remove_sub(self, pattern: str) -> None:
         del self.subs[pattern]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fanout import metrics
-from fanout.core import limits, protocol, websocket
+from fanout.core import history, limits, protocol, websocket
 from fanout.core.acl import SubjectAcl
 from fanout.core.auth import AuthError, KeySet, Principal, TokenVerifier, extract_token
 from fanout.core.protocol import FrameError
@@ -310,9 +310,22 @@ class Gateway:
             return self.error(conn, op.id, Code.SUBJECT_DENIED, reason)
         if len(conn.subs) >= self.settings.ws.max_subs:
             return self.error(conn, op.id, Code.LIMIT_EXCEEDED, "too many subscriptions")
-        if conn.add_sub(op.subject, op.id):
-            return protocol.ack(op.id)
-        return None
+        resume: history.Resume | history.Reason | None = None
+        if op.since is not None or op.last is not None:
+            since = op.since or protocol.Since()
+            try:
+                resume = history.resume_of(
+                    op.id,
+                    since.seq,
+                    since.epoch,
+                    since.time,
+                    op.last,
+                    now=time.time(),
+                    max_replay=self.settings.history.max_replay,
+                )
+            except FrameError as exc:
+                return self.error(conn, op.id, exc.code, exc.message)
+        return conn.add_sub(op.subject, op.id, resume)
 
     async def reauthenticate(self, conn: WsConnection, op: protocol.Auth) -> None:
         """The ``auth`` op: same identity, fresh expiry, ACL re-applied.

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fanout import metrics
-from fanout.core import outbox, protocol, subjects, websocket
+from fanout.core import history, outbox, protocol, subjects, websocket
+from fanout.core.history import Reason, Resume
 from fanout.core.interest import SubjectRouter
 from fanout.core.overlap import Overlaps, Route
 from fanout.errors import Close, Code
 from fanout.settings import Settings
+from fanout.worker.history import HistoryReader
+from fanout.worker.recovery import JS_TIMEOUT_S, Recovery, Resuming
 
 if TYPE_CHECKING:
     from fanout.worker.connection import Replies, WsConnection
@@ -48,8 +51,11 @@ class Hub:
         self.max_batch_bytes = settings.outbox.max_bytes
         self.subscription_count = 0
         self.overlaps = Overlaps()
-        #: pattern → the sub acks waiting for it to be live: (replies, slot, op id).
-        self.waiting: dict[str, list[tuple[Replies, int, int]]] = {}
+        #: key → the sub acks waiting for it to be live: (replies, slot, the ack, and for a
+        #: recoverable key the sub recovery answers once live).
+        self.waiting: dict[str, list[tuple[Replies, int, bytes, Resuming | None]]] = {}
+        #: Recoverable subscriptions (v1.2) live under the key ``<prefix>.<pattern>``.
+        self.recovery = Recovery(settings, self, HistoryReader(self._nats_client, JS_TIMEOUT_S))
         self.nats_up = False
         self.forwarded = 0
         self.nats_messages = 0
@@ -67,14 +73,28 @@ class Hub:
                 break
         return outbox.POLICIES[name]
 
-    def subscribe(self, conn: WsConnection, pattern: str, op_id: int) -> bool:
-        """Add a subscription; True when it is live now (ack at once).
+    def _nats_client(self) -> Any:
+        return None if self.link is None else self.link.nc
 
-        Otherwise the ack waits until the link reports the pattern live
-        (:meth:`became_live`): an ack means nats-server has the subscription.
-        While NATS is down the ack is immediate (the client has the ``status``
-        down frame; delivery starts on reconnect).
+    def key_of(self, pattern: str) -> str:
+        """The NATS subject for a client pattern: its republished subject when recoverable."""
+        return self.recovery.key_of(pattern) if self.recovery.streams else pattern
+
+    def subscribe(
+        self, conn: WsConnection, pattern: str, op_id: int, resume: Resume | Reason | None = None
+    ) -> bytes | None:
+        """Add a subscription; its ack when it is live now, else None (sent later).
+
+        The ack waits until the link reports the pattern live (:meth:`became_live`):
+        an ack means nats-server has the subscription. While NATS is down the ack
+        is immediate (the client has the ``status`` down frame; delivery starts on
+        reconnect). ``resume``: the sub's ``since``/``last`` (v1.2), or the reason it
+        cannot be recovered whatever the stream holds.
         """
+        key = self.key_of(pattern)
+        if key != pattern:
+            return self._subscribe_history(conn, pattern, key, op_id, resume)
+        ack = protocol.ack(op_id) if resume is None else self.recovery.no_history(op_id)
         self.subscription_count += 1
         link = self.link
         if self.router.add(conn, pattern):
@@ -85,30 +105,67 @@ class Hub:
         self.settle(conn)
         replies = conn.replies
         if live or not self.nats_up or replies is None:
-            return True
-        waiter = (replies, replies.defer(), op_id)
-        waiters = self.waiting.get(pattern)
+            return ack
+        self._wait(pattern, (replies, replies.defer(), ack, None))
+        return None
+
+    def _wait(self, key: str, waiter: tuple[Replies, int, bytes, Resuming | None]) -> None:
+        waiters = self.waiting.get(key)
         if waiters is None:
-            self.waiting[pattern] = [waiter]
+            self.waiting[key] = [waiter]
         else:
             waiters.append(waiter)
-        return False
+
+    def _subscribe_history(
+        self, conn: WsConnection, pattern: str, key: str, op_id: int, resume: Resume | Reason | None
+    ) -> bytes | None:
+        """A recoverable pattern: subscribed under ``key``; recovery answers once it is live."""
+        self.subscription_count += 1
+        link = self.link
+        if self.router.add(conn, key):
+            self.recovery.open(key, pattern, self.policy_for(pattern))
+            live = link is None or link.want(key)
+        else:
+            live = link is None or link.is_live(key)
+        self.settle(conn)
+        replies = conn.replies
+        if replies is None:
+            return protocol.ack(op_id)
+        slot = replies.defer()
+        if isinstance(resume, str):
+            r = Resuming(conn, key, op_id, replies, slot, None, resume)
+        else:
+            r = Resuming(conn, key, op_id, replies, slot, resume)
+        self.recovery.begin(r)
+        if live:
+            self.recovery.live(r)
+        elif not self.nats_up:
+            self.recovery.answer(r, None, [], history.UNAVAILABLE if r.asked else None)
+        else:
+            self._wait(key, (replies, r.slot, protocol.ack(op_id), r))
+        return None
 
     def unsubscribe(self, conn: WsConnection, pattern: str) -> None:
         """Nothing more for ``pattern`` reaches ``conn`` after this (its sub ack goes first)."""
         self.subscription_count -= 1
-        waiters = self.waiting.get(pattern)
+        key = self.key_of(pattern)
+        waiters = self.waiting.get(key)
         if waiters is not None:
             mine = [w for w in waiters if w[0].conn is conn]
             if mine:
                 waiters[:] = [w for w in waiters if w[0].conn is not conn]
-                for replies, index, op_id in mine:
-                    replies.fill(index, protocol.ack(op_id))
-        if self.router.remove(conn, pattern):
-            self.batches.pop(pattern, None)
-            self.waiting.pop(pattern, None)
+                for replies, index, ack, r in mine:
+                    if r is None:
+                        replies.fill(index, ack)
+        if key != pattern:
+            self.recovery.forget(conn, key)
+        if self.router.remove(conn, key):
+            self.batches.pop(key, None)
+            self.waiting.pop(key, None)
+            if key != pattern:
+                self.recovery.close(key)
             if self.link is not None:
-                self.link.unwant(pattern)
+                self.link.unwant(key)
         self.settle(conn)
 
     def add(self, conn: WsConnection) -> None:
@@ -119,11 +176,16 @@ class Hub:
         conn.queue.shared = None
         for pattern in list(conn.subs):
             self.subscription_count -= 1
-            if self.router.remove(conn, pattern):
-                self.batches.pop(pattern, None)
-                self.waiting.pop(pattern, None)
+            key = self.key_of(pattern)
+            if key != pattern:
+                self.recovery.forget(conn, key)
+            if self.router.remove(conn, key):
+                self.batches.pop(key, None)
+                self.waiting.pop(key, None)
+                if key != pattern:
+                    self.recovery.close(key)
                 if self.link is not None:
-                    self.link.unwant(pattern)
+                    self.link.unwant(key)
         conn.subs.clear()
 
     # -- reports from the NATS link ------------------------------------------
@@ -140,14 +202,25 @@ class Hub:
         self.overlaps.clear()
 
     def became_live(self, patterns: list[str]) -> None:
-        """Release the acks that waited for these patterns."""
+        """Release the acks that waited for these patterns (recovery answers its own)."""
         for pattern in patterns:
-            for replies, index, op_id in self.waiting.pop(pattern, ()):
-                replies.fill(index, protocol.ack(op_id))
+            for replies, index, ack, r in self.waiting.pop(pattern, ()):
+                if r is None:
+                    replies.fill(index, ack)
+                else:
+                    self.recovery.live(r)
 
     def release_all(self) -> None:
-        """NATS went down: every waiting ack now (the ``status`` down frame follows)."""
-        self.became_live(list(self.waiting))
+        """NATS went down: every waiting ack now (the ``status`` down frame follows);
+        a resume cannot be served (``unavailable``), live delivery starts on reconnect."""
+        self.recovery.interrupted()
+        for waiters in self.waiting.values():
+            for replies, index, ack, r in waiters:
+                if r is None:
+                    replies.fill(index, ack)
+                else:
+                    self.recovery.answer(r, None, [], history.UNAVAILABLE if r.asked else None)
+        self.waiting.clear()
 
     def settle(self, conn: WsConnection) -> bool:
         """A client's shared part of a batch becomes its own (its subscriptions changed,
@@ -254,6 +327,50 @@ class Hub:
         if item is not None:
             self.schedule_flush()
 
+    def on_history_message(self, route: Route, subject: str, data: bytes, headers: bytes) -> None:
+        """A republished message of a recoverable key (v1.2): its ``msg`` carries ``seq``.
+
+        The stream sequence is read from the raw header block; the message goes into
+        the key's window, to the clients whose replay is being prepared held (the
+        seam), to the others through their own queues.
+        """
+        self.nats_messages += 1
+        parsed = history.sequence_of(headers) if headers else None
+        if parsed is None:
+            return  # published on the republish subject by someone else: not the stream's
+        routes: list[Route] | tuple[Route] = (route,)
+        if route.overlap:
+            selected = self.overlaps.select(route, subject, data)
+            if selected is None:
+                return
+            routes = selected
+        seq, previous = parsed
+        recovery = self.recovery
+        original = recovery.streams.original(subject)
+        item = recovery.item(original, seq, data, history.user_headers(headers))
+        seen: set[WsConnection] | None = set() if len(routes) > 1 else None
+        cut: list[WsConnection] = []
+        for matching in routes:
+            channel = recovery.channels.get(matching.pattern)
+            if channel is None:
+                continue
+            holding = recovery.on_live(channel, seq, previous, item)
+            for conn in self.router.subscribers(matching.pattern):
+                if seen is not None:
+                    if conn in seen:
+                        continue
+                    seen.add(conn)
+                seam = holding.get(conn) if holding else None
+                if seam is not None:
+                    seam.hold(seq, item)
+                    if seam.overflow:
+                        cut.append(conn)
+                elif self.enqueue(conn, item, channel.policy):
+                    cut.append(conn)
+        for conn in cut:
+            self.cut_slow_consumer(conn, "outbox full")
+        self.schedule_flush()
+
     def enqueue(self, conn: WsConnection, item: outbox.Pending, policy: int) -> bool:
         """The general path: into the client's own queue. True when the client must be cut."""
         queue = conn.queue
@@ -328,6 +445,8 @@ class Hub:
         self.nats_up = up
         if not up:
             self.release_all()
+        else:
+            self.recovery.reconnected()
         frame = self._status_up if up else self._status_down
         close_when_down = self.settings.nats.disconnect_clients_when_down
         for conn in list(self.connections):

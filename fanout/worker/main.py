@@ -189,7 +189,13 @@ class Worker:
             settings.server.max_connections, settings.server.fd_headroom
         )
         metrics.CONNECTION_CAP.set(gateway.max_connections)
-        self.link = link = NatsLink(settings.nats, hub, self.on_nats_status)
+        history = settings.history
+        self.link = link = NatsLink(
+            settings.nats,
+            hub,
+            self.on_nats_status,
+            history.republish_prefix if history.streams else None,
+        )
         hub.link = link
         try:
             await link.start()

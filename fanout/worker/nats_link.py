@@ -49,6 +49,10 @@ class Listener(Protocol):
         self, route: Route, subject: str, data: bytes, headers: dict[str, str] | None
     ) -> None: ...
 
+    def on_history_message(
+        self, route: Route, subject: str, data: bytes, headers: bytes
+    ) -> None: ...
+
     def subscribed(self, sid: int, pattern: str) -> Route: ...
 
     def unsubscribing(self, route: Route) -> None: ...
@@ -98,10 +102,14 @@ class LinkClient(Client):
     is private API: tests/unit/test_subscriptions.py pins its signature.
     """
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: Listener, history_prefix: str | None = None) -> None:
         super().__init__()
         self.listener = listener
         self.routes: dict[int, Route] = {}
+        #: Routes of republished subjects (recovery, v1.2): their messages keep the raw
+        #: header block (the sequence is read from it), the others' are parsed as before.
+        self.history_routes: dict[int, Route] = {}
+        self._history_prefix = None if history_prefix is None else history_prefix + "."
 
     async def route(self, pattern: str) -> tuple[Subscription, Route]:
         """Subscribe ``pattern`` for the hub: what ``subscribe`` does, minus the
@@ -116,13 +124,15 @@ class LinkClient(Client):
         self._sid += 1
         sid = self._sid
         sub = _RoutedSubscription(self, sid, pattern)
-        route = self.routes[sid] = self.listener.subscribed(sid, pattern)
+        prefix = self._history_prefix
+        table = self.history_routes if prefix and pattern.startswith(prefix) else self.routes
+        route = table[sid] = self.listener.subscribed(sid, pattern)
         self._subs[sid] = sub
         try:
             await self._send_command(prot_command.sub_cmd(pattern, "", sid))
         except BaseException:
             self._subs.pop(sid, None)
-            del self.routes[sid]
+            del table[sid]
             self.listener.removed(route)
             raise
         return sub, route
@@ -151,7 +161,13 @@ class LinkClient(Client):
     ) -> None:
         route = self.routes.get(sid)
         if route is None:
-            await super()._process_msg(sid, subject, reply, data, headers)
+            route = self.history_routes.get(sid)
+            if route is None:
+                await super()._process_msg(sid, subject, reply, data, headers)
+                return
+            self.stats["in_msgs"] += 1
+            self.stats["in_bytes"] += len(data)
+            self.listener.on_history_message(route, subject.decode(), data, headers)
             return
         stats = self.stats
         stats["in_msgs"] += 1
@@ -169,8 +185,16 @@ class NatsLink:
     Subscription per pattern exists at any time.
     """
 
-    def __init__(self, cfg: Nats, listener: Listener, on_status: OnStatus) -> None:
+    def __init__(
+        self,
+        cfg: Nats,
+        listener: Listener,
+        on_status: OnStatus,
+        history_prefix: str | None = None,
+    ) -> None:
         self.cfg = cfg
+        #: Subjects under ``<prefix>.`` are recovery's republished ones (v1.2).
+        self.history_prefix = history_prefix
         self.listener = listener
         self.on_status = on_status
         self.table = Subscriptions()
@@ -218,7 +242,7 @@ class NatsLink:
     async def _run(self) -> None:
         """Connect (nats-py retries every URL forever), serve, and rebuild after a close."""
         while not self._stopping:
-            nc = LinkClient(self.listener)
+            nc = LinkClient(self.listener, self.history_prefix)
             try:
                 await nc.connect(
                     **connect_options(self.cfg),
@@ -289,6 +313,7 @@ class NatsLink:
                 live = self.table.confirmed(turn)
             for route in unsubscribed:
                 nc.routes.pop(route.sid, None)
+                nc.history_routes.pop(route.sid, None)
                 self.listener.removed(route)
             if live:
                 self.listener.became_live(live)

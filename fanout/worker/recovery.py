@@ -53,15 +53,29 @@ class Resuming:
     resume: Resume | None
     #: Decided before asking the stream (``limit`` for ``last`` > max_replay).
     reason: Reason | None = None
-    #: Where its live messages wait (a resume only); the answer goes out only while the
-    #: channel still holds this very seam (not after an unsub, nor to a later sub).
-    seam: Seam[outbox.Pending] | None = None
+
+    @property
+    def asked(self) -> bool:
+        """The sub asked to resume: its ack says ``recovered``."""
+        return self.resume is not None or self.reason is not None
 
 
 class Channel:
     """One recoverable key: its stream, window, held clients and reads."""
 
-    __slots__ = ("exact", "holding", "key", "pattern", "policy", "reads", "stream", "window")
+    __slots__ = (
+        "catching_up",
+        "exact",
+        "holding",
+        "key",
+        "last_seq",
+        "pattern",
+        "pending",
+        "policy",
+        "reads",
+        "stream",
+        "window",
+    )
 
     def __init__(
         self, key: str, pattern: str, stream: str, policy: int, settings: Settings
@@ -74,8 +88,16 @@ class Channel:
         #: One subject, no wildcard: ``Nats-Last-Sequence`` proves the window complete.
         self.exact = not subjects.is_wildcard(pattern)
         self.window: Window[outbox.Pending] = Window(h.window_messages, h.window_s)
+        #: Subs whose ack waits for recovery's answer (one per client: a pattern is
+        #: subscribed once per connection).
+        self.pending: dict[WsConnection, Resuming] = {}
+        #: The resuming ones' held live messages (looked up per live message).
         self.holding: dict[WsConnection, Seam[outbox.Pending]] = {}
         self.reads: Reads[Resuming, outbox.Pending] = Reads(h.max_replay)
+        #: The highest sequence the live path has seen (or the stream had once the
+        #: subscription was live): where a catch-up after a live outage reads from.
+        self.last_seq = 0
+        self.catching_up = False
 
 
 class Recovery:
@@ -90,8 +112,6 @@ class Recovery:
         self.max_replay = h.max_replay
         self.hold_limit = settings.outbox.max_messages
         self.channels: dict[str, Channel] = {}
-        #: Last known state per stream (the epoch acks carry); refreshed by every resume.
-        self.states: dict[str, StreamState] = {}
         self._fetching: dict[str, asyncio.Task[StreamState]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -102,9 +122,6 @@ class Recovery:
             return self.streams.live_subject(pattern)
         return pattern
 
-    def is_history_key(self, key: str) -> bool:
-        return key in self.channels
-
     def open(self, key: str, pattern: str, policy: int) -> None:
         """The first client of a recoverable key: its window starts with the subscription."""
         stream = self.streams.stream_for(pattern)
@@ -114,22 +131,31 @@ class Recovery:
     def close(self, key: str) -> None:
         self.channels.pop(key, None)
 
-    def forget(self, conn: WsConnection, key: str) -> None:
-        """``conn`` left ``key`` (unsub or gone): drop what was held for it (a read in
-        flight still answers its waiter; :meth:`answer` then finds no seam and stops)."""
-        channel = self.channels.get(key)
-        if channel is not None:
-            channel.holding.pop(conn, None)
+    def begin(self, r: Resuming) -> None:
+        """A sub of a recoverable key whose ack recovery gives; a resume holds its live
+        messages from now until its replay is sent."""
+        channel = self.channels[r.key]
+        channel.pending[r.conn] = r
+        if r.resume is not None:
+            channel.holding[r.conn] = Seam(self.hold_limit)
 
-    def hold(self, r: Resuming) -> None:
-        """A resuming sub: hold its live messages until its replay is sent."""
-        r.seam = self.channels[r.key].holding[r.conn] = Seam(self.hold_limit)
+    def forget(self, conn: WsConnection, key: str) -> None:
+        """``conn`` left ``key`` (unsub or gone) before its answer: plain ack, nothing held.
+
+        A read in flight still answers it; :meth:`answer` then finds it gone and stops.
+        """
+        channel = self.channels.get(key)
+        if channel is None:
+            return
+        r = channel.pending.pop(conn, None)
+        channel.holding.pop(conn, None)
+        if r is not None:
+            r.replies.fill(r.slot, protocol.ack(r.op_id))
 
     def interrupted(self) -> None:
         """NATS went down: live messages may be missing from every window."""
         for channel in self.channels.values():
             channel.window.reset()
-        self.states.clear()
 
     # -- live messages ----------------------------------------------------------------------
     def item(self, subject: str, seq: int, data: bytes, headers: dict[str, str] | None) -> Any:
@@ -139,9 +165,90 @@ class Recovery:
     def on_live(
         self, channel: Channel, seq: int, previous: int, item: outbox.Pending
     ) -> dict[WsConnection, Seam[outbox.Pending]]:
-        """A live message of ``channel``: into its window; the clients to hold it for."""
+        """A live message of ``channel``: into its window; the clients to hold it for.
+
+        On a single subject, ``Nats-Last-Sequence`` beyond the last one seen means live
+        messages were lost on the way (republish is at most once): catch up first.
+        """
+        last = channel.last_seq
+        if channel.exact and last and previous > last and not channel.catching_up:
+            self.catch_up(channel, last)
+        if seq > last:
+            channel.last_seq = seq
         channel.window.add(seq, time.monotonic(), item, previous if channel.exact else None)
         return channel.holding
+
+    def reconnected(self) -> None:
+        """NATS is back: what was published while the link was down never came live."""
+        for channel in self.channels.values():
+            if channel.last_seq and not channel.catching_up:
+                self.catch_up(channel, channel.last_seq)
+
+    def catch_up(self, channel: Channel, after: int) -> None:
+        """Hold every client of ``channel`` (not already resuming), read what it missed
+        after ``after`` from the stream, then deliver it and the held live messages."""
+        channel.catching_up = True
+        seams: dict[WsConnection, Seam[outbox.Pending]] = {}
+        for conn in self.hub.router.subscribers(channel.key):
+            if conn not in channel.holding:
+                seams[conn] = channel.holding[conn] = Seam(self.hold_limit)
+        self._spawn(self._catch_up(channel, after, seams))
+
+    async def _catch_up(
+        self, channel: Channel, after: int, seams: dict[WsConnection, Seam[outbox.Pending]]
+    ) -> None:
+        missed = 0
+        try:
+            got, pending = await self.reader.read(
+                channel.stream, channel.pattern, after=after, limit=self.max_replay
+            )
+            missed = pending - len(got)
+        except Unavailable as exc:
+            log.warning("JetStream catch-up failed", extra={"reason": str(exc)})
+            got, missed = [], 1
+        channel.catching_up = False
+        if self.channels.get(channel.key) is not channel:
+            return
+        items = self._items(got)
+        top = got[-1].seq if got else after
+        for conn, seam in seams.items():
+            if channel.holding.get(conn) is not seam:
+                continue  # left meanwhile
+            del channel.holding[conn]
+            if conn.state != OPEN:
+                continue
+            if missed:
+                queue = conn.queue
+                queue.dropped[channel.pattern] = queue.dropped.get(channel.pattern, 0) + missed
+            if self._deliver(conn, channel, items, seam, top if not missed else 0):
+                conn.flush()
+
+    def _deliver(
+        self,
+        conn: WsConnection,
+        channel: Channel,
+        replay: list[tuple[int, outbox.Pending]],
+        seam: Seam[outbox.Pending] | None,
+        last: int,
+    ) -> int | None:
+        """``replay`` then what ``seam`` held after it into ``conn``'s outbox; the last
+        sequence delivered, or None when that cut the client (4003)."""
+        hub = self.hub
+        for seq, item in replay:
+            if hub.enqueue(conn, item, outbox.DISCONNECT):
+                hub.cut_slow_consumer(conn, "outbox full during replay")
+                return None
+            last = seq
+        if seam is not None:
+            if seam.overflow:
+                hub.cut_slow_consumer(conn, "live messages held during replay overflowed")
+                return None
+            for seq, item in seam.release(last):
+                if hub.enqueue(conn, item, channel.policy):
+                    hub.cut_slow_consumer(conn, "outbox full")
+                    return None
+                last = seq
+        return last
 
     # -- answers ------------------------------------------------------------------------------
     def live(self, r: Resuming) -> None:
@@ -160,9 +267,7 @@ class Recovery:
             task = asyncio.get_running_loop().create_task(self.reader.state(stream))
             self._fetching[stream] = task
             task.add_done_callback(lambda _: self._fetching.pop(stream, None))
-        state = await asyncio.shield(task)
-        self.states[stream] = state
-        return state
+        return await asyncio.shield(task)
 
     async def _serve(self, r: Resuming) -> None:
         channel = self.channels.get(r.key)
@@ -172,9 +277,11 @@ class Recovery:
             state = await self.state(channel.stream)
         except Unavailable as exc:
             log.warning("JetStream unavailable", extra={"reason": str(exc)})
-            self.answer(r, None, [], history.UNAVAILABLE if r.resume else None)
+            self.answer(r, None, [], history.UNAVAILABLE if r.asked else None)
             return
         epoch, top = state.epoch, state.last_seq
+        if top > channel.last_seq:
+            channel.last_seq = top  # the subscription is live: nothing before it is owed
         resume = r.resume
         if resume is None or r.reason is not None:
             self.answer(r, epoch, [], r.reason, top)
@@ -255,35 +362,22 @@ class Recovery:
         The ack's ``seq`` is where the subscription now stands: the highest of ``top``
         (what the stream or the read had), the last replayed and the last released.
         """
-        hub = self.hub
         conn = r.conn
         channel = self.channels.get(r.key)
-        if conn.state != OPEN or channel is None:
+        if channel is None or channel.pending.get(conn) is not r:
             return
-        seam = r.seam
-        if seam is not None:
-            if channel.holding.get(conn) is not seam:
-                return
-            del channel.holding[conn]
-        last = 0
+        del channel.pending[conn]
+        seam = channel.holding.pop(conn, None)
+        if conn.state != OPEN:
+            return
         if reason is None and r.resume is not None:
-            last = r.resume.after or 0
-            for seq, item in replay:
-                if hub.enqueue(conn, item, outbox.DISCONNECT):
-                    hub.cut_slow_consumer(conn, "outbox full during replay")
-                    return
-                last = seq
-        if seam is not None:
-            if seam.overflow:
-                hub.cut_slow_consumer(conn, "live messages held during replay overflowed")
-                return
-            for seq, item in seam.release(last):
-                if hub.enqueue(conn, item, channel.policy):
-                    hub.cut_slow_consumer(conn, "outbox full")
-                    return
-                last = seq
+            last = self._deliver(conn, channel, replay, seam, r.resume.after or 0)
+        else:
+            last = self._deliver(conn, channel, [], seam, 0)
+        if last is None:
+            return
         conn.flush()
-        recovered = None if r.resume is None else reason is None
+        recovered = reason is None if r.asked else None
         position = None if epoch is None else max(last, top or 0)
         ack = protocol.recovery_ack(r.op_id, epoch, recovered, reason, position)
         r.replies.fill(r.slot, ack)
@@ -291,10 +385,6 @@ class Recovery:
     def no_history(self, op_id: int) -> bytes:
         """The ack of a resume on a subject no stream holds (live delivery goes on)."""
         return protocol.recovery_ack(op_id, None, False, history.NO_HISTORY)
-
-    async def close_all(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
 
 
 def _without_nats(headers: dict[str, str] | None) -> dict[str, str] | None:

@@ -99,7 +99,7 @@ def test_build_info_names_what_runs(gateway: Gateway) -> None:
     samples = scrape(gateway)
     labels = {
         "version": fanout.__version__,
-        "protocol": "v1.1",
+        "protocol": "v1.2",
         "python": platform.python_version(),
         "nats_py": metadata.version("nats-py"),
         "aiohttp": metadata.version("aiohttp"),

@@ -54,7 +54,7 @@ def test_token_with_bad_ttl_or_key_exits_2(
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["version"]) == 0
-    assert capsys.readouterr().out == "fanout 0.1.0 (protocol v1.1)\n"
+    assert capsys.readouterr().out == "fanout 0.1.0 (protocol v1.2)\n"
 
 
 @pytest.mark.parametrize("flag", ["--version", "-V"])
@@ -62,7 +62,7 @@ def test_version_flag(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
         cli.main([flag])
     assert done.value.code == 0
-    assert capsys.readouterr().out == "fanout 0.1.0 (protocol v1.1)\n"
+    assert capsys.readouterr().out == "fanout 0.1.0 (protocol v1.2)\n"
 
 
 def test_one_protocol_version_constant_and_welcome_carries_its_major() -> None:
@@ -70,7 +70,7 @@ def test_one_protocol_version_constant_and_welcome_carries_its_major() -> None:
     from fanout.core import protocol
 
     assert not hasattr(fanout, "PROTOCOL_VERSION")
-    assert protocol.PROTOCOL_VERSION == "1.1"
+    assert protocol.PROTOCOL_VERSION == "1.2"
     limits = protocol.Limits(max_subs=1, max_frame_bytes=16, max_inbound_per_s=1.0)
     assert protocol.welcome("c1", None, limits).startswith(b'{"op":"welcome","v":1,')
 

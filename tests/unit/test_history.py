@@ -189,8 +189,10 @@ def test_window_of_a_wildcard_learns_completeness_from_a_read() -> None:
     assert w.after(9) is None
     w.learn(8)
     assert w.after(8) == [(10, "a"), (11, "b")]
-    w.add(11, NOW, "dup")  # not newer: ignored
+    w.add(11, NOW, "dup")  # the same sequence again: ignored
     assert w.after(10) == [(11, "b")]
+    w.add(3, NOW, "new stream")  # sequences went back: recreated, vouch for nothing
+    assert w.after(10) is None and w.after(2) is None and len(w) == 1
 
 
 def test_window_never_vouches_below_what_it_dropped() -> None:

@@ -1,0 +1,414 @@
+"""Recovery over JetStream (protocol v1.2) end to end: real nats-server -js, real gateway,
+real WebSocket clients. Live messages carry ``seq``, acks the ``epoch``; a resume gets
+exactly what it missed, then live: no gap, no duplicate, in order; every ``reason``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from fanout.demo import create_stream
+from fanout.embedded_nats import EmbeddedNats
+from tests.conftest import Gateway, http_get, launch_gateway
+from tests.helpers import async_wait_for
+from tests.integration.wsclient import Frame, WsClient, client_frame, read_close_code
+
+PREFIX = "fanout.live"
+MAX_REPLAY = 50
+STREAMS = "xy.md.>=MD,xy.gap.>=GAP,xy.none.>=NOSTREAM"
+
+
+@pytest.fixture(scope="module")
+def js_nats() -> Iterator[EmbeddedNats]:
+    """nats-server -js with the operator's streams MD and GAP (NOSTREAM does not exist)."""
+
+    async def streams(url: str) -> None:
+        nc = await nats.connect(url)
+        await create_stream(nc, "MD", "xy.md.>", PREFIX)
+        await create_stream(nc, "GAP", "xy.gap.>", PREFIX)
+        await nc.close()
+
+    with EmbeddedNats(jetstream=True) as server:
+        asyncio.run(streams(server.url))
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gw(js_nats: EmbeddedNats, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gateway = launch_gateway(
+        tmp_path_factory.mktemp("recovery"),
+        "--workers",
+        "1",
+        NATS_URLS=js_nats.url,
+        FANOUT_WS_AUTH_REQUIRED="false",
+        WS_SUBJECT_WHITELIST="xy.>",
+        FANOUT_HISTORY_STREAMS=STREAMS,
+        FANOUT_HISTORY_MAX_REPLAY=str(MAX_REPLAY),
+    )
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+async def nc(js_nats: EmbeddedNats) -> AsyncIterator[NatsClient]:
+    client = await nats.connect(js_nats.url)
+    yield client
+    await client.close()
+
+
+async def publish(nc: NatsClient, subject: str, n: int, tag: str = "m") -> list[int]:
+    """Publish through JetStream; the stream sequences, in order."""
+    js = nc.jetstream()
+    return [(await js.publish(subject, b'{"%s":%d}' % (tag.encode(), i))).seq for i in range(n)]
+
+
+def disconnects(gw: Gateway, code: str) -> float:
+    """``fanout_disconnects_total{close_code=code}`` of the gateway."""
+    _, body, _ = http_get(gw.http + "/metrics")
+    prefix = f'fanout_disconnects_total{{close_code="{code}"}} '
+    lines = [line for line in body.decode().splitlines() if line.startswith(prefix)]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+async def connect(gw: Gateway) -> WsClient:
+    client = await WsClient.connect(gw.ws)
+    assert (await client.recv())["op"] == "welcome"
+    return client
+
+
+async def sub(client: WsClient, subject: str, op_id: int = 1, **resume: Any) -> Frame:
+    return await client.op({"op": "sub", "id": op_id, "subject": subject, **resume}, timeout=10)
+
+
+async def msgs_until(
+    client: WsClient, subject: str, last_seq: int, timeout: float = 10
+) -> list[int]:
+    """The seqs of ``subject``'s msg frames up to and including ``last_seq``."""
+    got: list[int] = []
+    async with asyncio.timeout(timeout):
+        while not got or got[-1] < last_seq:
+            frame = await client.expect(lambda f: f.get("op") == "msg" and f["subject"] == subject)
+            got.append(frame["seq"])
+    return got
+
+
+async def test_live_messages_carry_seq_and_the_ack_the_epoch(gw: Gateway, nc: NatsClient) -> None:
+    client = await connect(gw)
+    try:
+        ack = await sub(client, "xy.md.live.a")
+        assert set(ack) == {"op", "id", "epoch", "seq"} and ack["epoch"].startswith("20")
+        seqs = await publish(nc, "xy.md.live.a", 3)
+        frames = [await client.expect(lambda f: f.get("op") == "msg") for _ in seqs]
+        assert [f["seq"] for f in frames] == seqs
+        assert frames[0]["subject"] == "xy.md.live.a" and frames[0]["data"] == {"m": 0}
+        assert "hdr" not in frames[0]  # JetStream's republish headers are not passed on
+        assert seqs[0] > ack["seq"]
+        # a subject no stream covers: no seq, the ack as in v1.1
+        assert await sub(client, "xy.plain.a", 2) == {"op": "ack", "id": 2}
+        await nc.publish("xy.plain.a", b"{}")
+        plain = await client.expect(lambda f: f.get("op") == "msg")
+        assert plain["subject"] == "xy.plain.a" and "seq" not in plain
+    finally:
+        await client.close()
+
+
+async def test_resume_after_a_disconnect_gets_exactly_what_it_missed_then_live(
+    gw: Gateway, nc: NatsClient
+) -> None:
+    subject = "xy.md.resume.a"
+    client = await connect(gw)
+    ack = await sub(client, subject)
+    first = await publish(nc, subject, 5)
+    assert await msgs_until(client, subject, first[-1]) == first
+    await client.close()
+    missed = await publish(nc, subject, 7)
+    # a publisher keeps going while the client resumes: the seam must hold
+    stop = asyncio.Event()
+    during: list[int] = []
+
+    async def keep_publishing() -> None:
+        while not stop.is_set() and len(during) < 200:
+            during.extend(await publish(nc, subject, 1, "d"))
+            await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(keep_publishing())
+    again = await connect(gw)
+    try:
+        await again.send(
+            {
+                "op": "sub",
+                "id": 5,
+                "subject": subject,
+                "since": {"seq": first[-1], "epoch": ack["epoch"]},
+            }
+        )
+        await async_wait_for(lambda: len(during) >= 20, what="publishes during the resume")
+        stop.set()
+        await task
+        tail = await publish(nc, subject, 2)
+        frames: list[Frame] = []
+        async with asyncio.timeout(10):
+            while not frames or frames[-1].get("seq") != tail[-1]:
+                frames.append(
+                    await again.expect(lambda f: f.get("op") == "msg" or f.get("id") == 5)
+                )
+        acks = [f for f in frames if f["op"] == "ack"]
+        assert len(acks) == 1
+        assert acks[0]["recovered"] is True and acks[0]["epoch"] == ack["epoch"]
+        seqs = [f["seq"] for f in frames if f["op"] == "msg"]
+        assert seqs == missed + during + tail  # no gap, no duplicate, in order
+        # the ack follows the replay
+        assert frames.index(acks[0]) >= len(missed)
+    finally:
+        await again.close()
+
+
+async def test_resume_with_nothing_missed_and_from_a_time_and_the_last_k(
+    gw: Gateway, nc: NatsClient
+) -> None:
+    subject = "xy.md.resume.b"
+    seqs = await publish(nc, subject, 6)
+    client = await connect(gw)
+    try:
+        ack = await sub(client, subject, 1, since={"seq": seqs[-1], "epoch": "x"})
+        assert ack["recovered"] is False and ack["reason"] == "epoch"
+        await client.op({"op": "unsub", "id": 2, "subject": subject})
+        ack = await sub(client, subject, 3, since={"seq": seqs[-1], "epoch": ack["epoch"]})
+        assert ack["recovered"] is True and ack["seq"] >= seqs[-1]
+        await client.op({"op": "unsub", "id": 4, "subject": subject})
+        ack = await sub(client, subject, 5, last=2)
+        assert ack["recovered"] is True
+        assert [f["seq"] for f in client.frames if f.get("op") == "msg"] == seqs[-2:]
+        await client.op({"op": "unsub", "id": 6, "subject": subject})
+        cut = datetime.now(UTC)
+        await asyncio.sleep(0.05)  # stored times strictly after the cut (same clock)
+        later = await publish(nc, subject, 3)
+        seen = len(client.frames)
+        ack = await sub(client, subject, 7, since={"time": cut.isoformat().replace("+00:00", "Z")})
+        assert ack["recovered"] is True
+        replayed = [f["seq"] for f in client.frames[seen:] if f.get("op") == "msg"]
+        assert replayed == later
+    finally:
+        await client.close()
+
+
+async def test_every_reason(gw: Gateway, nc: NatsClient) -> None:
+    client = await connect(gw)
+    try:
+        seqs = await publish(nc, "xy.gap.a", 5)
+        ack = await sub(client, "xy.gap.a", 1)
+        epoch = ack["epoch"]
+        await client.op({"op": "unsub", "id": 2, "subject": "xy.gap.a"})
+        await nc.jetstream().purge_stream("GAP")
+        await publish(nc, "xy.gap.a", 1)
+        ack = await sub(client, "xy.gap.a", 3, since={"seq": seqs[1], "epoch": epoch})
+        assert (ack["recovered"], ack["reason"], ack["epoch"]) == (False, "gap", epoch)
+
+        many = await publish(nc, "xy.md.limit", MAX_REPLAY + 1)
+        ack = await sub(client, "xy.md.limit", 4, since={"seq": many[0] - 1, "epoch": epoch})
+        assert ack["reason"] == "epoch"  # GAP's epoch is not MD's
+        await client.op({"op": "unsub", "id": 40, "subject": "xy.md.limit"})
+        md = (await sub(client, "xy.md.other", 5))["epoch"]
+        ack = await sub(client, "xy.md.limit", 6, since={"seq": many[0] - 1, "epoch": md})
+        assert (ack["recovered"], ack["reason"]) == (False, "limit")
+        await client.op({"op": "unsub", "id": 7, "subject": "xy.md.limit"})
+        ack = await sub(client, "xy.md.limit", 8, last=MAX_REPLAY + 1)
+        assert (ack["recovered"], ack["reason"]) == (False, "limit")
+        await client.op({"op": "unsub", "id": 9, "subject": "xy.md.limit"})
+        ack = await sub(client, "xy.md.limit", 10, since={"seq": 2**40, "epoch": md})
+        assert (ack["recovered"], ack["reason"]) == (False, "epoch")
+
+        ack = await sub(client, "xy.plain.b", 11, last=3)
+        assert ack == {"op": "ack", "id": 11, "recovered": False, "reason": "no_history"}
+        ack = await sub(client, "xy.none.a", 12, last=3)
+        assert ack == {"op": "ack", "id": 12, "recovered": False, "reason": "unavailable"}
+        assert not [f for f in client.frames if f.get("op") == "error"]
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    "resume",
+    [
+        {"since": {"seq": 1}},
+        {"since": {"epoch": "E"}},
+        {"since": {"seq": -1, "epoch": "E"}},
+        {"since": {"seq": 2**53, "epoch": "E"}},
+        {"since": {"time": "yesterday"}},
+        {"since": {"time": "2999-01-01T00:00:00Z"}},
+        {"since": {"seq": 1, "epoch": "E"}, "last": 2},
+        {"last": 0},
+    ],
+)
+async def test_malformed_resumes_are_xyw008_and_subscribe_nothing(
+    gw: Gateway, resume: dict[str, Any]
+) -> None:
+    client = await connect(gw)
+    try:
+        reply = await sub(client, "xy.md.bad", 1, **resume)
+        assert reply["op"] == "error" and reply["code"] == "XYW008"
+        ack = await sub(client, "xy.md.bad", 2)  # nothing was subscribed: a fresh sub
+        assert ack["op"] == "ack" and "recovered" not in ack and "epoch" in ack
+    finally:
+        await client.close()
+
+
+async def test_a_reconnect_storm_costs_one_read(gw: Gateway, nc: NatsClient) -> None:
+    subject = "xy.md.storm"
+    first = await publish(nc, subject, 3)
+    clients = [await connect(gw) for _ in range(40)]
+    try:
+        epoch = (await sub(clients[0], subject))["epoch"]
+        for c in clients:
+            await c.close()
+        missed = await publish(nc, subject, 10)
+        js = nc.jetstream()
+        before = (await js.account_info()).api.total
+        clients = [await connect(gw) for _ in range(40)]
+        since = {"seq": first[-1], "epoch": epoch}
+        for c in clients:
+            await c.send({"op": "sub", "id": 1, "subject": subject, "since": since})
+        for c in clients:
+            ack = await c.expect(lambda f: f.get("id") == 1, timeout=10)
+            assert ack["recovered"] is True
+            assert [f["seq"] for f in c.frames if f.get("op") == "msg"] == missed
+        api_calls = (await js.account_info()).api.total - before
+        # one stream info, one consumer create + delete (and the two account infos):
+        # 40 resumes without coalescing would be 40 reads
+        assert api_calls <= 8, api_calls
+    finally:
+        for c in clients:
+            await c.close()
+
+
+async def test_a_client_that_cannot_keep_up_during_replay_is_cut(
+    js_nats: EmbeddedNats, nc: NatsClient, tmp_path: Path
+) -> None:
+    gateway = launch_gateway(
+        tmp_path,
+        "--workers",
+        "1",
+        NATS_URLS=js_nats.url,
+        FANOUT_WS_AUTH_REQUIRED="false",
+        FANOUT_HISTORY_STREAMS="xy.md.>=MD",
+        FANOUT_OUTBOX_MAX_MESSAGES="16",
+        FANOUT_OUTBOX_WRITE_BUFFER_HIGH="65536",
+    )
+    try:
+        subject = "xy.md.slow"
+        client = await connect(gateway)
+        epoch = (await sub(client, subject))["epoch"]
+        await client.close()
+        js = nc.jetstream()
+        big = b'{"pad":"' + b"x" * 60_000 + b'"}'
+        seqs = [(await js.publish(subject, big)).seq for _ in range(MAX_REPLAY)]
+        slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # set before connect
+        slow.settimeout(5)
+        slow.connect(("127.0.0.1", gateway.port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        slow.sendall(
+            (
+                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += slow.recv(1)
+        assert head.startswith(b"HTTP/1.1 101")
+        since = {"seq": seqs[0] - 1, "epoch": epoch}
+        op = json.dumps({"op": "sub", "id": 1, "subject": subject, "since": since})
+        slow.sendall(client_frame(0x1, op.encode()))
+        # not reading: the replay backs up, the outbox overflows, the gateway cuts it
+        await async_wait_for(
+            lambda: disconnects(gateway, "4003") >= 1, timeout=20, what="a 4003 close"
+        )
+        assert await asyncio.to_thread(read_close_code, slow, 15) == 4003
+        slow.close()
+    finally:
+        gateway.stop()
+
+
+def test_demo_runs_jetstream_and_its_ticks_are_recoverable(tmp_path: Path) -> None:
+    async def check(gateway: Gateway) -> None:
+        client = await connect(gateway)
+        try:
+            ack = await sub(client, "xy.md.tick.demo")
+            assert "epoch" in ack
+            tick = await client.expect(lambda f: f.get("op") == "msg", timeout=10)
+            ack2 = await sub(
+                client, "xy.md.tick.btc", 2, since={"seq": tick["seq"], "epoch": ack["epoch"]}
+            )
+            assert ack2["recovered"] is True
+        finally:
+            await client.close()
+
+    gateway = launch_gateway(tmp_path, "--demo", "--workers", "1")
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                asyncio.run(check(gateway))
+                break
+            except (AssertionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+    finally:
+        assert gateway.stop() == 0
+
+
+async def test_what_was_published_while_the_gateways_nats_link_was_down_is_caught_up(
+    tmp_path: Path,
+) -> None:
+    """The link drops (nats-server restarted); messages published before the gateway is
+    back never come live: the gateway reads them from the stream, clients see no gap."""
+    server = EmbeddedNats(jetstream=True)
+    server.start()
+    gateway = launch_gateway(
+        tmp_path,
+        "--workers",
+        "1",
+        NATS_URLS=server.url,
+        FANOUT_WS_AUTH_REQUIRED="false",
+        FANOUT_HISTORY_STREAMS="xy.md.>=MD",
+        FANOUT_NATS_RECONNECT_WAIT_S="2",
+    )
+    client: WsClient | None = None
+    try:
+        nc = await nats.connect(server.url)
+        await create_stream(nc, "MD", "xy.md.>", PREFIX)
+        client = await connect(gateway)
+        subject = "xy.md.outage.a"
+        assert "epoch" in await sub(client, subject)
+        before = await publish(nc, subject, 3)
+        assert await msgs_until(client, subject, before[-1]) == before
+        await nc.close()
+        server.stop()
+        await client.expect(lambda f: f.get("op") == "status" and f["nats"] == "down")
+        server.start()  # same port, same store: the stream is still there
+        nc = await nats.connect(server.url)
+        during = await publish(nc, subject, 5)  # the gateway is still waiting to reconnect
+        await client.expect(lambda f: f.get("op") == "status" and f["nats"] == "up", timeout=15)
+        after = await publish(nc, subject, 3)
+        assert await msgs_until(client, subject, after[-1]) == during + after
+        assert not [f for f in client.frames if f.get("op") == "dropped"]
+        await nc.close()
+    finally:
+        if client is not None:
+            await client.close()
+        gateway.stop()
+        server.cleanup()
