@@ -1,0 +1,121 @@
+"""fanout.js recovery (v1.2) in real headless Chromium: the worker is killed while a
+publisher keeps going; the page reconnects, resumes, reports ``recovered`` and has every
+message exactly once, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import nats
+import pytest
+import pytest_asyncio
+from nats.aio.client import Client as NatsClient
+from playwright.async_api import Page
+
+from fanout.demo import create_stream
+from fanout.embedded_nats import EmbeddedNats
+from tests.conftest import Gateway, launch_gateway
+from tests.e2e.helpers import worker_pids
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
+
+SUBJECT = "xy.md.e2e.recover"
+
+TEST_HTML = """<!doctype html><meta charset="utf-8"><title>fanout.js recovery</title>
+<script type="module">
+import * as fanout from "/fanout.js";
+window.fanout = fanout;
+</script>"""
+
+#: The page's client: every seq it got on SUBJECT, and every ``recovered`` event.
+CLIENT = """(subject) => {
+  const c = new window.fanout.FanoutClient(`ws://${location.host}/ws`,
+                                           {backoff: {initialMs: 50, maxMs: 300}});
+  window.rec = {seqs: [], recovered: [], closes: []};
+  c.addEventListener("recovered", (e) => window.rec.recovered.push(e.detail));
+  c.addEventListener("close", (e) => window.rec.closes.push(e.detail.code));
+  c.subscribe(subject, (m) => window.rec.seqs.push(m.seq));
+  window.client = c;
+}"""
+
+
+@pytest.fixture(scope="module")
+def js_nats() -> Iterator[EmbeddedNats]:
+    async def stream(url: str) -> None:
+        nc = await nats.connect(url)
+        await create_stream(nc, "MD", "xy.md.>", "fanout.live")
+        await nc.close()
+
+    with EmbeddedNats(jetstream=True) as server:
+        asyncio.run(stream(server.url))
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gw(js_nats: EmbeddedNats, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gateway = launch_gateway(
+        tmp_path_factory.mktemp("recover"),
+        "--workers",
+        "1",
+        NATS_URLS=js_nats.url,
+        FANOUT_WS_AUTH_REQUIRED="false",
+        FANOUT_HISTORY_STREAMS="xy.md.>=MD",
+    )
+    yield gateway
+    gateway.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def nc(js_nats: EmbeddedNats) -> AsyncIterator[NatsClient]:
+    client = await nats.connect(js_nats.url)
+    yield client
+    await client.close()
+
+
+async def test_page_resumes_after_a_worker_kill_with_no_gap(
+    page: Page, gw: Gateway, nc: NatsClient
+) -> None:
+    await page.goto(gw.http + "/healthz")
+    await page.set_content(TEST_HTML)
+    await page.wait_for_function("() => window.fanout !== undefined", timeout=5_000)
+    await page.evaluate(CLIENT, SUBJECT)
+    js = nc.jetstream()
+    published: list[int] = []
+
+    async def publish(n: int) -> None:
+        for _ in range(n):
+            published.append((await js.publish(SUBJECT, b'{"n":%d}' % len(published))).seq)
+
+    deadline = time.monotonic() + 10
+    while not await page.evaluate("window.rec.seqs.length"):
+        assert time.monotonic() < deadline, "no message reached the page"
+        await publish(1)
+        await asyncio.sleep(0.1)
+
+    stop = asyncio.Event()
+
+    async def keep_publishing() -> None:
+        while not stop.is_set() and len(published) < 2000:
+            await publish(1)
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(keep_publishing())
+    (pid,) = worker_pids(gw).values()
+    os.kill(pid, signal.SIGKILL)
+    await page.wait_for_function("() => window.rec.recovered.length > 0", timeout=20_000)
+    await asyncio.sleep(0.3)
+    stop.set()
+    await task
+    await page.wait_for_function(
+        "(last) => window.rec.seqs.at(-1) === last", arg=published[-1], timeout=10_000
+    )
+    rec = await page.evaluate("window.rec")
+    assert rec["closes"] and rec["recovered"][0]["recovered"] is True
+    assert rec["recovered"][0]["subject"] == SUBJECT
+    first = rec["seqs"][0]
+    assert rec["seqs"] == published[published.index(first) :]  # no gap, no duplicate, in order
+    await page.evaluate("window.client.close()")
