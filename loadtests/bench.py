@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats
 import picows
 import uvloop
 
@@ -66,6 +67,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 HOST = "127.0.0.1"
 SUBJECT = "xy.md.bench.{}"
+HISTORY_PATTERN = "xy.md.bench.>"
 TICK_SUBJECT = "xy.md.tick.{}"
 #: per-client-process shared counters: connected (all settled), warmed, received, failed, open
 SLOTS = 5
@@ -745,6 +747,14 @@ def nats_address(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
+async def _bench_stream(url: str) -> None:
+    from fanout.demo import create_stream
+
+    nc = await nats.connect(url)
+    await create_stream(nc, "BENCH", HISTORY_PATTERN, "fanout.live")
+    await nc.close()
+
+
 def start_servers(
     procs: Procs,
     server: str,
@@ -753,14 +763,22 @@ def start_servers(
     gateway_env: Sequence[str],
     log_dir: str | None,
     src: str | None = None,
+    history: bool = False,
 ) -> tuple[str, str | None]:
-    """nats-server, plus the gateway unless ``server`` is natsws; returns (ws url, token)."""
+    """nats-server, plus the gateway unless ``server`` is natsws; returns (ws url, token).
+
+    ``history``: JetStream on, a stream BENCH on the bench subjects republishing to
+    ``fanout.live.…``, and the gateway told so: the recoverable live path (v1.2).
+    """
     procs.tmp = tempfile.TemporaryDirectory(prefix="fanout-bench-")
     natsws = server == "natsws"
     ws_port = free_port()
     conf = f"websocket {{ host: {HOST}, port: {ws_port}, no_tls: true }}\n" if natsws else None
-    procs.nats = EmbeddedNats(config_text=conf)
+    procs.nats = EmbeddedNats(config_text=conf, jetstream=history)
     procs.nats.start()
+    if history:
+        asyncio.run(_bench_stream(procs.nats.url))
+        gateway_env = [*gateway_env, f"FANOUT_HISTORY_STREAMS={HISTORY_PATTERN}=BENCH"]
     if natsws:
         if not wait_for_port(HOST, ws_port, 10):
             raise RuntimeError("nats-server websocket listener did not start")
@@ -804,6 +822,7 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
             args.gateway_env,
             args.log_dir,
             args.gateway_src,
+            args.history,
         )
         assert procs.nats is not None and procs.nats.proc is not None
         nats_host, nats_port, nats_pid = HOST, procs.nats.port, procs.nats.proc.pid
@@ -1153,6 +1172,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "of the previous revision: before/after in the same session",
     )
     p.add_argument("--label", default="", help="a name for this run in the JSON line")
+    p.add_argument(
+        "--history",
+        action="store_true",
+        help="make the bench subjects recoverable (JetStream stream + RePublish)",
+    )
     p.add_argument(
         "--stalled",
         type=int,
