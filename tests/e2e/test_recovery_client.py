@@ -119,3 +119,27 @@ async def test_page_resumes_after_a_worker_kill_with_no_gap(
     first = rec["seqs"][0]
     assert rec["seqs"] == published[published.index(first) :]  # no gap, no duplicate, in order
     await page.evaluate("window.client.close()")
+
+
+async def test_demo_page_shows_recovered_after_a_worker_kill(
+    page: Page, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    demo = launch_gateway(tmp_path_factory.mktemp("demo"), "--demo", "--workers", "1")
+    try:
+        await page.goto(demo.http + "/")
+        await page.wait_for_function(
+            "() => Number(document.getElementById('total').textContent) > 0", timeout=15_000
+        )
+        (pid,) = worker_pids(demo).values()
+        os.kill(pid, signal.SIGKILL)
+        await page.wait_for_function(
+            """() => [...document.querySelectorAll('#log li')]
+                   .some((li) => li.textContent.includes('recovered xy.md.tick.*'))""",
+            timeout=20_000,
+        )
+        log = await page.evaluate(
+            "() => [...document.querySelectorAll('#log li')].map((li) => li.textContent)"
+        )
+        assert any("nothing missed" in line for line in log), log
+    finally:
+        assert demo.stop() == 0
