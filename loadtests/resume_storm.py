@@ -164,10 +164,13 @@ def healthz(port: int) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--clients", type=int, default=5000)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--clients", type=int, default=5000, help="resuming WebSocket clients")
     p.add_argument("--processes", type=int, default=4, help="client processes")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="gateway workers (one is killed)")
     p.add_argument("--rate", type=float, default=2.0, help="messages/s on the subject")
     p.add_argument("--plain", action="store_true", help="reconnect without since (baseline)")
     p.add_argument("--timeout", type=float, default=60.0, help="give up waiting after this")

@@ -181,11 +181,14 @@ def one_run(server: EmbeddedNats, mode: str, count: int, rate: float) -> dict[st
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--messages", type=int, default=50_000)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--messages", type=int, default=50_000, help="messages per run")
     p.add_argument("--rate", type=float, default=20_000.0, help="messages per second")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--rounds", type=int, default=3, help="rounds over all modes (medians)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes to run")
     return p.parse_args(argv)
 
 
