@@ -158,7 +158,10 @@ class Recovery:
             channel.window.reset()
 
     # -- live messages ----------------------------------------------------------------------
-    def item(self, subject: str, seq: int, data: bytes, headers: dict[str, str] | None) -> Any:
+    def item(
+        self, subject: str, seq: int, data: bytes, headers: dict[str, str] | None
+    ) -> outbox.Pending:
+        """The ``msg`` frame of a recoverable subject, encoded once for every recipient."""
         frame = protocol.encode_msg_seq(subject, seq, data, headers)
         return (subject, websocket.text_frame(frame))
 
@@ -210,7 +213,6 @@ class Recovery:
         if self.channels.get(channel.key) is not channel:
             return
         items = self._items(got)
-        top = got[-1].seq if got else after
         for conn, seam in seams.items():
             if channel.holding.get(conn) is not seam:
                 continue  # left meanwhile
@@ -220,7 +222,7 @@ class Recovery:
             if missed:
                 queue = conn.queue
                 queue.dropped[channel.pattern] = queue.dropped.get(channel.pattern, 0) + missed
-            if self._deliver(conn, channel, items, seam, top if not missed else 0):
+            if self._deliver(conn, channel, items, seam, after) is not None:
                 conn.flush()
 
     def _deliver(
