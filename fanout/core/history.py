@@ -244,9 +244,10 @@ class Window(Generic[T]):
         return self._items[-1][0] if self._items else None
 
     def add(self, seq: int, at: float, item: T, previous: int | None = None) -> None:
-        """A live message. ``previous``: its subject's previous sequence, when the pattern is
-        one subject; a message missing between two (live delivery is at most once) starts
-        the window afresh after it."""
+        """A live message received at ``at`` (unix seconds: a ``since.time`` resume compares
+        with it). ``previous``: its subject's previous sequence, when the pattern is one
+        subject; a message missing between two (live delivery is at most once) starts the
+        window afresh after it."""
         if self.max_items <= 0 or self.max_age_s <= 0:
             return
         items = self._items

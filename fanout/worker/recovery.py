@@ -178,7 +178,8 @@ class Recovery:
             self.catch_up(channel, last)
         if seq > last:
             channel.last_seq = seq
-        channel.window.add(seq, time.monotonic(), item, previous if channel.exact else None)
+        # wall-clock time: ``since.time`` resumes compare it with the client's RFC 3339 time
+        channel.window.add(seq, time.time(), item, previous if channel.exact else None)
         return channel.holding
 
     def reconnected(self) -> None:

@@ -412,3 +412,37 @@ async def test_what_was_published_while_the_gateways_nats_link_was_down_is_caugh
             await client.close()
         gateway.stop()
         server.cleanup()
+
+
+async def test_resumes_served_from_the_workers_window(gw: Gateway, nc: NatsClient) -> None:
+    """Another client keeps the subject subscribed, so the worker's window holds it: a
+    resume by time, by position or the last K is answered from memory, exactly."""
+    subject = "xy.md.window.a"
+    keeper = await connect(gw)
+    client = await connect(gw)
+    try:
+        epoch = (await sub(keeper, subject))["epoch"]
+        early = await publish(nc, subject, 3)
+        assert await msgs_until(keeper, subject, early[-1]) == early
+        cut = datetime.now(UTC)
+        await asyncio.sleep(0.05)  # stored times strictly after the cut (same clock)
+        later = await publish(nc, subject, 2)
+        assert await msgs_until(keeper, subject, later[-1]) == later
+        js = nc.jetstream()
+        before = (await js.account_info()).api.total
+        for op_id, resume, expected in (
+            (1, {"since": {"time": cut.isoformat().replace("+00:00", "Z")}}, later),
+            (3, {"since": {"seq": early[0], "epoch": epoch}}, early[1:] + later),
+            (5, {"last": 4}, early[1:] + later),
+        ):
+            seen = len(client.frames)
+            ack = await sub(client, subject, op_id, **resume)
+            assert ack["recovered"] is True, ack
+            got = [f["seq"] for f in client.frames[seen:] if f.get("op") == "msg"]
+            assert got == expected, (resume, got)
+            await client.op({"op": "unsub", "id": op_id + 1, "subject": subject})
+        # stream info per resume (epoch, gap), no consumer: the window answered
+        assert (await js.account_info()).api.total - before <= 4
+    finally:
+        await keeper.close()
+        await client.close()
