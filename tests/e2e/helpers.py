@@ -54,7 +54,7 @@ async def demo_view(page: Page) -> dict[str, Any]:
 
 def worker_pids(gw: Gateway) -> dict[int, int]:
     """index → pid of the live workers, from /healthz."""
-    _, body, _ = http_get(gw.http + "/healthz")
+    _, body, _ = http_get(gw.admin + "/healthz")
     return {w["index"]: w["pid"] for w in json.loads(body)["workers"]}
 
 
@@ -71,7 +71,7 @@ def wait_for_new_worker(gw: Gateway, old_pid: int, timeout_s: float = 10.0) -> i
 
 def counter(gw: Gateway, name: str, **labels: str) -> float:
     """The value of one Prometheus sample from /metrics (0 when absent)."""
-    status, body, _ = http_get(gw.http + "/metrics")
+    status, body, _ = http_get(gw.admin + "/metrics")
     assert status == 200
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     pattern = re.compile(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? ([0-9.eE+-]+)$", re.M)

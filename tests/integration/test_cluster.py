@@ -75,7 +75,7 @@ async def test_fanout_and_failover_across_a_cluster(
             got = [(await c.expect(lambda f: f.get("op") == "msg"))["data"]["n"] for _ in range(3)]
             assert got == [0, 1, 2]
 
-        _, body, _ = http_get(gw.http + "/healthz")
+        _, body, _ = http_get(gw.admin + "/healthz")
         workers = json.loads(body)["workers"]
         assert len(workers) == 2 and all(w["natsConnected"] for w in workers)
         victim_url = workers[0]["natsUrl"]
@@ -99,7 +99,7 @@ async def test_fanout_and_failover_across_a_cluster(
                 lambda f: f.get("op") == "msg" and f["data"]["n"] == 99, timeout=10
             )
             assert frame["subject"] == "xy.md.cluster"
-        _, body, _ = http_get(gw.http + "/metrics")
+        _, body, _ = http_get(gw.admin + "/metrics")
         assert re.search(r"^xy_nats_reconnects_total [1-9]", body.decode(), re.M)
     finally:
         for c in clients:

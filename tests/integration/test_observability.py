@@ -37,7 +37,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 def scrape(gw: Gateway) -> Samples:
     """Every sample of one /metrics scrape, keyed by name and labels."""
-    status, body, _ = http_get(gw.http + "/metrics")
+    status, body, _ = http_get(gw.admin + "/metrics")
     assert status == 200
     return {
         (s.name, frozenset(s.labels.items())): s.value
@@ -63,7 +63,7 @@ async def wait_scrape(
 
 
 def worker_pid(gw: Gateway) -> str:
-    status, body, _ = http_get(gw.http + "/healthz")
+    status, body, _ = http_get(gw.admin + "/healthz")
     assert status == 200
     (worker,) = json.loads(body)["workers"]
     return str(worker["pid"])
@@ -145,7 +145,7 @@ async def test_a_replaced_workers_gauges_go_and_its_cpu_count_stays(gateway: Gat
         while True:
             await asyncio.sleep(0.1)
             try:  # the only worker is gone until its replacement listens
-                status, body, _ = http_get(gateway.http + "/healthz", 1.0)
+                status, body, _ = http_get(gateway.admin + "/healthz", 1.0)
             except OSError:
                 continue
             workers = json.loads(body)["workers"] if status == 200 else []

@@ -54,7 +54,7 @@ def worker_pids(gw: Gateway, wait_for: int = 0) -> dict[int, int]:
     """index -> pid, from /healthz (waiting up to 10 s until ``wait_for`` workers are up)."""
     deadline = time.monotonic() + 10
     while True:
-        _, body, _ = http_get(gw.http + "/healthz")
+        _, body, _ = http_get(gw.admin + "/healthz")
         pids = {w["index"]: w["pid"] for w in json.loads(body)["workers"]}
         if len(pids) >= wait_for or time.monotonic() > deadline:
             return pids
@@ -130,7 +130,7 @@ async def test_kill_9_worker_under_200_clients(
         # counters reach Prometheus once per sweep (1 s): poll until they add up
         async with asyncio.timeout(5):
             while True:
-                _, body, _ = http_get(gw.http + "/metrics")
+                _, body, _ = http_get(gw.admin + "/metrics")
                 text = body.decode()
                 found = re.search(r"^xy_ws_messages_forwarded_total (\S+)$", text, re.M)
                 if found and float(found.group(1)) >= 30 * len(survivors):

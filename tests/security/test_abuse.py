@@ -42,7 +42,7 @@ GATEWAY_ENV = {
 
 
 def metric(gw: Gateway, name: str) -> float:
-    _, body, _ = http_get(gw.http + "/metrics")
+    _, body, _ = http_get(gw.admin + "/metrics")
     found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", body.decode(), re.M)
     return float(found.group(1)) if found else 0.0
 
@@ -198,7 +198,7 @@ async def test_client_that_does_not_read_is_cut_4003(
 
 
 async def test_connect_close_loop_leaks_nothing(gw: Gateway, neighbour: Neighbour) -> None:
-    _, body, _ = http_get(gw.http + "/healthz")
+    _, body, _ = http_get(gw.admin + "/healthz")
     pid = json.loads(body)["workers"][0]["pid"]
     baseline = len(os.listdir(f"/proc/{pid}/fd"))
     for i in range(300):
@@ -210,7 +210,7 @@ async def test_connect_close_loop_leaks_nothing(gw: Gateway, neighbour: Neighbou
     async with asyncio.timeout(5):
         while len(os.listdir(f"/proc/{pid}/fd")) > baseline + 2:
             await asyncio.sleep(0.1)
-    status, body, _ = http_get(gw.http + "/healthz")
+    status, body, _ = http_get(gw.admin + "/healthz")
     assert status == 200 and json.loads(body)["workers"][0]["pid"] == pid
 
 
@@ -309,7 +309,7 @@ async def test_spoofed_left_hops_of_a_trusted_chain_are_ignored(
 
 
 async def test_metrics_count_every_limit(gw: Gateway) -> None:
-    _, body, _ = await asyncio.to_thread(http_get, gw.http + "/metrics")
+    _, body, _ = await asyncio.to_thread(http_get, gw.admin + "/metrics")
     text_ = body.decode()
     for limit in ("handshake_rate", "per_ip", "per_principal"):
         assert re.search(rf'^fanout_limit_refusals_total\{{limit="{limit}"\}} [1-9]', text_, re.M)
