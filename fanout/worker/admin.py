@@ -65,7 +65,9 @@ def live_view(
         "ready": health["ready"],
         "workersWanted": supervisor.workers_wanted if supervisor else None,
         "generation": supervisor.generation if supervisor else None,
-        "restarts": dict(sorted(supervisor.restarts.items())) if supervisor else {},
+        "restarts": {k: v for k, v in sorted(supervisor.restarts.items()) if v}
+        if supervisor
+        else {},
         "workers": rows,
         "totals": {
             "workers": len(rows),

@@ -33,7 +33,7 @@ def state(pid: int, index: int, **fields: object) -> WorkerState:
 
 
 SUPERVISOR = SupervisorState(
-    pid=1, workers_wanted=2, generation=0, restarts={"killed": 1}, updated_at=NOW
+    pid=1, workers_wanted=2, generation=0, restarts={"signal": 1, "crash": 0}, updated_at=NOW
 )
 
 
@@ -78,7 +78,7 @@ def test_totals_add_up_the_workers() -> None:
     assert (view["status"], view["workersWanted"], view["restarts"]) == (
         "degraded",
         2,
-        {"killed": 1},
+        {"signal": 1},
     )
 
 
