@@ -43,6 +43,8 @@ function render(view) {
   $("status").textContent = view.status;
   $("status").dataset.state = view.status;
   $("workers").textContent = `${t.workers}/${view.workersWanted ?? "?"}`;
+  // fewer live workers than the supervisor wants: one died or is being replaced
+  $("workers").dataset.state = t.workers < (view.workersWanted ?? 0) ? "degraded" : "ok";
   const restarts = Object.entries(view.restarts);
   $("restart-count").textContent = String(restarts.reduce((sum, [, n]) => sum + n, 0));
   $("restarts").textContent = restarts.length

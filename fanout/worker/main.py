@@ -209,6 +209,7 @@ class Worker:
             )
             await keys.start()
         self.process = metrics.ProcessSampler()
+        self.sample_process(time.monotonic())  # the first heartbeat shows RSS and fds already
         self.hub = hub = Hub(settings, loop)
         self.gateway = gateway = Gateway(settings, hub, keys)
         gateway.denylist = denylist

@@ -45,6 +45,7 @@ def run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
         ("idle_memory.py", ["picows"], ["(default: 10000)"]),
         ("request_overhead.py", [], ["(default: 3000)", "(default: plain)"]),
         ("screenshot.py", ["playwright"], ["(default: 20.0)"]),
+        ("admin_screenshot.py", ["playwright"], ["(default: 6)", "(default: kill)"]),
     ],
 )
 def test_help_shows_the_defaults(tool: str, modules: list[str], expected: list[str]) -> None:
