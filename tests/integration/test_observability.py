@@ -360,7 +360,8 @@ def prometheus(gateway: Gateway, tmp_path: Path) -> Iterator[Prometheus]:
                 "scrape_configs": [
                     {
                         "job_name": "fanout",
-                        "static_configs": [{"targets": [f"127.0.0.1:{gateway.port}"]}],
+                        # /metrics is on the admin listener
+                        "static_configs": [{"targets": [gateway.admin.removeprefix("http://")]}],
                     }
                 ],
             }
@@ -470,7 +471,7 @@ async def test_every_dashboard_and_alert_expression_runs_on_a_real_prometheus(
     # and the gateway-down alert's expression sees a stopped gateway
     gateway.stop()
     (down,) = await wait_series(prometheus, rules["FanoutGatewayDown"]["query"], bool)
-    assert down["metric"]["instance"] == f"127.0.0.1:{gateway.port}"
+    assert down["metric"]["instance"] == gateway.admin.removeprefix("http://")
 
 
 async def loaded_rules(prom: Prometheus) -> dict[str, dict[str, Any]]:
