@@ -63,8 +63,12 @@ class EmbeddedNats:
         host: str = "127.0.0.1",
         extra_args: Sequence[str] = (),
         config_text: str | None = None,
+        monitor: bool = False,
     ) -> None:
         self.host = host
+        #: HTTP monitoring port (``/connz``, ``/varz``) when asked for: tests check
+        #: what nats-server really holds.
+        self.monitor_port = free_port(host) if monitor else None
         self.port = port or free_port(host)
         self.extra_args = list(extra_args)
         self.config_text = config_text
@@ -75,8 +79,16 @@ class EmbeddedNats:
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
+    @property
+    def monitor_url(self) -> str:
+        if self.monitor_port is None:
+            raise RuntimeError("started without monitor=True")
+        return f"http://{self.host}:{self.monitor_port}"
+
     def start(self, timeout_s: float = 10.0) -> str:
         args = [find_binary(), "-a", self.host, "-p", str(self.port)]
+        if self.monitor_port is not None:
+            args += ["-m", str(self.monitor_port)]
         if self.config_text is not None:
             self._tmp = tempfile.TemporaryDirectory(prefix="fanout-nats-")
             conf = Path(self._tmp.name) / "nats.conf"

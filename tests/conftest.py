@@ -1,34 +1,120 @@
-"""Shared fixtures: real nats-server processes, real gateway processes, real sockets."""
+"""The one fixture layer: real nats-server processes, real gateway processes, real sockets.
+
+- ``nats_server`` (one per test) and ``nats_module`` (one per test module): a real
+  nats-server on a free loopback port, stopped afterwards.
+- ``make_gateway(*args, start=True, wait_ready=True, **env)``: `fanout serve` processes on
+  free ports with per-test log dirs; each is stopped after the test and its whole process
+  group is checked gone, so no gateway outlives the test that started it.
+- ``keypair``: an RSA key pair (private.pem, public.pem) for signing test tokens.
+- ``tcp_migrate_req``: the host's net.ipv4.tcp_migrate_req set to 1 for one test and
+  restored after it; a lock file keeps two such tests (two xdist workers) from overlapping.
+- :func:`tests.helpers.wait_for` / :func:`tests.helpers.async_wait_for`: the only way to wait.
+- :mod:`tests.integration.wsclient`: the WebSocket client of the tests (decoded frames,
+  close codes) and raw-socket helpers.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
+import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from fanout.embedded_nats import EmbeddedNats, free_port
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Property tests (hypothesis ``@given``) run many examples each: they are ``slow``, so
+    ``-m "not slow"`` keeps the edit-test loop short; the full suite runs them all."""
+    for item in items:
+        if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The random order's seed at the end of every run (``-q`` hides pytest-randomly's header):
+    a failure that depends on the order is replayed with ``-p randomly --randomly-seed=N``."""
+    seed = getattr(terminalreporter.config.option, "randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(f"random order: --randomly-seed={seed}")
+
+
+def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
+    """Long parameters (keys and tokens generated at import) get their argument's name as id:
+    pytest-xdist needs the same test ids in every worker, and a fresh key differs per process
+    (pytest numbers the duplicates)."""
+    if isinstance(val, str | bytes) and len(val) > 100:
+        return argname
+    return None
+
+
+@pytest.fixture(autouse=True)
+def leaves_the_process_as_found() -> Iterator[None]:
+    """The environment and the working directory are shared by every later test of this
+    process: a test that changes them must put them back (``monkeypatch`` does)."""
+    env, cwd = dict(os.environ), os.getcwd()
+    yield
+    after = dict(os.environ)
+    own = "PYTEST_CURRENT_TEST"  # pytest's, set per test
+    changed = {k for k in env.keys() | after.keys() if k != own and env.get(k) != after.get(k)}
+    assert changed == set(), f"the test left environment variables changed: {sorted(changed)}"
+    assert os.getcwd() == cwd, f"the test left the working directory at {os.getcwd()}"
 
 
 @pytest.fixture
 def nats_server() -> Iterator[EmbeddedNats]:
-    server = EmbeddedNats()
-    server.start()
-    try:
+    """A nats-server of this test's own (tests that stop, kill or reconfigure it)."""
+    with EmbeddedNats() as server:
         yield server
-    finally:
-        server.stop()
+
+
+@pytest.fixture(scope="module")
+def nats_module() -> Iterator[EmbeddedNats]:
+    """One nats-server shared by a test module's tests (each uses its own subjects)."""
+    with EmbeddedNats() as server:
+        yield server
+
+
+@pytest.fixture
+def tcp_migrate_req() -> Iterator[None]:
+    """net.ipv4.tcp_migrate_req=1 for this test (a SO_REUSEPORT listener that closes hands its
+    queued handshakes to a sibling), restored afterwards: the host is not ours to change.
+
+    The tests using it hold a lock file meanwhile, so that under pytest-xdist no other
+    worker restores the setting under a test that needs it.
+    """
+    if not MIGRATE_REQ.exists():
+        yield
+        return
+    with (Path(tempfile.gettempdir()) / "fanout-tests-tcp_migrate_req.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = MIGRATE_REQ.read_text().strip()
+        if before != "1":
+            try:
+                MIGRATE_REQ.write_text("1")
+            except OSError:
+                pytest.skip("net.ipv4.tcp_migrate_req=1 is needed and cannot be set here")
+        try:
+            yield
+        finally:
+            if before != "1":
+                MIGRATE_REQ.write_text(before)
 
 
 @pytest.fixture(scope="session")
@@ -83,18 +169,22 @@ class Gateway:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.logs()}")
-            try:
-                status, _, _ = http_get(self.http + ("/readyz" if wait_ready else "/healthz"), 1.0)
-                if status == 200 and (not wait_ready or self._all_workers_up()):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"gateway not ready in {timeout}s:\n{self.logs()}")
+        try:
+            wait_for(lambda: self._up(wait_ready), timeout, "the gateway to be ready")
+        except AssertionError:
+            with contextlib.suppress(AssertionError):  # the readiness failure is the news
+                self.stop()
+            raise RuntimeError(f"gateway not ready in {timeout}s:\n{self.logs()}") from None
+
+    def _up(self, wait_ready: bool) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.logs()}")
+        try:
+            status, _, _ = http_get(self.http + ("/readyz" if wait_ready else "/healthz"), 1.0)
+            return status == 200 and (not wait_ready or self._all_workers_up())
+        except OSError:
+            return False
 
     def _all_workers_up(self) -> bool:
         """Every worker asked for with ``--workers N`` is listening (ready = the first one)."""
@@ -109,6 +199,8 @@ class Gateway:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the supervisor's exit code once
+        its whole process group (workers, side processes) is gone."""
         proc = self.proc
         if proc is None:
             return None
@@ -119,7 +211,30 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        try:
+            wait_for(lambda: not group_alive(proc.pid), 5.0, f"process group {proc.pid} to end")
+        except AssertionError:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(
+                f"gateway {proc.pid} left processes behind (killed now):\n{self.logs()}"
+            ) from None
         return proc.returncode
+
+
+def group_alive(pgid: int) -> bool:
+    """Is any process (zombies aside) still in process group ``pgid``?"""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def gateway_env(**extra: str) -> dict[str, str]:
@@ -149,7 +264,9 @@ def launch_gateway(
 
 
 @pytest.fixture
-def make_gateway(tmp_path: Path) -> Iterator[object]:
+def make_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    """``make_gateway(*args, start=True, wait_ready=True, **env)``: gateways stopped after the
+    test (process group checked gone)."""
     started: list[Gateway] = []
 
     def make(*args: str, start: bool = True, wait_ready: bool = True, **env: str) -> Gateway:

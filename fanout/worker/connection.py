@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from fanout import logs, metrics
-from fanout.core import protocol, subjects, websocket
+from fanout.core import protocol, websocket
 from fanout.core.acl import SubjectAcl
 from fanout.core.auth import Principal
 from fanout.core.outbox import ClientQueue
+from fanout.core.protocol import FrameError
 from fanout.core.ratelimit import TokenBucket
 from fanout.errors import CLOSE_REASON_CODE, Close
 
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fanout.conn")
 
+#: Ops run per loop turn: a 1000-op frame must not hold the loop (other clients wait).
+OPS_PER_TURN = 64
+
 OPEN = 0
 CLOSING = 1
 CLOSED = 2
@@ -36,6 +41,7 @@ CLOSED = 2
 class WsConnection(asyncio.Protocol):
     __slots__ = (
         "acl",
+        "backlog",
         "bucket",
         "closing_since",
         "conn_id",
@@ -44,13 +50,13 @@ class WsConnection(asyncio.Protocol):
         "hub",
         "last_rx",
         "opened_at",
-        "overlapping",
         "parser",
         "paused",
         "paused_since",
         "peer",
         "principal",
         "queue",
+        "replies",
         "state",
         "subs",
         "token",
@@ -82,7 +88,10 @@ class WsConnection(asyncio.Protocol):
         self.subs: dict[str, None] = {}
         #: The verified raw JWT, kept only for ``requests.forward_token``.
         self.token: str | None = None
-        self.overlapping = False
+        #: Frames whose ops still have to run, a slice per loop turn (see ``on_text``).
+        self.backlog: deque[deque[protocol.ClientOp | FrameError]] | None = None
+        #: The replies of the frame whose ops are running.
+        self.replies: Replies | None = None
         self.dirty = False
         self.paused = False
         self.paused_since = 0.0
@@ -143,40 +152,80 @@ class WsConnection(asyncio.Protocol):
 
     # -- inbound ops ------------------------------------------------------
     def on_text(self, payload: bytes) -> None:
+        """Run a frame's ops in order; a long frame runs in slices that yield to the loop.
+
+        The replies of one frame go out together, in op order, in one frame; a
+        ``sub`` ack that waits for its pattern to be live holds them back until
+        it is released (see :class:`Replies`).
+        """
         ops = protocol.decode_client_frame(payload)
         if len(ops) > 1 and not self.bucket.take(len(ops) - 1, self.last_rx):
             self.close(Close.POLICY, "inbound rate limit")
             return
-        replies: list[bytes] = []
+        backlog = self.backlog
+        if backlog is not None:
+            backlog.append(deque(ops))
+            return
+        if len(ops) > OPS_PER_TURN:
+            self.backlog = deque([deque(ops)])
+            self._work()
+            return
+        group = self.replies = Replies(self)
+        handle = self.gateway.handle
         for op in ops:
-            reply = self.gateway.handle(self, op)
+            reply = handle(self, op)
             if reply is not None:
-                replies.append(reply)
+                group.replies.append(reply)
             if self.state != OPEN:
                 return
-        if replies:
-            self.send_control(
-                websocket.text_frame(replies[0] if len(replies) == 1 else protocol.batch(replies))
-            )
+        self.replies = None
+        group.done()
 
-    def add_sub(self, pattern: str) -> None:
-        if not self.overlapping:
-            self.overlapping = any(subjects.intersects(pattern, p) for p in self.subs)
+    def _work(self) -> None:
+        """Up to OPS_PER_TURN ops of the backlog, then yield (``call_soon``) until it is done."""
+        backlog = self.backlog
+        if backlog is None:
+            return
+        budget = OPS_PER_TURN
+        handle = self.gateway.handle
+        while budget and backlog:
+            if self.state != OPEN:
+                self.backlog = None
+                return
+            ops = backlog[0]
+            group = self.replies
+            if group is None:
+                group = self.replies = Replies(self)
+            while ops and budget:
+                budget -= 1
+                reply = handle(self, ops.popleft())
+                if reply is not None:
+                    group.replies.append(reply)
+                if self.state != OPEN:
+                    self.backlog = None
+                    return
+            if not ops:
+                backlog.popleft()
+                self.replies = None
+                group.done()
+        if backlog:
+            self.hub.loop.call_soon(self._work)
+        else:
+            self.backlog = None
+
+    def send_replies(self, replies: list[bytes]) -> None:
+        self.send_control(
+            websocket.text_frame(replies[0] if len(replies) == 1 else protocol.batch(replies))
+        )
+
+    def add_sub(self, pattern: str, op_id: int) -> bool:
+        """Subscribe; True when live at once (else the hub sends the ack later)."""
         self.subs[pattern] = None
-        self.hub.subscribe(self, pattern)
+        return self.hub.subscribe(self, pattern, op_id)
 
     def remove_sub(self, pattern: str) -> None:
         del self.subs[pattern]
         self.hub.unsubscribe(self, pattern)
-        if self.overlapping:
-            pats = list(self.subs)
-            self.overlapping = any(
-                subjects.intersects(a, b) for i, a in enumerate(pats) for b in pats[i + 1 :]
-            )
-
-    def canonical_pattern(self, subject: str) -> str | None:
-        """The one subscription that delivers ``subject`` when several match (sorted first)."""
-        return min((p for p in self.subs if subjects.matches(p, subject)), default=None)
 
     # -- outbound ---------------------------------------------------------
     def flush(self) -> int:
@@ -235,6 +284,44 @@ class WsConnection(asyncio.Protocol):
         self.transport.write(websocket.close_frame(code, reason))
         self.transport.close()
         self.gateway.forget(self, closing=True)
+
+
+class Replies:
+    """The replies of one inbound frame, in op order, sent as one frame once complete.
+
+    A ``sub`` whose pattern is not live yet reserves its slot (:meth:`defer`);
+    the hub fills it when nats-server has confirmed the subscription.
+    """
+
+    __slots__ = ("conn", "open", "replies", "waiting")
+
+    def __init__(self, conn: WsConnection) -> None:
+        self.conn = conn
+        self.replies: list[bytes] = []
+        self.waiting = 0
+        self.open = True
+
+    def defer(self) -> int:
+        self.waiting += 1
+        self.replies.append(b"")
+        return len(self.replies) - 1
+
+    def fill(self, index: int, reply: bytes) -> None:
+        self.replies[index] = reply
+        self.waiting -= 1
+        if not (self.open or self.waiting):
+            self._send()
+
+    def done(self) -> None:
+        """Every op of the frame ran."""
+        self.open = False
+        if not self.waiting:
+            self._send()
+
+    def _send(self) -> None:
+        replies, self.replies = self.replies, []
+        if replies:
+            self.conn.send_replies(replies)
 
 
 def _drop_notice(subject: str, count: int) -> bytes:

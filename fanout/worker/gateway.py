@@ -2,7 +2,7 @@
 
 ``admit`` runs the handshake checks in the contract's order (Origin, limits,
 token present, token valid) and either refuses with a status + code or
-returns a live :class:`WsConnection`. Limits are: draining, load shedding,
+returns a live :class:`WsConnection`. Limits are: load shedding,
 the per-address handshake rate, the worker's connection cap (kept below the
 fd limit by the worker), per-address and per-principal caps; the address is
 the peer's, or the client's behind a trusted proxy. ``handle`` answers one
@@ -195,8 +195,7 @@ class Gateway:
         try:
             accept = websocket.check_upgrade(head)
         except websocket.HandshakeError as exc:
-            extra = (("Sec-WebSocket-Version", "13"),) if exc.status == 426 else ()
-            raise Refusal(exc.status, exc.code, exc.message, extra) from None
+            raise Refusal(exc.status, exc.code, exc.message, tuple(exc.headers)) from None
         if len(head.header_values("host")) != 1:
             raise Refusal(400, Code.MALFORMED, "exactly one Host header required")
         jwt = self.settings.jwt
@@ -302,7 +301,8 @@ class Gateway:
             return self.error(conn, op.id, Code.SUBJECT_DENIED, "requests are not enabled")
         return self.requests.handle(conn, op)
 
-    def on_sub(self, conn: WsConnection, op: protocol.Sub) -> bytes:
+    def on_sub(self, conn: WsConnection, op: protocol.Sub) -> bytes | None:
+        """The ack, or None when it waits for the pattern to be live (the hub sends it)."""
         if op.subject in conn.subs:
             return protocol.ack(op.id)
         reason = conn.acl.check(op.subject)
@@ -310,8 +310,9 @@ class Gateway:
             return self.error(conn, op.id, Code.SUBJECT_DENIED, reason)
         if len(conn.subs) >= self.settings.ws.max_subs:
             return self.error(conn, op.id, Code.LIMIT_EXCEEDED, "too many subscriptions")
-        conn.add_sub(op.subject)
-        return protocol.ack(op.id)
+        if conn.add_sub(op.subject, op.id):
+            return protocol.ack(op.id)
+        return None
 
     async def reauthenticate(self, conn: WsConnection, op: protocol.Auth) -> None:
         """The ``auth`` op: same identity, fresh expiry, ACL re-applied.

@@ -16,16 +16,15 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from nats.aio.msg import Msg
-
 from fanout import metrics
 from fanout.core import outbox, protocol, subjects, websocket
 from fanout.core.interest import SubjectRouter
+from fanout.core.overlap import Overlaps, Route
 from fanout.errors import Close, Code
 from fanout.settings import Settings
 
 if TYPE_CHECKING:
-    from fanout.worker.connection import WsConnection
+    from fanout.worker.connection import Replies, WsConnection
     from fanout.worker.nats_link import NatsLink
 
 log = logging.getLogger("fanout.hub")
@@ -48,6 +47,9 @@ class Hub:
         self.max_batch = settings.outbox.max_batch
         self.max_batch_bytes = settings.outbox.max_bytes
         self.subscription_count = 0
+        self.overlaps = Overlaps()
+        #: pattern → the sub acks waiting for it to be live: (replies, slot, op id).
+        self.waiting: dict[str, list[tuple[Replies, int, int]]] = {}
         self.nats_up = False
         self.forwarded = 0
         self.nats_messages = 0
@@ -69,18 +71,46 @@ class Hub:
                 break
         return outbox.POLICIES[name]
 
-    def subscribe(self, conn: WsConnection, pattern: str) -> None:
+    def subscribe(self, conn: WsConnection, pattern: str, op_id: int) -> bool:
+        """Add a subscription; True when it is live now (ack at once).
+
+        Otherwise the ack waits until the link reports the pattern live
+        (:meth:`became_live`): an ack means nats-server has the subscription.
+        While NATS is down the ack is immediate (the client has the ``status``
+        down frame; delivery starts on reconnect).
+        """
         self.subscription_count += 1
+        link = self.link
         if self.router.add(conn, pattern):
             self.batches[pattern] = outbox.Batch(self.policy_for(pattern))
-            if self.link is not None:
-                self.link.want(pattern)
+            live = link is None or link.want(pattern)
+        else:
+            live = link is None or link.is_live(pattern)
         self.settle(conn)
+        replies = conn.replies
+        if live or not self.nats_up or replies is None:
+            return True
+        waiter = (replies, replies.defer(), op_id)
+        waiters = self.waiting.get(pattern)
+        if waiters is None:
+            self.waiting[pattern] = [waiter]
+        else:
+            waiters.append(waiter)
+        return False
 
     def unsubscribe(self, conn: WsConnection, pattern: str) -> None:
+        """Nothing more for ``pattern`` reaches ``conn`` after this (its sub ack goes first)."""
         self.subscription_count -= 1
+        waiters = self.waiting.get(pattern)
+        if waiters is not None:
+            mine = [w for w in waiters if w[0].conn is conn]
+            if mine:
+                waiters[:] = [w for w in waiters if w[0].conn is not conn]
+                for replies, index, op_id in mine:
+                    replies.fill(index, protocol.ack(op_id))
         if self.router.remove(conn, pattern):
             self.batches.pop(pattern, None)
+            self.waiting.pop(pattern, None)
             if self.link is not None:
                 self.link.unwant(pattern)
         self.settle(conn)
@@ -92,8 +122,36 @@ class Hub:
         self.connections.discard(conn)
         conn.queue.shared = None
         for pattern in list(conn.subs):
-            self.unsubscribe(conn, pattern)
+            self.subscription_count -= 1
+            if self.router.remove(conn, pattern):
+                self.batches.pop(pattern, None)
+                self.waiting.pop(pattern, None)
+                if self.link is not None:
+                    self.link.unwant(pattern)
         conn.subs.clear()
+
+    # -- reports from the NATS link ------------------------------------------
+    def subscribed(self, sid: int, pattern: str) -> Route:
+        return self.overlaps.add(sid, pattern)
+
+    def unsubscribing(self, route: Route) -> None:
+        self.overlaps.drain(route)
+
+    def removed(self, route: Route) -> None:
+        self.overlaps.remove(route)
+
+    def routes_lost(self) -> None:
+        self.overlaps.clear()
+
+    def became_live(self, patterns: list[str]) -> None:
+        """Release the acks that waited for these patterns."""
+        for pattern in patterns:
+            for replies, index, op_id in self.waiting.pop(pattern, ()):
+                replies.fill(index, protocol.ack(op_id))
+
+    def release_all(self) -> None:
+        """NATS went down: every waiting ack now (the ``status`` down frame follows)."""
+        self.became_live(list(self.waiting))
 
     def settle(self, conn: WsConnection) -> bool:
         """A client's shared part of a batch becomes its own (its subscriptions changed,
@@ -109,18 +167,24 @@ class Hub:
         self.dropped[policy] += result
         return True
 
-    def on_nats_message(self, pattern: str, msg: Msg) -> None:
+    def on_nats_message(
+        self, route: Route, subject: str, data: bytes, headers: dict[str, str] | None
+    ) -> None:
         """NATS callback: the frame is built once and shared; idle clients share the batch.
 
         Per recipient this is one attribute test when the client already shares
-        the batch, a few when it starts to, and a queue append otherwise.
+        the batch, a few when it starts to, and a queue append otherwise. A
+        subscription that overlaps another one takes :meth:`_overlapping`.
         """
         self.nats_messages += 1
+        if route.overlap:
+            self._overlapping(route, subject, data, headers)
+            return
+        pattern = route.pattern
         batch = self.batches.get(pattern)
         if batch is None:
             return
-        subject = msg.subject
-        item = (subject, websocket.text_frame(protocol.encode_msg(subject, msg.data, msg.headers)))
+        item = (subject, websocket.text_frame(protocol.encode_msg(subject, data, headers)))
         if not batch.items:
             self.active.append(batch)
         start = len(batch.items)
@@ -133,14 +197,14 @@ class Hub:
             if shared is batch:
                 continue
             if shared is None and not (
-                conn.paused or conn.overlapping or queue.frames or queue.latest or queue.dropped
+                conn.paused or queue.frames or queue.latest or queue.dropped
             ):
                 queue.shared = batch
                 queue.shared_from = start
                 if not conn.dirty:
                     conn.dirty = True
                     dirty.append(conn)
-            elif self.enqueue(conn, pattern, item, batch.policy):
+            elif self.enqueue(conn, item, batch.policy):
                 cut.append(conn)
         for conn in cut:
             self.cut_slow_consumer(conn, "outbox full")
@@ -153,10 +217,49 @@ class Hub:
             else:
                 self.loop.call_soon(self.flush)
 
-    def enqueue(self, conn: WsConnection, pattern: str, item: outbox.Pending, policy: int) -> bool:
+    def schedule_flush(self) -> None:
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            if self.write_delay_s:
+                self.loop.call_later(self.write_delay_s, self.flush)
+            else:
+                self.loop.call_soon(self.flush)
+
+    def _overlapping(
+        self, route: Route, subject: str, data: bytes, headers: dict[str, str] | None
+    ) -> None:
+        """One copy of a message several of the worker's subscriptions match.
+
+        Only the delivering copy (see :mod:`fanout.core.overlap`) goes on, to the
+        clients of every matching pattern, each once, through their own queues
+        (never the shared batch: a client may get it via another pattern).
+        """
+        routes = self.overlaps.select(route, subject, data)
+        if routes is None:
+            return
+        item: outbox.Pending | None = None
+        seen: set[WsConnection] = set()
+        cut: list[WsConnection] = []
+        for matching in routes:
+            batch = self.batches.get(matching.pattern)
+            if batch is None:
+                continue
+            for conn in self.router.subscribers(matching.pattern):
+                if conn in seen:
+                    continue
+                seen.add(conn)
+                if item is None:
+                    frame = protocol.encode_msg(subject, data, headers)
+                    item = (subject, websocket.text_frame(frame))
+                if self.enqueue(conn, item, batch.policy):
+                    cut.append(conn)
+        for conn in cut:
+            self.cut_slow_consumer(conn, "outbox full")
+        if item is not None:
+            self.schedule_flush()
+
+    def enqueue(self, conn: WsConnection, item: outbox.Pending, policy: int) -> bool:
         """The general path: into the client's own queue. True when the client must be cut."""
-        if conn.overlapping and conn.canonical_pattern(item[0]) != pattern:
-            return False
         queue = conn.queue
         paused = conn.paused
         if queue.shared is not None:
@@ -227,6 +330,8 @@ class Hub:
         if up == self.nats_up:
             return
         self.nats_up = up
+        if not up:
+            self.release_all()
         frame = self._status_up if up else self._status_down
         close_when_down = self.settings.nats.disconnect_clients_when_down
         for conn in list(self.connections):
@@ -258,4 +363,6 @@ class Hub:
         metrics.SEND_QUEUE_MAX.set(self.outbox_max)
         metrics.ACTIVE_CONNECTIONS.set(len(self.connections))
         metrics.SUBSCRIPTIONS.set(self.subscription_count)
-        metrics.NATS_SUBSCRIPTIONS.set(len(self.router))
+        metrics.NATS_SUBSCRIPTIONS.set(
+            len(self.router) if self.link is None else self.link.subscriptions
+        )

@@ -3,8 +3,9 @@
 nats-py closes a client for good on most ``-ERR`` even with infinite
 reconnects, so ``closed_cb`` is treated as fatal for the link: a new client is
 built and every wanted subscription is made again. The hub says which patterns
-it wants (``want``/``unwant``); this module owns the Subscription objects.
-Which connect failures end the boot is :mod:`fanout.worker.nats_auth`'s call.
+it wants (``want``/``unwant``); this module owns the Subscription objects and
+drives :class:`fanout.core.subscriptions.Subscriptions`. Which connect failures
+end the boot is :mod:`fanout.worker.nats_auth`'s call.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.protocol import command as prot_command
 
+from fanout.core.overlap import Route
+from fanout.core.subscriptions import SUB, Subscriptions, Turn
 from fanout.errors import Code
 from fanout.settings import Nats
 from fanout.worker.nats_auth import (
@@ -31,27 +36,157 @@ from fanout.worker.nats_auth import (
 
 log = logging.getLogger("fanout.nats")
 
-OnMessage = Callable[[str, Msg], None]
 OnStatus = Callable[[bool], None]
+
+#: SUB/UNSUB commands handled per loop turn: 3000 of them must not hold the loop.
+COMMANDS_PER_TURN = 64
+
+
+class Listener(Protocol):
+    """What the link reports to the hub (which owns routing and the waiting acks)."""
+
+    def on_nats_message(
+        self, route: Route, subject: str, data: bytes, headers: dict[str, str] | None
+    ) -> None: ...
+
+    def subscribed(self, sid: int, pattern: str) -> Route: ...
+
+    def unsubscribing(self, route: Route) -> None: ...
+
+    def removed(self, route: Route) -> None: ...
+
+    def became_live(self, patterns: list[str]) -> None: ...
+
+    def routes_lost(self) -> None: ...
+
+
+class _RoutedSubscription(Subscription):
+    """A Subscription whose messages never queue: LinkClient hands them to the hub.
+
+    It sets the attributes nats-py's client reads (reconnect replay, unsubscribe,
+    close, drain) and skips the queue, event and iterator ``Subscription.__init__``
+    builds; tests/unit/test_subscriptions.py pins that list against nats-py.
+    """
+
+    def __init__(self, conn: Client, sid: int, subject: str) -> None:
+        self._conn = conn
+        self._id = sid
+        self._subject = subject
+        self._queue = ""
+        self._max_msgs = 0
+        self._received = 0
+        self._cb = None
+        self._future = None
+        self._closed = False
+        self._pending_msgs_limit = 0
+        self._pending_bytes_limit = 0
+        self._pending_queue = None  # type: ignore[assignment]
+        self._pending_next_msgs_calls = {}
+        self._pending_size = 0
+        self._wait_for_msgs_task = None
+        self._message_iterator = None
+        self._jsi = None
+
+
+class LinkClient(Client):
+    """nats-py's client, delivering our subscriptions' messages synchronously, in wire order.
+
+    nats-py gives each Subscription its own queue and task, so copies of one
+    message on two overlapping subscriptions reach us in no set order; here the
+    parser's call goes straight to the hub (no Msg object, no task hop). Other
+    subscriptions (the request inbox) keep nats-py's own path. ``_process_msg``
+    is private API: tests/unit/test_subscriptions.py pins its signature.
+    """
+
+    def __init__(self, listener: Listener) -> None:
+        super().__init__()
+        self.listener = listener
+        self.routes: dict[int, Route] = {}
+
+    async def route(self, pattern: str) -> tuple[Subscription, Route]:
+        """Subscribe ``pattern`` for the hub: what ``subscribe`` does, minus the
+        per-subscription queue, event and iterator nobody would read and the
+        flush per command (their cost and their garbage were most of a sub/unsub).
+        The route is in place before the SUB is on the wire; :meth:`confirm`
+        sends the turn's commands."""
+        if self.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if self.is_draining:
+            raise nats.errors.ConnectionDrainingError
+        self._sid += 1
+        sid = self._sid
+        sub = _RoutedSubscription(self, sid, pattern)
+        route = self.routes[sid] = self.listener.subscribed(sid, pattern)
+        self._subs[sid] = sub
+        try:
+            await self._send_command(prot_command.sub_cmd(pattern, "", sid))
+        except BaseException:
+            self._subs.pop(sid, None)
+            del self.routes[sid]
+            self.listener.removed(route)
+            raise
+        return sub, route
+
+    async def unroute(self, sub: Subscription) -> None:
+        """``sub.unsubscribe()`` without its per-command flush (the turn's flush sends it)."""
+        sub._closed = True
+        self._remove_sub(sub._id)
+        if not self.is_reconnecting:
+            await self._send_command(prot_command.unsub_cmd(sub._id, 0))
+
+    async def confirm(self, timeout_s: float) -> None:
+        """Write every buffered command, then PING and wait for the PONG.
+
+        nats-py's ``flush`` writes its PING straight to the socket, ahead of
+        commands still in its buffer: on its own it would not prove that
+        nats-server has read the SUBs before it.
+        """
+        if not self.is_connected:
+            raise nats.errors.ConnectionReconnectingError
+        await self._flush_pending(force_flush=True)
+        await self.flush(timeout=max(1, int(timeout_s)))
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        route = self.routes.get(sid)
+        if route is None:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        stats = self.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        hdr = await self._process_headers(headers) if headers else None
+        self.listener.on_nats_message(route, subject.decode(), data, hdr)
 
 
 class NatsLink:
-    """Keeps one live NATS client and the subscriptions the hub wants."""
+    """Keeps one live NATS client and drives the subscriptions the hub wants.
 
-    def __init__(self, cfg: Nats, on_message: OnMessage, on_status: OnStatus) -> None:
+    One driver task applies the commands of :class:`Subscriptions` in order
+    (each SUB, each UNSUB), then sends ONE flush whose PONG confirms every SUB
+    of that turn: a 1000-sub batch costs one round trip. At most one nats-py
+    Subscription per pattern exists at any time.
+    """
+
+    def __init__(self, cfg: Nats, listener: Listener, on_status: OnStatus) -> None:
         self.cfg = cfg
-        self.on_message = on_message
+        self.listener = listener
         self.on_status = on_status
-        self.wanted: dict[str, Subscription | None] = {}
-        self.nc: Client | None = None
+        self.table = Subscriptions()
+        #: pattern → (nats-py Subscription, our route) of the current client.
+        self.subs: dict[str, tuple[Subscription, Route]] = {}
+        self.nc: LinkClient | None = None
         self.connected = False
         self.last_error: str | None = Code.NATS_DOWN
         self.reconnects = 0
         self._closed = asyncio.Event()
         self._first_outcome = asyncio.Event()
+        self._wake = asyncio.Event()
         self._auth_failed: str | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._driver: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str | None:
@@ -68,19 +203,22 @@ class NatsLink:
         ``status`` down frame) while the link keeps trying every configured URL.
         """
         check_files(self.cfg)
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run())
+        self._driver = loop.create_task(self._drive())
         try:
             await asyncio.wait_for(self._first_outcome.wait(), self.cfg.connect_timeout_s + 1.0)
         except TimeoutError:
             log.warning("NATS not reachable yet, retrying", extra={"code": Code.NATS_DOWN})
         if self._auth_failed is not None:
             self._task.cancel()
+            self._driver.cancel()
             raise NatsAuthError(self._auth_failed)
 
     async def _run(self) -> None:
         """Connect (nats-py retries every URL forever), serve, and rebuild after a close."""
         while not self._stopping:
-            nc = Client()
+            nc = LinkClient(self.listener)
             try:
                 await nc.connect(
                     **connect_options(self.cfg),
@@ -103,43 +241,85 @@ class NatsLink:
             self.connected = True
             self.last_error = None
             log.info("NATS connected", extra={"fields": {"url": self.url}})
-            for pattern in list(self.wanted):
-                await self._subscribe(pattern)
+            self._wake.set()
             self.on_status(True)
             self._first_outcome.set()
             await self._closed.wait()
 
-    async def _subscribe(self, pattern: str) -> None:
-        nc = self.nc
-        if nc is None or not nc.is_connected or pattern not in self.wanted:
-            return
-        on_message = self.on_message
-
-        async def deliver(msg: Msg) -> None:
-            on_message(pattern, msg)
-
-        sub = await nc.subscribe(pattern, cb=deliver, pending_bytes_limit=64 * 1024 * 1024)
-        if pattern in self.wanted and self.nc is nc:
-            self.wanted[pattern] = sub
-        else:
-            await sub.unsubscribe()
-
-    def want(self, pattern: str) -> None:
-        self.wanted[pattern] = None
-        if self.nc is not None and self.nc.is_connected:
-            asyncio.get_running_loop().create_task(self._subscribe(pattern))
+    def want(self, pattern: str) -> bool:
+        """The hub wants ``pattern``; True when it is live already (ack at once)."""
+        if self.table.want(pattern):
+            return True
+        self._wake.set()
+        return False
 
     def unwant(self, pattern: str) -> None:
-        sub = self.wanted.pop(pattern, None)
-        if sub is not None and self.nc is not None and not self.nc.is_closed:
-            asyncio.get_running_loop().create_task(self._unsubscribe(sub))
+        self.table.unwant(pattern)
+        self._wake.set()
 
-    @staticmethod
-    async def _unsubscribe(sub: Subscription) -> None:
-        try:
-            await sub.unsubscribe()
-        except nats.errors.Error as exc:
-            log.debug("unsubscribe failed", extra={"reason": str(exc)})
+    def is_live(self, pattern: str) -> bool:
+        return self.table.is_live(pattern)
+
+    @property
+    def subscriptions(self) -> int:
+        """NATS subscriptions of the current client (what nats-server holds for it)."""
+        return len(self.subs)
+
+    async def _drive(self) -> None:
+        """The one driver: whenever there is work, a turn of commands and one flush."""
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            nc = self.nc
+            if nc is None or nc.is_closed or not self.table.has_work:
+                continue
+            turn = self.table.take()
+            unsubscribed = await self._apply(nc, turn)
+            if not turn.needs_flush:
+                continue
+            try:
+                await nc.confirm(self.cfg.connect_timeout_s)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.debug("subscription flush failed", extra={"reason": str(exc)})
+                self.table.lost(turn)
+                live: list[str] = []
+                if nc.is_connected:
+                    self._wake.set()
+            else:
+                live = self.table.confirmed(turn)
+            for route in unsubscribed:
+                nc.routes.pop(route.sid, None)
+                self.listener.removed(route)
+            if live:
+                self.listener.became_live(live)
+
+    async def _apply(self, nc: LinkClient, turn: Turn) -> list[Route]:
+        """Send one turn's SUBs and UNSUBs in order; the routes unsubscribed."""
+        unsubscribed: list[Route] = []
+        table = self.table
+        for done, (op, pattern) in enumerate(turn.commands):
+            if done and not done % COMMANDS_PER_TURN:
+                await asyncio.sleep(0)  # thousands of commands must not hold the loop
+            if turn.epoch != table.epoch:
+                break  # the client was replaced meanwhile: the new one gets every SUB
+            if op == SUB:
+                try:
+                    routed = await nc.route(pattern)
+                except nats.errors.Error as exc:
+                    log.debug("subscribe failed", extra={"reason": str(exc)})
+                    break
+                if turn.epoch != table.epoch:
+                    break
+                self.subs[pattern] = routed
+                continue
+            sub, route = self.subs.pop(pattern)
+            self.listener.unsubscribing(route)
+            unsubscribed.append(route)
+            try:
+                await nc.unroute(sub)
+            except nats.errors.Error as exc:
+                log.debug("unsubscribe failed", extra={"reason": str(exc)})
+        return unsubscribed
 
     async def _on_error(self, exc: Exception) -> None:
         """nats-py retries its first connect forever: a fatal error at boot must end it."""
@@ -159,11 +339,14 @@ class NatsLink:
             self.connected = False
             self.last_error = Code.NATS_DOWN
             log.warning("NATS disconnected", extra={"code": Code.NATS_DOWN})
+            self.table.disconnected()
             self.on_status(False)
 
     async def _on_reconnected(self) -> None:
         self.connected = True
         self.reconnects += 1
+        self.table.reconnected()
+        self._wake.set()
         log.info("NATS reconnected", extra={"fields": {"url": self.url}})
         self.on_status(True)
 
@@ -172,8 +355,9 @@ class NatsLink:
             return
         log.error("NATS connection closed; rebuilding the link", extra={"code": Code.NATS_DOWN})
         await self._on_disconnected()
-        for pattern in self.wanted:
-            self.wanted[pattern] = None
+        self.table.reset()
+        self.subs.clear()
+        self.listener.routes_lost()
         self.nc = None
         self._closed.set()
 
@@ -186,8 +370,9 @@ class NatsLink:
 
     async def close(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._driver):
+            if task is not None:
+                task.cancel()
         nc, self.nc = self.nc, None
         if nc is not None and not nc.is_closed:
             try:

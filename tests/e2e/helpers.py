@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from typing import Any
 
 from playwright.async_api import Page
 
 from tests.conftest import Gateway, http_get
+from tests.helpers import wait_for
 
 #: Records the client's events with their page time: ``window.events`` is a list of
 #: ``{type, at, detail}``. The argument is a JS expression for the client.
@@ -58,15 +58,13 @@ def worker_pids(gw: Gateway) -> dict[int, int]:
     return {w["index"]: w["pid"] for w in json.loads(body)["workers"]}
 
 
-def wait_for_new_worker(gw: Gateway, old_pid: int, timeout_s: float = 10.0) -> int:
-    """The pid of worker 1 once it is no longer ``old_pid`` (bounded wait)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        pid = worker_pids(gw).get(1)
-        if pid is not None and pid != old_pid:
-            return pid
-        time.sleep(0.05)
-    raise AssertionError(f"worker 1 still {old_pid} after {timeout_s} s")
+def wait_for_new_worker(gw: Gateway, old_pid: int, timeout_s: float = 20.0) -> int:
+    """The pid of worker 1 once it is no longer ``old_pid``."""
+    return wait_for(
+        lambda: p if (p := worker_pids(gw).get(1)) not in (None, old_pid) else None,
+        timeout_s,
+        f"worker 1 to replace {old_pid}",
+    )
 
 
 def counter(gw: Gateway, name: str, **labels: str) -> float:

@@ -24,7 +24,8 @@ async def publish(
     sent = 0
     started = time.monotonic()
     try:
-        while sent < total and time.monotonic() - started < seconds + 10:
+        # a generous cap: a loaded machine publishes late, but still publishes everything
+        while sent < total and time.monotonic() - started < seconds * 10 + 30:
             due = min(total, int((time.monotonic() - started) * rate) + 1)
             while sent < due:
                 i = sent % symbols
@@ -32,7 +33,7 @@ async def publish(
                 tick = {"symbol": f"f{i:02d}", "price": price, "seq": sent + 1, "pad": padding}
                 await nc.publish(f"{prefix}.f{i:02d}", json.dumps(tick).encode())
                 sent += 1
-            await asyncio.sleep(burst_ms / 1000)
+            await asyncio.sleep(burst_ms / 1000)  # waits on: paces the bursts to the rate
         await nc.flush()
     finally:
         await nc.close()

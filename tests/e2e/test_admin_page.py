@@ -97,7 +97,8 @@ async def test_admin_page_across_a_kill_9_shows_the_replacement_and_the_restart(
     os.kill(before[1], signal.SIGKILL)
     await page.wait_for_function(
         """(old) => {
-          const pids = [...document.querySelectorAll('#rows tr')].map((tr) => Number(tr.dataset.pid));
+          const pids = [...document.querySelectorAll('#rows tr')]
+            .map((tr) => Number(tr.dataset.pid));
           return pids.length === 2 && !pids.includes(old)
             && document.getElementById('restart-count').textContent === '1';
         }""",

@@ -88,7 +88,7 @@ async def _serve(settings: Settings, index: int, state_dir: Path) -> int:
     interval = settings.server.heartbeat_interval_s
     if MODE == "crash" and index == 2:
         runtime.write_state(state_dir, state)
-        await asyncio.sleep(interval)
+        await asyncio.sleep(interval)  # waits on: a short life before the crash, the case
         return 1
     for _ in range(100_000):
         state.heartbeat_at = time.time()
@@ -100,7 +100,7 @@ async def _serve(settings: Settings, index: int, state_dir: Path) -> int:
     for _ in range(600 if MODE == "slowdrain" else 0):
         state.heartbeat_at = time.time()
         runtime.write_state(state_dir, state)
-        await asyncio.sleep(interval)
+        await asyncio.sleep(interval)  # waits on: heartbeats of a worker slow to drain
     await server.wait_closed()
     return 0
 
@@ -111,7 +111,7 @@ def ticker(settings: Settings) -> int:
     (out / f"ticker-{os.getpid()}").write_text(settings.nats.urls[0])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     for _ in range(600):
-        time.sleep(0.1)
+        time.sleep(0.1)  # waits on: a side process idles until it is stopped
     return 0
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +26,12 @@ from nats.aio.client import Client as NatsClient
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats
 from tests.conftest import Gateway, http_get
-from tests.integration.wsclient import WsClient, client_frame
+from tests.integration.wsclient import WsClient, client_frame, wait_for_interest
 
 BIG = 32 * 1024
 WRITE_TIMEOUT_S = 2.0
 
-pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def nats_module() -> Iterator[EmbeddedNats]:
-    with EmbeddedNats() as server:
-        yield server
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 
 @pytest.fixture
@@ -55,10 +49,15 @@ async def nc(nats_module: EmbeddedNats) -> AsyncIterator[NatsClient]:
     await client.close()
 
 
-def start(make_gateway: Callable[..., Gateway], nats_module: EmbeddedNats,
-          keypair: tuple[Path, Path], **env: str) -> Gateway:
+def start(
+    make_gateway: Callable[..., Gateway],
+    nats_module: EmbeddedNats,
+    keypair: tuple[Path, Path],
+    **env: str,
+) -> Gateway:
     return make_gateway(
-        "--workers", "1",
+        "--workers",
+        "1",
         NATS_URLS=nats_module.url,
         JWT_PUBLIC_KEY=str(keypair[1]),
         FANOUT_OUTBOX_WRITE_BUFFER_HIGH="65536",
@@ -73,20 +72,28 @@ def metric(gw: Gateway, name: str, **labels: str) -> float:
     total = 0.0
     want = [f'{k}="{v}"' for k, v in labels.items()]
     for line in body.decode().splitlines():
-        series = line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ")
+        series = line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " ")
         if series and all(w in line for w in want):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
 
-async def wait_metric(gw: Gateway, name: str, pred: Callable[[float], bool],
-                      timeout: float, **labels: str) -> float:
+async def wait_metric(
+    gw: Gateway, name: str, pred: Callable[[float], bool], timeout: float, **labels: str
+) -> float:
+    """The metric's value once ``pred`` holds, or its last value after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         value = await asyncio.to_thread(metric, gw, name, **labels)
         if pred(value) or time.monotonic() > deadline:
             return value
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # poll interval of wait_metric
+
+
+def cut_reasons(gw: Gateway) -> list[str]:
+    """Why the gateway cut slow consumers, from its log (one entry per cut)."""
+    lines = [json.loads(ln) for ln in gw.logs().splitlines() if ln.startswith("{")]
+    return [ln["reason"] for ln in lines if ln.get("msg") == "slow consumer disconnected"]
 
 
 class SlowClient:
@@ -120,8 +127,9 @@ class SlowClient:
         frames = self.read(lambda fs: any(f.get("op") == "ack" for f in fs), 5)
         assert any(f == {"op": "ack", "id": 1} for f in frames), frames
 
-    def read(self, done: Callable[[list[dict[str, Any]]], bool],
-             timeout: float) -> list[dict[str, Any]]:
+    def read(
+        self, done: Callable[[list[dict[str, Any]]], bool], timeout: float
+    ) -> list[dict[str, Any]]:
         """Parse frames (batches flattened) until ``done`` or a close frame."""
         frames: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
@@ -147,8 +155,8 @@ class SlowClient:
                 elif n == 127 and len(buf) >= 10:
                     n, off = int.from_bytes(buf[2:10], "big"), 10
                 if (n < 126 or off > 2) and len(buf) >= off + n:
-                    self.buf = buf[off + n:]
-                    return buf[0] & 0x0F, buf[off:off + n]
+                    self.buf = buf[off + n :]
+                    return buf[0] & 0x0F, buf[off : off + n]
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
@@ -177,22 +185,9 @@ def payload(n: int, size: int = 0) -> bytes:
     return json.dumps({"n": n, "p": "x" * size}).encode()
 
 
-async def wait_for_interest(nc: NatsClient, client: WsClient, subject: str) -> int:
-    """Publish probes (n=0) until one arrives; returns how many were published."""
-    sent = 0
-    async with asyncio.timeout(5):
-        while True:
-            await nc.publish(subject, payload(0))
-            sent += 1
-            try:
-                await client.expect(lambda f: f.get("op") == "msg", timeout=0.2)
-                return sent
-            except TimeoutError:
-                continue
-
-
-async def fill_until(gw: Gateway, nc: NatsClient, subject: str, first: int,
-                     name: str = "fanout_send_queue_max") -> int:
+async def fill_until(
+    gw: Gateway, nc: NatsClient, subject: str, first: int, name: str = "fanout_send_queue_max"
+) -> int:
     """Publish big messages until metric ``name`` is positive (by default: some outbox
     holds frames, so the slow client is backed up); returns the next sequence number."""
     n = first
@@ -201,14 +196,15 @@ async def fill_until(gw: Gateway, nc: NatsClient, subject: str, first: int,
             await nc.publish(subject, payload(n, BIG))
             n += 1
         await nc.flush()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # waits on nothing: paces the flood so the outbox fills
         if rounds % 8 == 0 and await wait_metric(gw, name, lambda v: v > 0, 1.2) > 0:
             return n
     raise AssertionError(f"{name} stayed 0: the slow client never backed up")
 
 
-async def collect(client: WsClient, pred: Callable[[list[dict[str, Any]]], bool],
-                  timeout: float) -> list[dict[str, Any]]:
+async def collect(
+    client: WsClient, pred: Callable[[list[dict[str, Any]]], bool], timeout: float
+) -> list[dict[str, Any]]:
     frames: list[dict[str, Any]] = []
     async with asyncio.timeout(timeout):
         while not pred(frames):
@@ -222,11 +218,15 @@ def msg_count(client: WsClient) -> int:
 
 
 async def test_stalled_client_is_cut_while_fifty_others_get_everything(
-    make_gateway: Callable[..., Gateway], nats_module: EmbeddedNats,
-    keypair: tuple[Path, Path], token: str, nc: NatsClient,
+    make_gateway: Callable[..., Gateway],
+    nats_module: EmbeddedNats,
+    keypair: tuple[Path, Path],
+    token: str,
+    nc: NatsClient,
 ) -> None:
-    gw = start(make_gateway, nats_module, keypair,
-               FANOUT_OUTBOX_WRITE_TIMEOUT_S=str(WRITE_TIMEOUT_S))
+    gw = start(
+        make_gateway, nats_module, keypair, FANOUT_OUTBOX_WRITE_TIMEOUT_S=str(WRITE_TIMEOUT_S)
+    )
     subject = "xy.md.bp.stall"
     good = [await WsClient.connect(gw.ws, token) for _ in range(50)]
     slow = SlowClient(gw.port, token)
@@ -234,33 +234,31 @@ async def test_stalled_client_is_cut_while_fifty_others_get_everything(
         for client in good:
             assert (await client.subscribe(subject))["op"] == "ack"
         slow.subscribe(subject)
-        await wait_for_interest(nc, good[0], subject)
+        await wait_for_interest(nc, good[0], subject, payload(0))
         end = await fill_until(gw, nc, subject, 1)
-        held_at = time.monotonic()
         for n in range(end, end + 20):
             await nc.publish(subject, payload(n))
         await nc.flush()
         last = end + 19
-        await asyncio.gather(*(
-            collect(c, lambda fs: any(seq(m) == last for m in msgs(fs)), 20) for c in good
-        ))
+        await asyncio.gather(
+            *(collect(c, lambda fs: any(seq(m) == last for m in msgs(fs)), 20) for c in good)
+        )
         for client in good:
             numbers = [seq(m) for m in msgs(client.frames) if seq(m) > 0]
             assert numbers == list(range(1, last + 1)), "a reading client lost or reordered"
             assert not [f for f in client.frames if f.get("op") == "dropped"]
-        cuts = await wait_metric(gw, "xy_ws_slow_consumers_total", lambda v: v >= 1,
-                                 WRITE_TIMEOUT_S + 3)
-        elapsed = time.monotonic() - held_at
+        cuts = await wait_metric(
+            gw, "xy_ws_slow_consumers_total", lambda v: v >= 1, WRITE_TIMEOUT_S + 20
+        )
         assert cuts == 1
-        assert elapsed <= WRITE_TIMEOUT_S + 1.0 + 0.3, elapsed
+        assert cut_reasons(gw) == ["write stalled"]
         seen = msgs(slow.read(lambda fs: False, 5))
         assert slow.close_code == 4003
         numbers = [seq(m) for m in seen if seq(m) > 0]
         assert numbers == sorted(numbers) and 0 < len(numbers) < last
         # Every frame the gateway wrote was read by someone: forwarded == what clients saw.
         saw = sum(msg_count(c) for c in good) + len(seen)
-        forwarded = await wait_metric(gw, "xy_ws_messages_forwarded_total",
-                                      lambda v: v == saw, 3)
+        forwarded = await wait_metric(gw, "xy_ws_messages_forwarded_total", lambda v: v == saw, 10)
         assert forwarded == saw
     finally:
         slow.close()
@@ -268,19 +266,26 @@ async def test_stalled_client_is_cut_while_fifty_others_get_everything(
 
 
 async def test_latest_policy_delivers_the_newest_value_after_a_dropped_count(
-    make_gateway: Callable[..., Gateway], nats_module: EmbeddedNats,
-    keypair: tuple[Path, Path], token: str, nc: NatsClient,
+    make_gateway: Callable[..., Gateway],
+    nats_module: EmbeddedNats,
+    keypair: tuple[Path, Path],
+    token: str,
+    nc: NatsClient,
 ) -> None:
-    gw = start(make_gateway, nats_module, keypair,
-               FANOUT_OUTBOX_WRITE_TIMEOUT_S="30",
-               FANOUT_OUTBOX_POLICIES='{"xy.md.tick.>": "latest"}')
+    gw = start(
+        make_gateway,
+        nats_module,
+        keypair,
+        FANOUT_OUTBOX_WRITE_TIMEOUT_S="30",
+        FANOUT_OUTBOX_POLICIES='{"xy.md.tick.>": "latest"}',
+    )
     subject = "xy.md.tick.btc"
     reader = await WsClient.connect(gw.ws, token)
     slow = SlowClient(gw.port, token)
     try:
         assert (await reader.subscribe(subject))["op"] == "ack"
         slow.subscribe(subject)
-        await wait_for_interest(nc, reader, subject)
+        await wait_for_interest(nc, reader, subject, payload(0))
         end = await fill_until(gw, nc, subject, 1)
         for n in range(end, end + 30):
             await nc.publish(subject, payload(n))
@@ -292,8 +297,12 @@ async def test_latest_policy_delivers_the_newest_value_after_a_dropped_count(
         prev, pending, notices = 0, 0, 0
         for frame in frames:
             if frame.get("op") == "dropped":
-                assert frame == {"op": "dropped", "subject": subject,
-                                 "count": frame["count"], "code": "XYW003"}
+                assert frame == {
+                    "op": "dropped",
+                    "subject": subject,
+                    "count": frame["count"],
+                    "code": "XYW003",
+                }
                 pending += frame["count"]
                 notices += frame["count"]
             elif frame.get("op") == "msg" and seq(frame) > 0:
@@ -305,44 +314,58 @@ async def test_latest_policy_delivers_the_newest_value_after_a_dropped_count(
         assert len([m for m in msgs(frames) if seq(m) > 0]) + notices == last
         reader_numbers = [seq(m) for m in msgs(reader.frames) if seq(m) > 0]
         assert reader_numbers == list(range(1, last + 1))
-        dropped = await wait_metric(gw, "xy_ws_messages_dropped_total",
-                                    lambda v: v == notices, 3, reason="latest")
+        dropped = await wait_metric(
+            gw, "xy_ws_messages_dropped_total", lambda v: v == notices, 10, reason="latest"
+        )
         assert dropped == notices
-        assert await asyncio.to_thread(
-            metric, gw, "xy_ws_messages_dropped_total", reason="drop_oldest") == 0
+        assert (
+            await asyncio.to_thread(
+                metric, gw, "xy_ws_messages_dropped_total", reason="drop_oldest"
+            )
+            == 0
+        )
         saw = msg_count(reader) + len(msgs(frames))
-        assert await wait_metric(gw, "xy_ws_messages_forwarded_total",
-                                 lambda v: v == saw, 3) == saw
+        assert (
+            await wait_metric(gw, "xy_ws_messages_forwarded_total", lambda v: v == saw, 10) == saw
+        )
     finally:
         slow.close()
         await reader.close()
 
 
 async def test_disconnect_policy_cuts_on_a_full_outbox_before_the_stall_deadline(
-    make_gateway: Callable[..., Gateway], nats_module: EmbeddedNats,
-    keypair: tuple[Path, Path], token: str, nc: NatsClient,
+    make_gateway: Callable[..., Gateway],
+    nats_module: EmbeddedNats,
+    keypair: tuple[Path, Path],
+    token: str,
+    nc: NatsClient,
 ) -> None:
-    gw = start(make_gateway, nats_module, keypair,
-               FANOUT_OUTBOX_WRITE_TIMEOUT_S="30",
-               FANOUT_OUTBOX_POLICIES='{"xy.md.strict.>": "disconnect"}')
+    gw = start(
+        make_gateway,
+        nats_module,
+        keypair,
+        FANOUT_OUTBOX_WRITE_TIMEOUT_S="30",
+        FANOUT_OUTBOX_POLICIES='{"xy.md.strict.>": "disconnect"}',
+    )
     subject = "xy.md.strict.orders"
     reader = await WsClient.connect(gw.ws, token)
     slow = SlowClient(gw.port, token)
     try:
         assert (await reader.subscribe(subject))["op"] == "ack"
         slow.subscribe(subject)
-        await wait_for_interest(nc, reader, subject)
-        started = time.monotonic()
+        await wait_for_interest(nc, reader, subject, payload(0))
         end = await fill_until(gw, nc, subject, 1, "xy_ws_slow_consumers_total")
-        assert time.monotonic() - started < 15
+        assert cut_reasons(gw) == ["outbox full"]  # not the 30 s stall deadline
         seen = slow.read(lambda fs: False, 5)
         assert slow.close_code == 4003
         assert not [f for f in seen if f.get("op") == "dropped"]
         await collect(reader, lambda fs: any(seq(m) == end - 1 for m in msgs(fs)), 20)
         assert [seq(m) for m in msgs(reader.frames) if seq(m) > 0] == list(range(1, end))
         assert await asyncio.to_thread(metric, gw, "xy_ws_slow_consumers_total") == 1
-        assert await asyncio.to_thread(
-            metric, gw, "xy_ws_messages_dropped_total", reason="disconnect") == 0
+        assert (
+            await asyncio.to_thread(metric, gw, "xy_ws_messages_dropped_total", reason="disconnect")
+            == 0
+        )
     finally:
         slow.close()
         await reader.close()

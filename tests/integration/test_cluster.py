@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -13,8 +12,11 @@ import pytest
 
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats, free_port
-from tests.conftest import http_get, launch_gateway
-from tests.integration.wsclient import WsClient
+from tests.conftest import Gateway, http_get
+from tests.helpers import async_wait_for
+from tests.integration.wsclient import Frame, WsClient, wait_for_interest
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -36,18 +38,30 @@ def cluster() -> Iterator[list[EmbeddedNats]]:
             node.stop()
 
 
-async def until(pred, timeout: float = 10.0, step: float = 0.1) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not pred():
-            await asyncio.sleep(step)
+def numbered(frame: Frame) -> bool:
+    """A test message (not a probe of :func:`wait_for_interest`)."""
+    return frame.get("op") == "msg" and "n" in frame["data"]
+
+
+async def routed_everywhere(nodes: list[EmbeddedNats], clients: list[WsClient]) -> None:
+    """Every node routes the subject to every given client (SUBs and cluster routes are async)."""
+    for node in nodes:
+        nc = await nats.connect(node.url)
+        try:
+            for c in clients:
+                await wait_for_interest(nc, c, "xy.md.cluster")
+        finally:
+            await nc.close()
 
 
 async def test_fanout_and_failover_across_a_cluster(
-    cluster: list[EmbeddedNats], keypair: tuple[Path, Path], tmp_path: Path
+    cluster: list[EmbeddedNats],
+    keypair: tuple[Path, Path],
+    make_gateway: Callable[..., Gateway],
 ) -> None:
     private, public = keypair
     urls = ",".join(n.url for n in cluster)
-    gw = launch_gateway(tmp_path, "--workers", "2", NATS_URLS=urls, JWT_PUBLIC_KEY=str(public))
+    gw = make_gateway("--workers", "2", NATS_URLS=urls, JWT_PUBLIC_KEY=str(public))
     token = make_token(
         private_key_pem=private.read_bytes(), sub="c", subjects=["xy.md.>"], ttl_s=600
     )
@@ -64,7 +78,7 @@ async def test_fanout_and_failover_across_a_cluster(
         assert len(by_worker) == 2, "SO_REUSEPORT spread 40 connections over one worker only"
         for c in clients:
             assert (await c.subscribe("xy.md.cluster"))["op"] == "ack"
-        await asyncio.sleep(0.5)
+        await routed_everywhere(cluster, [group[0] for group in by_worker.values()])
         # publish on every node in turn: every client on both workers gets every message
         for i, node in enumerate(cluster):
             nc = await nats.connect(node.url)
@@ -72,7 +86,7 @@ async def test_fanout_and_failover_across_a_cluster(
             await nc.flush()
             await nc.close()
         for c in clients:
-            got = [(await c.expect(lambda f: f.get("op") == "msg"))["data"]["n"] for _ in range(3)]
+            got = [(await c.expect(numbered))["data"]["n"] for _ in range(3)]
             assert got == [0, 1, 2]
 
         _, body, _ = http_get(gw.admin + "/healthz")
@@ -89,38 +103,41 @@ async def test_fanout_and_failover_across_a_cluster(
             assert down == {"op": "status", "nats": "down", "code": "XYW004"}
             up = await c.expect(lambda f: f.get("op") == "status", timeout=15)
             assert up["nats"] == "up"
+        await routed_everywhere(survivors[:1], [group[0] for group in by_worker.values()])
         nc = await nats.connect(survivors[0].url)
-        await asyncio.sleep(0.5)
         await nc.publish("xy.md.cluster", b'{"n":99}')
         await nc.flush()
         await nc.close()
         for c in clients:  # nobody was disconnected, everyone still receives
-            frame = await c.expect(
-                lambda f: f.get("op") == "msg" and f["data"]["n"] == 99, timeout=10
-            )
+            frame = await c.expect(lambda f: numbered(f) and f["data"]["n"] == 99, timeout=10)
             assert frame["subject"] == "xy.md.cluster"
         _, body, _ = http_get(gw.admin + "/metrics")
         assert re.search(r"^xy_nats_reconnects_total [1-9]", body.decode(), re.M)
     finally:
         for c in clients:
             await c.close()
-        gw.stop()
 
 
-async def test_nats_unreachable_at_start(keypair: tuple[Path, Path], tmp_path: Path) -> None:
+def nats_failures(gw: Gateway) -> int:
+    """How many failed NATS attempts the gateway logged."""
+    lines = [json.loads(ln) for ln in gw.logs().splitlines() if ln.startswith("{")]
+    return len([ln for ln in lines if ln.get("msg") in ("NATS error", "NATS connect failed")])
+
+
+async def test_nats_unreachable_at_start(
+    keypair: tuple[Path, Path], make_gateway: Callable[..., Gateway]
+) -> None:
     _, public = keypair
     dead = f"nats://127.0.0.1:{free_port()}"
-    gw = launch_gateway(
-        tmp_path, "--workers", "1", wait_ready=False, NATS_URLS=dead, JWT_PUBLIC_KEY=str(public)
+    gw = make_gateway(
+        "--workers", "1", wait_ready=False, NATS_URLS=dead, JWT_PUBLIC_KEY=str(public)
     )
-    try:
-        status, body, _ = http_get(gw.http + "/readyz")
-        assert status == 503 and json.loads(body)["code"] == "XYW004"
-        status, body, _ = http_get(gw.http + "/healthz")
-        health = json.loads(body)
-        assert status == 200
-        assert health["natsConnected"] is False and health["lastErrorCode"] == "XYW004"
-        await asyncio.sleep(1.5)
-        assert gw.proc is not None and gw.proc.poll() is None  # still retrying, not crashed
-    finally:
-        gw.stop()
+    status, body, _ = http_get(gw.http + "/readyz")
+    assert status == 503 and json.loads(body)["code"] == "XYW004"
+    status, body, _ = http_get(gw.http + "/healthz")
+    health = json.loads(body)
+    assert status == 200
+    assert health["natsConnected"] is False and health["lastErrorCode"] == "XYW004"
+    seen = nats_failures(gw)
+    await async_wait_for(lambda: nats_failures(gw) > seen, 20, "another NATS attempt")
+    assert gw.proc is not None and gw.proc.poll() is None  # still retrying, not crashed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import subprocess
@@ -17,21 +16,17 @@ import pytest
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats
 from tests.conftest import Gateway, gateway_env, http_get, launch_gateway
+from tests.helpers import wait_for
 from tests.integration.wsclient import (
     WsClient,
     client_frame,
     payload_of,
     raw_handshake,
     read_close_code,
+    wait_for_interest,
 )
 
 ORIGIN = "https://app.example.com"
-
-
-@pytest.fixture(scope="module")
-def nats_module() -> Iterator[EmbeddedNats]:
-    with EmbeddedNats() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +60,6 @@ async def nc(nats_module: EmbeddedNats) -> AsyncIterator[nats.aio.client.Client]
     client = await nats.connect(nats_module.url)
     yield client
     await client.close()
-
-
-async def wait_for_interest(nc: nats.aio.client.Client, client: WsClient, subject: str) -> None:
-    """Publish probes until the gateway's subscription delivers one (the SUB is async)."""
-    async with asyncio.timeout(5):
-        while True:
-            await nc.publish(subject, b'{"probe":true}')
-            try:
-                frame = await client.expect(lambda f: f.get("op") == "msg", timeout=0.2)
-            except TimeoutError:
-                continue
-            if frame.get("data") == {"probe": True}:
-                return
 
 
 async def test_welcome_then_ack_then_messages(
@@ -265,7 +247,11 @@ def test_unmasked_frame_closes_1002(gw: Gateway, token: str) -> None:
         sock.close()
 
 
+XYW001_COUNTED = r'^fanout_handshake_failures_total\{code="XYW001"\} [1-9]'
+
+
 def test_healthz_and_metrics(gw: Gateway) -> None:
+    assert refused(gw.port)[0] == 401  # no token: one XYW001 to count, whatever ran before
     status, body, _ = http_get(gw.http + "/healthz")
     assert status == 200
     health = json.loads(body)
@@ -284,9 +270,18 @@ def test_healthz_and_metrics(gw: Gateway) -> None:
     assert status == 200 and len(json.loads(body)["workers"]) == 1
     status, body, _ = http_get(gw.http + "/readyz")
     assert status == 200
-    status, body, _ = http_get(gw.admin + "/metrics")
-    assert status == 200
-    text = body.decode()
+
+    def metrics() -> str:
+        status, body, _ = http_get(gw.admin + "/metrics")
+        assert status == 200
+        return body.decode()
+
+    # worker counters reach /metrics once per sweep
+    text = wait_for(
+        lambda: t if re.search(XYW001_COUNTED, t := metrics(), re.M) else None,
+        10,
+        "the refused handshake counted",
+    )
     for series in (
         "xy_ws_active_connections",
         "xy_ws_messages_forwarded_total",
@@ -298,7 +293,6 @@ def test_healthz_and_metrics(gw: Gateway) -> None:
         "fanout_workers",
     ):
         assert re.search(rf"^{series}(\{{|\s)", text, re.M), series
-    assert re.search(r'^fanout_handshake_failures_total\{code="XYW001"\} [1-9]', text, re.M)
 
 
 async def test_dedup_overlapping_subscriptions(

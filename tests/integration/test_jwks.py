@@ -19,6 +19,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from fanout.core.auth import TokenVerifier
 from fanout.devtoken import generate_keypair, make_token
 from fanout.worker.jwks import MAX_JWKS_BYTES, JwksCache, retry_delay_s
+from tests.helpers import async_wait_for
 
 KEY_A = generate_keypair("rsa")
 KEY_B = generate_keypair("ec")
@@ -55,7 +56,7 @@ class JwksServer:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
         if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+            await asyncio.sleep(self.delay_s)  # waits on: a slow JWKS endpoint, the case
         if self.raw is None:
             return web.json_response(self.document, status=self.status)
         if not self.chunked:
@@ -114,13 +115,6 @@ VERIFIER = TokenVerifier(algorithms=["RS256", "ES256", "EdDSA"], issuer=None, au
 
 def state(c: JwksCache) -> tuple[str | None, int]:
     return c.last_error, c.keys_loaded
-
-
-async def wait_until(predicate: Any, timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_start_loads_keys_and_tokens_verify(server: JwksServer, cache: JwksCache) -> None:
@@ -190,11 +184,11 @@ async def test_cancelled_caller_does_not_cancel_the_shared_fetch(
     server.document = jwks(("c", KEY_C[1]))
     server.delay_s = 0.2
     caller = asyncio.create_task(cache.find_or_refetch("c"))
-    await wait_until(lambda: server.hits == 2)
+    await async_wait_for(lambda: server.hits == 2, what="server.hits == 2")
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
-    await wait_until(lambda: cache.find("c") is not None)
+    await async_wait_for(lambda: cache.find("c") is not None, what="key c in the cache")
     assert server.hits == 2
 
 
@@ -275,7 +269,7 @@ async def test_unreachable_at_start_then_keys_arrive_via_background_retry() -> N
         assert c.last_error is not None and "127.0.0.1" in c.last_error
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
-        await wait_until(lambda: c.keys_loaded == 1)
+        await async_wait_for(lambda: c.keys_loaded == 1, what="c.keys_loaded == 1")
         assert c.find("a") is not None and c.last_error is None
     finally:
         await c.close()
@@ -287,7 +281,7 @@ async def test_periodic_refresh_picks_up_new_keys(server: JwksServer) -> None:
     try:
         await c.start()
         server.document = jwks(("b", KEY_B[1]))
-        await wait_until(lambda: c.find("b") is not None)
+        await async_wait_for(lambda: c.find("b") is not None, what="key b in the cache")
         assert c.find("a") is None
     finally:
         await c.close()
@@ -296,10 +290,10 @@ async def test_periodic_refresh_picks_up_new_keys(server: JwksServer) -> None:
 async def test_close_stops_background_fetches(server: JwksServer) -> None:
     c = JwksCache(server.url, refresh_s=0.02, timeout_s=1)
     await c.start()
-    await wait_until(lambda: server.hits >= 3)
+    await async_wait_for(lambda: server.hits >= 3, what="server.hits >= 3")
     await c.close()
     hits = server.hits
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # waits on: five refresh periods in which no fetch may happen
     assert server.hits == hits
 
 
@@ -335,13 +329,13 @@ async def test_a_malformed_document_is_a_failed_fetch_and_refresh_recovers(
         await c.start()
         assert c.find("a") is not None
         server.raw = raw
-        await wait_until(lambda: len(failures) >= 2)  # the background refresh keeps trying
+        await async_wait_for(lambda: len(failures) >= 2, what="two failed fetches")
         assert c.last_error == error and failures[0] == error
         assert c.find("a") is not None  # the previous keys stay
         assert await c.find_or_refetch("b") is None  # an unknown kid gets an answer
         server.raw = None
         server.document = jwks(("a", KEY_A[1]), ("b", KEY_B[1]))
-        await wait_until(lambda: c.find("b") is not None)
+        await async_wait_for(lambda: c.find("b") is not None, what="key b after recovery")
         assert c.last_error is None
     finally:
         await c.close()

@@ -28,8 +28,7 @@ import fanout
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats, free_port
 from tests.conftest import ROOT, Gateway, http_get
-from tests.integration.test_gateway_core import wait_for_interest
-from tests.integration.wsclient import WsClient, raw_handshake
+from tests.integration.wsclient import WsClient, raw_handshake, wait_for_interest
 
 ORIGIN = "https://app.example.com"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -9,13 +9,11 @@ credentials must stop the gateway at boot with one line naming the setting
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -33,8 +31,11 @@ from fanout.settings import Nats
 from fanout.worker.nats_auth import NatsAuthError
 from fanout.worker.nats_link import NatsLink
 from tests.conftest import ROOT, Gateway, launch_gateway
+from tests.helpers import async_wait_for, wait_for
 from tests.integration import pki
-from tests.integration.wsclient import WsClient
+from tests.integration.wsclient import WsClient, wait_for_interest
+
+pytestmark = pytest.mark.slow  # boots a dozen gateways, some of them on purpose broken
 
 DEPLOY = ROOT / "deploy" / "nats"
 
@@ -160,14 +161,14 @@ def start_over_tls(gw: Gateway, certs: Pki, timeout: float = 20.0) -> None:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if gw.proc.poll() is not None:
-            raise RuntimeError(f"gateway exited {gw.proc.returncode}:\n{gw.logs()}")
-        if https_status(gw.port, "/readyz", certs) == 200:
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"gateway not ready:\n{gw.logs()}")
+    proc = gw.proc
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited {proc.returncode}:\n{gw.logs()}")
+        return https_status(gw.port, "/readyz", certs) == 200
+
+    wait_for(ready, timeout, "the gateway ready over https")
 
 
 def https_status(port: int, path: str, certs: Pki) -> int | None:
@@ -187,18 +188,6 @@ def token(keypair: tuple[Path, Path], sub: str = "tls-user") -> str:
     return make_token(
         private_key_pem=keypair[0].read_bytes(), sub=sub, subjects=["xy.md.>"], ttl_s=600
     )
-
-
-async def wait_for_interest(nc: NatsClient, client: WsClient, subject: str) -> None:
-    async with asyncio.timeout(10):
-        while True:
-            await nc.publish(subject, b'{"probe":true}')
-            try:
-                frame = await client.expect(lambda f: f.get("op") == "msg", timeout=0.2)
-            except TimeoutError:
-                continue
-            if frame.get("data") == {"probe": True}:
-                return
 
 
 async def test_wss_to_mtls_nats_with_nkey_end_to_end(
@@ -264,11 +253,9 @@ def test_wss_refuses_old_tls_and_weak_ciphers(wss_gateway: Gateway, certs: Pki) 
 
 
 def test_wss_silent_tls_client_cut_at_handshake_timeout(wss_gateway: Gateway) -> None:
-    with socket.create_connection(("127.0.0.1", wss_gateway.port), timeout=10) as raw:
-        started = time.monotonic()
-        assert raw.recv(1) == b""  # no ClientHello from us: the server gives up and closes
-        elapsed = time.monotonic() - started
-    assert 1.5 <= elapsed < 6.0
+    with socket.create_connection(("127.0.0.1", wss_gateway.port), timeout=30) as raw:
+        # no ClientHello from us: the server gives up and closes (a hang raises TimeoutError)
+        assert raw.recv(1) == b""
 
 
 # -- operator mode: creds (JWT chain) ------------------------------------------------------
@@ -398,14 +385,12 @@ def test_broken_tls_or_credentials_stop_the_boot_naming_the_setting(
         env["NATS_NKEY_SEED"] = "SUnot-a-seed-at-all"
     elif what == "wss_key":
         env["FANOUT_TLS_KEY"] = str(certs.client.key)
-    started = time.monotonic()
     out = boot(env, tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     summary = [line for line in out.stderr.splitlines() if line.startswith("fanout: ")]
     assert len(summary) == 1, out.stderr[-2000:]
     assert summary[0].startswith(prefix), summary
     assert expected in summary[0], summary
-    assert time.monotonic() - started < 30
     everything = out.stdout + out.stderr
     for secret in (certs.gateway_user.seed, stranger_seed, certs.client.key.read_text()[40:80]):
         assert secret not in everything
@@ -479,9 +464,7 @@ async def test_deploy_account_gives_the_gateway_least_privilege(
         await nc.subscribe("orders.secret.>")
         await nc.publish("xy.md.tick.fake", b"{}")
         await nc.flush()
-        async with asyncio.timeout(5):
-            while len(errors) < 2:
-                await asyncio.sleep(0.05)
+        await async_wait_for(lambda: len(errors) >= 2, 10, "two permission errors")
         assert any("subscription" in e and "orders.secret.>" in e for e in errors), errors
         assert any("publish" in e and "xy.md.tick.fake" in e for e in errors), errors
         assert all("permissions violation" in e for e in errors), errors

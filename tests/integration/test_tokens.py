@@ -24,16 +24,11 @@ from nats.aio.client import Client as NatsClient
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats
 from tests.conftest import Gateway, launch_gateway
+from tests.helpers import async_wait_for
 from tests.integration.test_gateway_core import refused
-from tests.integration.wsclient import WsClient
+from tests.integration.wsclient import ConnectionClosed, WsClient
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest.fixture(scope="module")
-def nats_module() -> Iterator[EmbeddedNats]:
-    with EmbeddedNats() as server:
-        yield server
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +98,9 @@ async def test_expiring_notice_then_4005(gw: Gateway, keypair: tuple[Path, Path]
     try:
         welcome = await client.recv()
         assert welcome["expires_at"] == exp
-        notice = await client.expect(lambda f: f.get("op") == "expiring", timeout=4)
+        notice = await client.expect(lambda f: f.get("op") == "expiring", timeout=10)
         assert notice == {"op": "expiring", "expires_at": exp}
-        assert await client.closed_code(timeout=6) == 4005
+        assert await client.closed_code(timeout=15) == 4005
         assert time.time() >= exp  # not before the token's own expiry (leeway 0)
     finally:
         await client.close()
@@ -125,7 +120,7 @@ async def test_auth_renews_and_reapplies_the_acl(
         assert lost == {"op": "unsubscribed", "subject": "xy.md.lose.x", "code": "XYW002"}
         ack = await client.expect(lambda f: f.get("id") == 3)
         assert ack == {"op": "ack", "id": 3, "expires_at": claims(fresh)["exp"]}
-        await asyncio.sleep(3.5)  # past the first token's expiry: the new one is in force
+        await asyncio.sleep(3.5)  # waits on: past the first token's expiry, the new one rules
         assert (await client.op({"op": "ping", "id": 4}))["op"] == "pong"
         assert await delivered(nc, client, "xy.md.keep.x")
         assert not await delivered(nc, client, "xy.md.lose.x")
@@ -142,12 +137,15 @@ async def test_renewal_inside_the_lead_time_is_not_nagged_every_second(
     client = await WsClient.connect(gw.ws, tok(keypair, "nag", ttl=2))
     try:
         await client.recv()
-        await client.expect(lambda f: f.get("op") == "expiring", timeout=4)
+        await client.expect(lambda f: f.get("op") == "expiring", timeout=10)
         await client.send({"op": "auth", "id": 1, "token": tok(keypair, "nag", ttl=3)})
         assert (await client.expect(lambda f: f.get("id") == 1))["op"] == "ack"
-        with pytest.raises(TimeoutError):
-            await client.expect(lambda f: f.get("op") == "expiring", timeout=2.2)
-        assert await client.closed_code(timeout=4) == 4005
+        frames = []
+        with pytest.raises(ConnectionClosed) as closed:  # read everything until the 4005
+            for _ in range(1_000):
+                frames.append(await client.recv(timeout=15))
+        assert closed.value.code == 4005
+        assert [f for f in frames if f.get("op") == "expiring"] == []
     finally:
         await client.close()
 
@@ -224,7 +222,7 @@ async def test_leeway_accepts_then_closes_at_exp_plus_leeway(
         client = await WsClient.connect(gateway.ws, token)
         try:
             assert (await client.recv())["expires_at"] == exp
-            assert await client.closed_code(timeout=7) == 4005
+            assert await client.closed_code(timeout=15) == 4005
             assert time.time() >= exp + 4
         finally:
             await client.close()
@@ -297,12 +295,12 @@ async def test_sighup_reloads_the_denylist(
             assert await client.closed_code(timeout=15) == 1012
         finally:
             await client.close()
-        async with asyncio.timeout(15):
-            while True:
-                status, body = await asyncio.to_thread(refused, gateway.port, token=token)
-                if status != 503:
-                    break
-                await asyncio.sleep(0.2)
+        status, body = await async_wait_for(
+            lambda: a if (a := refused(gateway.port, token=token))[0] != 503 else None,
+            20,
+            "the reloaded worker to answer",
+            interval=0.2,
+        )
         assert (status, body) == (401, {"code": "XYW005", "message": "token revoked"})
     finally:
         gateway.stop()

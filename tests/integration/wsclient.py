@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+from nats.aio.client import Client as NatsClient
 
 Frame = dict[str, Any]
 
@@ -52,11 +53,15 @@ class WsClient:
                 self.frames.extend(data if isinstance(data, list) else [data])
             elif msg.type == aiohttp.WSMsgType.PING:
                 await self.ws.pong(msg.data)
-            elif msg.type in (
-                aiohttp.WSMsgType.CLOSE,
-                aiohttp.WSMsgType.CLOSED,
-                aiohttp.WSMsgType.CLOSING,
-            ) or msg.type == aiohttp.WSMsgType.ERROR:
+            elif (
+                msg.type
+                in (
+                    aiohttp.WSMsgType.CLOSE,
+                    aiohttp.WSMsgType.CLOSED,
+                    aiohttp.WSMsgType.CLOSING,
+                )
+                or msg.type == aiohttp.WSMsgType.ERROR
+            ):
                 raise ConnectionClosed(self.ws.close_code)
         frame = self.frames[self._next]
         self._next += 1
@@ -93,6 +98,30 @@ class WsClient:
     async def close(self) -> None:
         await self.ws.close()
         await self.session.close()
+
+
+async def wait_for_interest(
+    nc: NatsClient,
+    client: WsClient,
+    subject: str,
+    probe: bytes = b'{"probe":true}',
+    timeout: float = 20.0,
+) -> int:
+    """Publish ``probe`` until ``client`` receives it: the gateway's NATS SUB is asynchronous,
+    so an ack does not mean NATS already routes the subject to it. Returns the probes sent
+    (each may still arrive later, in order, before anything published after this returns)."""
+    want = json.loads(probe)
+    sent = 0
+    async with asyncio.timeout(timeout):
+        while True:
+            await nc.publish(subject, probe)
+            sent += 1
+            try:
+                frame = await client.expect(lambda f: f.get("op") == "msg", timeout=0.2)
+            except TimeoutError:
+                continue
+            if frame.get("data") == want:
+                return sent
 
 
 class ConnectionClosed(Exception):

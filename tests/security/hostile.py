@@ -31,6 +31,7 @@ import jwt
 from nats.aio.client import Client as NatsClient
 
 from tests.conftest import Gateway, launch_gateway
+from tests.helpers import async_wait_for
 
 ORIGIN = "https://app.example.com"
 ISSUER = "https://id.fanout.test/"
@@ -292,12 +293,15 @@ class Neighbour:
         )
         self.task = asyncio.get_running_loop().create_task(self._read())
         await self.ws.send_str(json.dumps({"op": "sub", "id": 1, "subject": self.subject}))
-        async with asyncio.timeout(10):
-            while not any(f.get("op") == "ack" for f in self.other):
-                await asyncio.sleep(0.01)
-            while not self.seen:  # the NATS SUB is asynchronous: probe until one arrives
-                await self.nc.publish(self.subject, b'{"probe":true}')
-                await asyncio.sleep(0.05)
+        await async_wait_for(
+            lambda: any(f.get("op") == "ack" for f in self.other), 20, "the neighbour's ack"
+        )
+
+        async def probed() -> bool:  # the NATS SUB is asynchronous: probe until one arrives
+            await self.nc.publish(self.subject, b'{"probe":true}')
+            return bool(self.seen)
+
+        await async_wait_for(probed, 20, "the neighbour's first message", interval=0.05)
         self.seen.clear()
 
     async def _read(self) -> None:
@@ -314,7 +318,7 @@ class Neighbour:
                 else:
                     self.other.append(frame)
 
-    async def check(self, count: int = 5, timeout: float = 5.0) -> None:
+    async def check(self, count: int = 5, timeout: float = 20.0) -> None:
         """Publish ``count`` more messages; every message since the start must have arrived."""
         self.seen = [s for s in self.seen if s >= 0]
         for _ in range(count):

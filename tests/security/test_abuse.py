@@ -9,15 +9,16 @@ deadline) and then that the neighbour on the same worker lost nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
-import time
 
 import pytest
 from nats.aio.client import Client as NatsClient
 
 from tests.conftest import Gateway, http_get
+from tests.helpers import async_wait_for
 from tests.security.hostile import (
     Neighbour,
     Signer,
@@ -32,7 +33,7 @@ from tests.security.hostile import (
     upgrade_request,
 )
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 GATEWAY_ENV = {
     "FANOUT_WS_PING_INTERVAL_S": "1",
@@ -47,54 +48,65 @@ def metric(gw: Gateway, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-async def wait_metric(gw: Gateway, name: str, above: float, timeout: float = 10.0) -> float:
+async def counted(gw: Gateway, series: str) -> None:
+    """Wait until /metrics has ``series`` (name and labels) at 1 or more (once per sweep)."""
+    pattern = re.compile(rf"^{re.escape(series)} [1-9]", re.M)
+    await async_wait_for(
+        lambda: pattern.search(http_get(gw.admin + "/metrics")[1].decode()),
+        20,
+        f"{series} counted",
+        interval=0.2,
+    )
+
+
+async def wait_metric(gw: Gateway, name: str, above: float, timeout: float = 20.0) -> float:
+    """The value of ``name`` once it is above ``above``."""
+    return await async_wait_for(
+        lambda: v if (v := metric(gw, name)) > above else None,
+        timeout,
+        f"{name} above {above}",
+        interval=0.2,
+    )
+
+
+async def cut(reader: asyncio.StreamReader, timeout: float = 30.0) -> None:
+    """Read whatever comes until the server closes the socket (EOF or reset); TimeoutError
+    when it never does."""
     async with asyncio.timeout(timeout):
-        while (value := await asyncio.to_thread(metric, gw, name)) <= above:
-            await asyncio.sleep(0.2)
-    return value
-
-
-async def cut_after(reader: asyncio.StreamReader, timeout: float = 8.0) -> float:
-    """Seconds until the server closes the socket (EOF or reset), reading whatever comes."""
-    started = time.monotonic()
-    try:
-        async with asyncio.timeout(timeout):
+        with contextlib.suppress(ConnectionResetError):
             while await reader.read(65536):
                 pass
-    except ConnectionResetError:
-        pass
-    return time.monotonic() - started
 
 
 async def test_slow_loris_head_cut_at_handshake_timeout(gw: Gateway, neighbour: Neighbour) -> None:
     before = await asyncio.to_thread(metric, gw, "fanout_handshake_timeouts_total")
     reader, writer = await connect_raw(gw.port)
     request = upgrade_request(gw.port, xff=fresh_ip())
-    started = time.monotonic()
 
     async def trickle() -> None:
         for byte in request:
             writer.write(bytes([byte]))
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # waits on: one byte a second is the slow-loris attack
 
     task = asyncio.get_running_loop().create_task(trickle())
     try:
-        elapsed = await cut_after(reader)
+        await cut(reader)
     finally:
         task.cancel()
         writer.transport.abort()
-    assert time.monotonic() - started >= 1.9 and elapsed < 4.5
+    # the cut came from the handshake deadline, not from anything else
     assert await wait_metric(gw, "fanout_handshake_timeouts_total", before) >= before + 1
     await neighbour.check()
 
 
 async def test_silent_socket_cut_at_handshake_timeout(gw: Gateway, neighbour: Neighbour) -> None:
+    before = await asyncio.to_thread(metric, gw, "fanout_handshake_timeouts_total")
     reader, writer = await connect_raw(gw.port)
     try:
-        elapsed = await cut_after(reader)
+        await cut(reader)
     finally:
         writer.transport.abort()
-    assert 1.9 <= elapsed < 4.5
+    assert await wait_metric(gw, "fanout_handshake_timeouts_total", before) >= before + 1
     await neighbour.check()
 
 
@@ -103,10 +115,8 @@ async def test_half_open_client_closed_1001_at_idle_timeout(
 ) -> None:
     ws = await open_ws(gw.port, signer)
     try:
-        started = time.monotonic()
-        await asyncio.sleep(4.5)  # sends nothing, answers no ping: as if the peer vanished
-        assert await close_code(ws.reader) == 1001
-        assert time.monotonic() - started < 7
+        # sends nothing, answers no ping: as if the peer vanished
+        assert await close_code(ws.reader, timeout=30) == 1001
     finally:
         ws.close()
     await neighbour.check()
@@ -138,7 +148,7 @@ async def pump(nc: NatsClient, subject: str, stop: asyncio.Event) -> None:
     while not stop.is_set():
         for _ in range(50):
             await nc.publish(subject, chunk)
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # waits on: paces the flood, letting the client fall behind
 
 
 async def last_close_code(reader: asyncio.StreamReader) -> int | None:
@@ -176,7 +186,7 @@ async def test_client_that_does_not_read_is_cut_4003(
     async def sip() -> None:
         while reads_per_second:
             await reader.readexactly(1)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # waits on: one byte a second is the case under test
 
     loop = asyncio.get_running_loop()
     sipping = loop.create_task(sip())
@@ -190,6 +200,7 @@ async def test_client_that_does_not_read_is_cut_4003(
         sipping.cancel()
         await asyncio.gather(sipping, return_exceptions=True)
         assert await last_close_code(reader) == 4003
+        await counted(gw, 'fanout_disconnects_total{close_code="4003"}')
     finally:
         stop.set()
         sipping.cancel()
@@ -207,9 +218,9 @@ async def test_connect_close_loop_leaks_nothing(gw: Gateway, neighbour: Neighbou
             writer.write(b"GET /ws HTTP/1.1\r\n")
         writer.transport.abort()
     await neighbour.check()
-    async with asyncio.timeout(5):
-        while len(os.listdir(f"/proc/{pid}/fd")) > baseline + 2:
-            await asyncio.sleep(0.1)
+    await async_wait_for(
+        lambda: len(os.listdir(f"/proc/{pid}/fd")) <= baseline + 2, 20, "the fds released"
+    )
     status, body, _ = http_get(gw.admin + "/healthz")
     assert status == 200 and json.loads(body)["workers"][0]["pid"] == pid
 
@@ -220,18 +231,21 @@ async def test_upgrade_close_loop_meets_the_handshake_rate(
     """Every upgrade attempt spends the address's budget, even one that fails later on."""
     address = fresh_ip()
     bad = signer.token(iss="https://elsewhere.test/")
-    replies = await asyncio.gather(*(handshake(gw.port, token=bad, xff=address) for _ in range(8)))
+    replies = await asyncio.gather(*(handshake(gw.port, token=bad, xff=address) for _ in range(10)))
     for reply in replies:
         reply.close()
-    assert sorted(r.status for r in replies) == [401] * 6 + [503] * 2
+    statuses = sorted(r.status for r in replies)
+    # the burst of 6, plus a token back (2/s) if the ten took longer than half a second
+    assert statuses in ([401] * 6 + [503] * 4, [401] * 7 + [503] * 3), statuses
     refusals = [r for r in replies if r.status == 503]
     for last in refusals:
         assert last.json() == {"code": "XYW007", "message": "too many handshakes from this address"}
         assert int(last.headers["retry-after"]) >= 1
-    await asyncio.sleep(0.6)  # 2 handshakes/s: one token back
+    await asyncio.sleep(0.6)  # waits on the refill (2 handshakes/s): one token back
     reply = await handshake(gw.port, token=signer.token(), xff=address)
     reply.close()
     assert reply.status == 101
+    await counted(gw, 'fanout_limit_refusals_total{limit="handshake_rate"}')
     await neighbour.check()
 
 
@@ -248,6 +262,7 @@ async def test_per_address_cap(gw: Gateway, signer: Signer, neighbour: Neighbour
     finally:
         for r in held:
             r.close()
+    await counted(gw, 'fanout_limit_refusals_total{limit="per_ip"}')
     await neighbour.check()
 
 
@@ -265,6 +280,7 @@ async def test_per_principal_cap(gw: Gateway, signer: Signer, neighbour: Neighbo
     finally:
         for r in held:
             r.close()
+    await counted(gw, 'fanout_limit_refusals_total{limit="per_principal"}')
     await neighbour.check()
 
 
@@ -306,11 +322,3 @@ async def test_spoofed_left_hops_of_a_trusted_chain_are_ignored(
         for r in held:
             r.close()
     await neighbour.check()
-
-
-async def test_metrics_count_every_limit(gw: Gateway) -> None:
-    _, body, _ = await asyncio.to_thread(http_get, gw.admin + "/metrics")
-    text_ = body.decode()
-    for limit in ("handshake_rate", "per_ip", "per_principal"):
-        assert re.search(rf'^fanout_limit_refusals_total\{{limit="{limit}"\}} [1-9]', text_, re.M)
-    assert re.search(r'^fanout_disconnects_total\{close_code="4003"\} [1-9]', text_, re.M)

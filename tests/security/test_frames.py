@@ -241,7 +241,7 @@ async def test_subscription_cap_answers_xyw007_and_keeps_the_connection(
         ws.writer.write(batch(SUBS_1000))
         acks = await read_json(ws.reader)
         assert acks == [{"op": "ack", "id": i} for i in range(1, 1001)]
-        await asyncio.sleep(0.1)  # the bucket refills 100/s: room for the next op
+        await asyncio.sleep(0.1)  # waits on the refill (100 ops/s): room for the next op
         ws.writer.write(text({"op": "sub", "id": 1001, "subject": "xy.md.one.more"}))
         [error] = await read_json(ws.reader)
         assert (error["code"], error["id"]) == ("XYW007", 1001)

@@ -109,7 +109,7 @@ HEARTBEAT_S = 0.5
 
 @pytest.fixture(scope="module")
 def fd_gw(
-    nats_mod: EmbeddedNats, keypair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+    nats_module: EmbeddedNats, keypair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Gateway, Path]]:
     """A 200-fd gateway whose state directory we can read (TMPDIR), silent sockets kept 60 s."""
     base = tmp_path_factory.mktemp("fd-exhaust")
@@ -117,7 +117,7 @@ def fd_gw(
     tmpdir.mkdir()
     gw = start_gateway(
         base,
-        nats_mod.url,
+        nats_module.url,
         keypair[1],
         start=False,
         TMPDIR=str(tmpdir),
@@ -219,12 +219,12 @@ async def test_keep_alive_http_socket_is_closed_after_one_answer(
 
 @pytest.fixture(scope="module")
 def capped_gw(
-    nats_mod: EmbeddedNats, keypair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+    nats_module: EmbeddedNats, keypair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     """A worker capped at 4 sockets, silent ones cut after 2 s."""
     gw = start_gateway(
         tmp_path_factory.mktemp("capped"),
-        nats_mod.url,
+        nats_module.url,
         keypair[1],
         FANOUT_SERVER_MAX_CONNECTIONS="4",
         FANOUT_SERVER_MAX_CONNECTIONS_PER_IP="0",

@@ -13,7 +13,6 @@ import re
 import resource
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from nats.aio.client import Client as NatsClient
 
 from fanout.embedded_nats import EmbeddedNats
 from tests.conftest import Gateway, http_get
+from tests.helpers import async_wait_for, wait_for
 from tests.security.hostile import (
     Neighbour,
     Signer,
@@ -30,17 +30,17 @@ from tests.security.hostile import (
     start_gateway,
 )
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 
 @pytest.fixture(scope="module")
 def shedding_gw(
-    nats_mod: EmbeddedNats, keypair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+    nats_module: EmbeddedNats, keypair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     """RSS over a 1-byte threshold from the first sample on; that sample comes 3 s after start."""
     gw = start_gateway(
         tmp_path_factory.mktemp("shed"),
-        nats_mod.url,
+        nats_module.url,
         keypair[1],
         FANOUT_SERVER_SHED_RSS_BYTES="1",
         FANOUT_SERVER_HEARTBEAT_INTERVAL_S="3",
@@ -55,9 +55,9 @@ async def test_load_shedding_refuses_new_handshakes_and_keeps_clients(
     early = Neighbour(nc, "xy.md.shed.feed")
     await early.start(shedding_gw.port, signer.token(sub="early"))
     try:
-        async with asyncio.timeout(10):
-            while http_get(shedding_gw.http + "/readyz")[0] != 503:
-                await asyncio.sleep(0.2)
+        await async_wait_for(
+            lambda: http_get(shedding_gw.http + "/readyz")[0] == 503, 30, "shedding", interval=0.2
+        )
         status, body, _ = http_get(shedding_gw.http + "/readyz")
         assert status == 503
         assert json.loads(body) == {
@@ -90,11 +90,11 @@ def _low_nofile() -> None:
 
 @pytest.fixture(scope="module")
 def fd_starved_gw(
-    nats_mod: EmbeddedNats, keypair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+    nats_module: EmbeddedNats, keypair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     gw = start_gateway(
         tmp_path_factory.mktemp("fds"),
-        nats_mod.url,
+        nats_module.url,
         keypair[1],
         start=False,
         FANOUT_SERVER_FD_HEADROOM=str(HEADROOM),
@@ -110,10 +110,13 @@ def fd_starved_gw(
         start_new_session=True,
         preexec_fn=_low_nofile,
     )
-    deadline = time.monotonic() + 20
-    while not _ready(gw):
-        assert gw.proc.poll() is None and time.monotonic() < deadline, gw.logs()
-        time.sleep(0.1)
+    proc = gw.proc
+
+    def ready() -> bool:
+        assert proc.poll() is None, gw.logs()
+        return _ready(gw)
+
+    wait_for(ready, 30, "the fd-starved gateway to be ready")
     yield gw
     gw.stop()
 
@@ -144,23 +147,23 @@ async def test_fd_limit_caps_connections_and_emfile_never_crashes(
         assert full.json()["message"] == "worker is full"
         # Now exhaust the worker's descriptors with sockets that never say a word.
         idle = [await connect_raw(gw.port) for _ in range(HEADROOM + 40)]
-        await asyncio.sleep(0.5)
-        assert len(os.listdir(f"/proc/{pid}/fd")) >= NOFILE - 2  # accept() hit EMFILE
+        await async_wait_for(  # accept() hits EMFILE
+            lambda: len(os.listdir(f"/proc/{pid}/fd")) >= NOFILE - 2, 20, "the fds exhausted"
+        )
         for _, writer in idle:
             writer.transport.abort()
         for r in held[:10]:
             r.close()
-        async with asyncio.timeout(15):
-            while True:
-                try:
-                    fresh = await handshake(gw.port, token=signer.token())
-                except (OSError, asyncio.IncompleteReadError, TimeoutError):
-                    await asyncio.sleep(0.5)
-                    continue
-                fresh.close()
-                if fresh.status == 101:
-                    break
-                await asyncio.sleep(0.2)
+
+        async def accepted_again() -> bool:
+            try:
+                fresh = await handshake(gw.port, token=signer.token())
+            except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                return False
+            fresh.close()
+            return fresh.status == 101
+
+        await async_wait_for(accepted_again, 30, "a handshake accepted again", interval=0.2)
     finally:
         for r in held:
             r.close()

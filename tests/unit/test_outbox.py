@@ -213,8 +213,12 @@ ops = st.lists(
 
 
 @settings(max_examples=200, deadline=None)
-@given(ops=ops, policy=st.sampled_from([DROP_OLDEST, LATEST]),
-       max_messages=st.integers(1, 8), max_bytes=st.integers(40, 400))
+@given(
+    ops=ops,
+    policy=st.sampled_from([DROP_OLDEST, LATEST]),
+    max_messages=st.integers(1, 8),
+    max_bytes=st.integers(40, 400),
+)
 def test_loss_is_bounded_counted_and_ordered(
     ops: list[tuple[str, int, bool]], policy: int, max_messages: int, max_bytes: int
 ) -> None:

@@ -200,7 +200,7 @@ async def test_breaker_counts_handler_timeouts() -> None:
     breaker = CircuitBreaker(failures=1, reset_after=60.0, timeout=0.01)
 
     async def slow(req: Request) -> Any:
-        await asyncio.sleep(1)
+        await asyncio.sleep(1)  # waits on: a handler slower than the breaker's timeout
 
     with pytest.raises(ServiceError) as err:
         await breaker(make_request(), slow)

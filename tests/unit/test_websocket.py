@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import time
 
 import msgspec
 import pytest
@@ -202,12 +201,11 @@ def test_obs_fold_message_names_it() -> None:
         parse_request_head(b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n", MAX_HEAD)
 
 
+@pytest.mark.timeout(10)  # linear parsing takes microseconds; a backtracking regex, minutes
 def test_spaces_in_values_do_not_backtrack() -> None:
     raw = b"GET / HTTP/1.1\r\nX: a" + b" " * 12_000 + b"\x01\r\n\r\n"
-    started = time.perf_counter()
     with pytest.raises(HandshakeError):
         parse_request_head(raw, MAX_HEAD)
-    assert time.perf_counter() - started < 0.5
 
 
 # --------------------------------------------------------------------------- upgrade checks

@@ -1,0 +1,124 @@
+"""Which copy of a NATS message delivers it when the worker's subscriptions overlap.
+
+A message whose subject matches several of the worker's NATS subscriptions
+arrives once per subscription, in wire order (copies of one publish are
+adjacent). Exactly one copy must reach the clients: the one that arrives on the
+*delivering* subscription D(s), the oldest existing, non-draining subscription
+whose pattern matches the subject s; the clients of every pattern matching s get
+that copy (each client once).
+
+Adding a subscription never changes D for a subject an older one covers, so an
+add neither loses nor duplicates. D changes only when a subscription P is
+removed while an overlapping one exists: at the moment its UNSUB is issued
+(:meth:`Overlaps.drain`) P stops being a candidate. One message's copies may
+straddle that moment, so the last copy processed before it is remembered: after
+the switch, further copies of that same message (same subject and payload) are
+dropped if it was delivered already, or the first of them delivers it if not.
+Residual: two *identical* messages back to back at that instant count as one.
+
+A subscription with no overlapping one (``Route.overlap == 0``) needs none of
+this: the hub delivers its messages on the fast path without asking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fanout.core.trie import PatternTrie
+
+__all__ = ["Overlaps", "Route"]
+
+
+class Route:
+    """One NATS subscription of the worker (pending, live or draining)."""
+
+    __slots__ = ("draining", "overlap", "pattern", "seq", "sid")
+
+    def __init__(self, sid: int, pattern: str, seq: int) -> None:
+        self.sid = sid
+        self.pattern = pattern
+        #: Age: a lower number was subscribed earlier.
+        self.seq = seq
+        #: How many other existing subscriptions intersect this one.
+        self.overlap = 0
+        self.draining = False
+
+    def __repr__(self) -> str:
+        state = " draining" if self.draining else ""
+        return f"Route({self.sid}, {self.pattern!r}, overlap={self.overlap}{state})"
+
+
+@dataclass(slots=True)
+class _Copy:
+    subject: str
+    data: bytes
+    delivered: bool
+
+
+class Overlaps:
+    """The worker's subscriptions indexed by pattern, and the delivering-copy rule."""
+
+    __slots__ = ("_last", "_seq", "_straddle", "routes", "trie")
+
+    def __init__(self) -> None:
+        self.trie: PatternTrie[Route] = PatternTrie()
+        self.routes: dict[int, Route] = {}
+        self._seq = 0
+        self._last: _Copy | None = None
+        self._straddle: _Copy | None = None
+
+    def add(self, sid: int, pattern: str) -> Route:
+        """A SUB was issued: the new subscription is the youngest."""
+        self._seq += 1
+        route = Route(sid, pattern, self._seq)
+        for other in self.trie.intersecting(pattern):
+            other.overlap += 1
+            route.overlap += 1
+        self.trie.add(pattern, route)
+        self.routes[sid] = route
+        return route
+
+    def drain(self, route: Route) -> None:
+        """Its UNSUB is being issued: copies arriving on it no longer choose D."""
+        route.draining = True
+        if route.overlap and self._last is not None:
+            self._straddle = self._last
+            self._last = None
+
+    def remove(self, route: Route) -> None:
+        """No copy can arrive on it any more (the flush after its UNSUB came back)."""
+        if self.routes.get(route.sid) is not route:
+            return  # already gone (its client was replaced: sids start again at 1)
+        del self.routes[route.sid]
+        self.trie.remove(route.pattern, route)
+        for other in self.trie.intersecting(route.pattern):
+            other.overlap -= 1
+
+    def clear(self) -> None:
+        """The NATS client was replaced: none of its subscriptions exist any more."""
+        self.trie = PatternTrie()
+        self.routes.clear()
+        self._last = self._straddle = None
+
+    def select(self, route: Route, subject: str, data: bytes) -> list[Route] | None:
+        """For a copy on an overlapping ``route``: the routes whose clients get it, or None."""
+        matching = self.trie.matching(subject)
+        straddle = self._straddle
+        if straddle is not None:
+            if straddle.subject == subject and straddle.data == data:
+                deliver = not straddle.delivered
+                straddle.delivered = True
+                return matching if deliver else None
+            self._straddle = None
+        oldest: Route | None = None
+        for candidate in matching:
+            if not candidate.draining and (oldest is None or candidate.seq < oldest.seq):
+                oldest = candidate
+        deliver = oldest is route
+        last = self._last
+        if last is not None and last.subject == subject and last.data == data:
+            # another copy of the same message (copies are adjacent in wire order)
+            last.delivered = last.delivered or deliver
+        else:
+            self._last = _Copy(subject, data, deliver)
+        return matching if deliver else None

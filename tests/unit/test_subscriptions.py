@@ -1,0 +1,285 @@
+"""The subscription state machine: commands, liveness, and at most one NATS sub per pattern."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import re
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from nats.aio.client import Client
+from nats.aio.subscription import Subscription
+from nats.protocol.command import sub_cmd, unsub_cmd
+from nats.protocol.parser import Parser
+
+from fanout.core.subscriptions import DRAINING, LIVE, PENDING, SUB, UNSUB, Subscriptions
+from fanout.worker.nats_link import _RoutedSubscription
+
+
+def test_want_take_confirm_makes_live() -> None:
+    s = Subscriptions()
+    assert s.want("a") is False
+    assert s.state("a") is None
+    turn = s.take()
+    assert turn.commands == [(SUB, "a")]
+    assert s.state("a") == PENDING
+    assert s.confirmed(turn) == ["a"]
+    assert s.state("a") == LIVE
+    assert s.want("a") is True  # already live: ack at once
+    assert s.take().commands == []
+
+
+def test_one_flush_confirms_a_whole_batch() -> None:
+    s = Subscriptions()
+    for i in range(1000):
+        s.want(f"p.{i}")
+    turn = s.take()
+    assert len(turn.commands) == 1000
+    assert len(s.confirmed(turn)) == 1000
+
+
+def test_want_unwant_in_one_turn_sends_nothing() -> None:
+    s = Subscriptions()
+    for _ in range(5):
+        s.want("p")
+        s.unwant("p")
+    s.want("p")
+    turn = s.take()
+    assert turn.commands == [(SUB, "p")]
+
+
+def test_unwant_a_pending_pattern_unsubscribes_it_once() -> None:
+    s = Subscriptions()
+    s.want("p")
+    first = s.take()
+    s.unwant("p")
+    second = s.take()
+    assert second.commands == [(UNSUB, "p")]
+    assert s.state("p") == DRAINING
+    assert s.confirmed(first) == []  # its SUB was undone meanwhile
+    s.confirmed(second)
+    assert s.state("p") is None
+
+
+def test_rewant_a_draining_pattern_sends_unsub_before_sub() -> None:
+    s = Subscriptions()
+    s.want("p")
+    s.confirmed(s.take())
+    s.unwant("p")
+    s.want("p")
+    assert s.take().commands == []  # net effect: nothing, the live sub stays
+    s.unwant("p")
+    unsub = s.take()
+    s.want("p")
+    sub = s.take()
+    assert unsub.commands == [(UNSUB, "p")] and sub.commands == [(SUB, "p")]
+    s.confirmed(unsub)
+    assert s.confirmed(sub) == ["p"]
+
+
+def test_disconnect_makes_everything_pending_until_a_flush_after_reconnect() -> None:
+    s = Subscriptions()
+    s.want("a")
+    s.confirmed(s.take())
+    s.disconnected()
+    assert s.state("a") == PENDING
+    assert s.want("a") is False
+    s.reconnected()
+    turn = s.take()
+    assert turn.commands == [] and turn.confirm == ["a"]
+    assert s.confirmed(turn) == ["a"]
+
+
+def test_lost_flush_is_retried() -> None:
+    s = Subscriptions()
+    s.want("a")
+    turn = s.take()
+    s.lost(turn)
+    assert s.has_work
+    retry = s.take()
+    assert retry.commands == [] and retry.confirm == ["a"]
+    assert s.confirmed(retry) == ["a"]
+
+
+def test_reset_resubscribes_everything_wanted_and_ignores_old_turns() -> None:
+    s = Subscriptions()
+    s.want("a")
+    s.want("b")
+    old = s.take()
+    s.reset()
+    assert s.subscribed == 0
+    assert s.confirmed(old) == []
+    turn = s.take()
+    assert sorted(turn.commands) == [(SUB, "a"), (SUB, "b")]
+
+
+def test_nats_py_private_api_we_rely_on() -> None:
+    """LinkClient overrides Client._process_msg and (un)subscribes with its own lean
+    Subscription the way nats-py does (Client._sid, _subs, _send_command,
+    _remove_sub, _flush_pending): a nats-py upgrade that changes any of it must
+    fail here, loudly."""
+    params = list(inspect.signature(Client._process_msg).parameters)
+    assert params == ["self", "sid", "subject", "reply", "data", "headers"]
+    assert inspect.iscoroutinefunction(Client._process_msg)
+    assert inspect.iscoroutinefunction(Client._process_headers)
+    parse = inspect.getsource(Parser.parse)
+    assert "_process_msg(sid, subject, reply, payload, hdr)" in parse
+    subscribe = inspect.getsource(Client.subscribe)
+    for step in ("self._sid += 1", "self._subs[sid] = sub", "await self._send_subscribe(sub)"):
+        assert step in subscribe
+    send = inspect.getsource(Client._send_subscribe)
+    assert "prot_command.sub_cmd(sub._subject, EMPTY, sub._id)" in send
+    unsubscribe = inspect.getsource(Subscription.unsubscribe)
+    for step in (
+        "self._closed = True",
+        "self._conn._remove_sub(self._id)",
+        "if not self._conn.is_reconnecting:",
+        "await self._conn._send_unsubscribe(self._id, limit=limit)",
+    ):
+        assert step in unsubscribe
+    assert "prot_command.unsub_cmd(sid, limit)" in inspect.getsource(Client._send_unsubscribe)
+    assert list(inspect.signature(Client._send_command).parameters) == ["self", "cmd", "priority"]
+    assert "force_flush" in inspect.signature(Client._flush_pending).parameters
+    # why LinkClient.confirm writes the buffer first: the PING skips it
+    assert "self._transport.write(PING_PROTO)" in inspect.getsource(Client._send_ping)
+    assert sub_cmd("a.b", "", 7) == b"SUB a.b  7\r\n"
+    assert unsub_cmd(7, 0) == b"UNSUB 7 \r\n"
+
+    def attributes(init: object) -> set[str]:
+        return set(re.findall(r"self\.(_\w+)\s*(?::[^=]*)?=", inspect.getsource(init)))  # type: ignore[arg-type]
+
+    assert attributes(_RoutedSubscription.__init__) == attributes(Subscription.__init__)
+
+
+PATTERNS = st.sampled_from(["a", "b", "c.*", "c.>"])
+
+
+class SubscriptionModel(RuleBasedStateMachine):
+    """The table driven like the worker drives it, against a scripted nats-server."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = Subscriptions()
+        self.sids = itertools.count(1)
+        #: The client's Subscription objects (what nats-py holds): pattern → sid.
+        self.client: dict[str, int] = {}
+        #: What nats-server holds for this connection: sid → pattern.
+        self.server: dict[int, str] = {}
+        #: Written, not yet read by the server: ("SUB", sid, p) / ("UNSUB", sid) / ("PING", turn).
+        self.wire: list[tuple[object, ...]] = []
+        self.inflight: list[object] = []
+        self.connected = True
+        self.wanted: set[str] = set()
+
+    @rule(pattern=PATTERNS)
+    def want(self, pattern: str) -> None:
+        self.wanted.add(pattern)
+        self.table.want(pattern)
+
+    @rule(pattern=PATTERNS)
+    def unwant(self, pattern: str) -> None:
+        self.wanted.discard(pattern)
+        self.table.unwant(pattern)
+
+    @precondition(lambda self: self.table.has_work)
+    @rule()
+    def drive(self) -> None:
+        turn = self.table.take()
+        for op, pattern in turn.commands:
+            if op == SUB:
+                assert pattern not in self.client
+                sid = next(self.sids)
+                self.client[pattern] = sid
+                if self.connected:
+                    self.wire.append(("SUB", sid, pattern))
+            else:
+                sid = self.client.pop(pattern)
+                if self.connected:
+                    self.wire.append(("UNSUB", sid))
+        if not turn.needs_flush:
+            return
+        if self.connected:
+            self.wire.append(("PING", turn))
+            self.inflight.append(turn)
+        else:
+            self.table.lost(turn)
+
+    @precondition(lambda self: self.wire)
+    @rule()
+    def server_reads(self) -> None:
+        kind, *args = self.wire.pop(0)
+        if kind == "SUB":
+            sid, pattern = args
+            self.server[sid] = pattern  # type: ignore[index]
+        elif kind == "UNSUB":
+            self.server.pop(args[0], None)  # type: ignore[call-overload]
+        else:
+            turn = args[0]
+            self.inflight.remove(turn)
+            for pattern in self.table.confirmed(turn):  # type: ignore[arg-type]
+                assert pattern in self.server.values()
+
+    @precondition(lambda self: self.connected)
+    @rule()
+    def disconnect(self) -> None:
+        self.connected = False
+        self.server.clear()
+        self.wire.clear()
+        for turn in self.inflight:
+            self.table.lost(turn)  # type: ignore[arg-type]
+        self.inflight.clear()
+        self.table.disconnected()
+
+    @precondition(lambda self: not self.connected)
+    @rule()
+    def reconnect(self) -> None:
+        """nats-py resends a SUB for each Subscription it holds."""
+        self.connected = True
+        self.wire.extend(("SUB", sid, pattern) for pattern, sid in self.client.items())
+        self.table.reconnected()
+
+    @rule()
+    def replace_client(self) -> None:
+        """closed_cb: a new client, a new server-side connection."""
+        self.client.clear()
+        self.server.clear()
+        self.wire.clear()
+        self.inflight.clear()
+        self.connected = True
+        self.table.reset()
+
+    @invariant()
+    def at_most_one_nats_subscription_per_pattern(self) -> None:
+        held = list(self.server.values())
+        assert len(held) == len(set(held))
+        assert self.table.subscribed == len(self.client)
+
+    @invariant()
+    def live_means_the_server_has_it(self) -> None:
+        for pattern in self.client:
+            if self.table.is_live(pattern):
+                assert pattern in self.server.values()
+
+    def teardown(self) -> None:
+        """Let everything settle: every wanted pattern live, nothing else subscribed."""
+        if not self.connected:
+            self.reconnect()
+        for _ in range(50):
+            if self.table.has_work:
+                self.drive()
+            elif self.wire:
+                self.server_reads()
+            else:
+                break
+        assert not self.wire
+        assert set(self.server.values()) == self.wanted
+        assert set(self.client) == self.wanted
+        assert all(self.table.is_live(p) for p in self.wanted)
+
+
+SubscriptionModel.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=40, deadline=None
+)
+TestSubscriptionModel = SubscriptionModel.TestCase

@@ -1,0 +1,64 @@
+"""The pattern trie answers exactly what subjects.matches / subjects.intersects would."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fanout.core import subjects
+from fanout.core.trie import PatternTrie
+
+TOKENS = st.sampled_from(["a", "b", "c"])
+PATTERN_TOKENS = st.sampled_from(["a", "b", "c", "*"])
+
+
+@st.composite
+def patterns(draw: st.DrawFn) -> str:
+    tokens = draw(st.lists(PATTERN_TOKENS, min_size=1, max_size=4))
+    if draw(st.booleans()):
+        tokens.append(">")
+    return ".".join(tokens)
+
+
+@st.composite
+def concrete(draw: st.DrawFn) -> str:
+    return ".".join(draw(st.lists(TOKENS, min_size=1, max_size=5)))
+
+
+def test_matching_and_intersecting_basics() -> None:
+    t: PatternTrie[str] = PatternTrie()
+    for p in ["a.b", "a.*", "a.>", "b.c", "*.c.>"]:
+        t.add(p, p)
+    assert sorted(t.matching("a.b")) == ["a.*", "a.>", "a.b"]
+    assert sorted(t.matching("a.b.c")) == ["a.>"]
+    assert sorted(t.matching("x.c.d")) == ["*.c.>"]
+    assert sorted(t.intersecting("a.x")) == ["a.*", "a.>"]
+    assert sorted(t.intersecting(">")) == sorted(["a.b", "a.*", "a.>", "b.c", "*.c.>"])
+    assert sorted(t.intersecting("*.c")) == ["a.*", "a.>", "b.c"]
+    assert t.intersecting("c") == []
+
+
+def test_values_share_a_pattern_and_removal_prunes() -> None:
+    t: PatternTrie[int] = PatternTrie()
+    t.add("a.b", 1)
+    t.add("a.b", 2)
+    assert sorted(t.matching("a.b")) == [1, 2]
+    assert t.remove("a.b", 1) is True
+    assert t.remove("a.b", 1) is False
+    assert t.remove("a.c", 2) is False
+    assert t.matching("a.b") == [2]
+    assert t.remove("a.b", 2) is True
+    assert len(t) == 0
+    assert t._root.children == {}
+
+
+@settings(max_examples=300)
+@given(st.lists(patterns(), max_size=12, unique=True), patterns(), concrete())
+def test_agrees_with_subjects_module(stored: list[str], query: str, subject: str) -> None:
+    t: PatternTrie[str] = PatternTrie()
+    for p in stored:
+        t.add(p, p)
+    assert sorted(t.matching(subject)) == sorted(p for p in stored if subjects.matches(p, subject))
+    assert sorted(t.intersecting(query)) == sorted(
+        p for p in stored if subjects.intersects(p, query)
+    )
