@@ -267,7 +267,7 @@ def test_admin_port_0_turns_the_listener_off(
     try:
         (ports,) = worker_listeners(gateway).values()
         assert ports == {gateway.port}
-        assert http_get(gateway.admin + "/metrics")[0] == 404
+        assert http_get(gateway.http + "/metrics")[0] == 404
         out = run_top("--once", env=gateway.env)
         assert out.returncode == 2
         assert "admin.port is 0" in out.stderr
