@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -320,3 +321,35 @@ def test_admin_flag_sets_the_port(
         assert http_get(f"http://127.0.0.1:{admin_port}/metrics")[0] == 200
     finally:
         assert gateway.stop() == 0
+
+
+def test_admin_port_held_by_another_program_stops_the_boot_naming_it(
+    nats_module: EmbeddedNats, keypair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Prometheus's default port is 9090 too: a taken admin port is a boot error, not a hang."""
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    try:
+        gateway = launch_gateway(
+            tmp_path,
+            start=False,
+            NATS_URLS=nats_module.url,
+            JWT_PUBLIC_KEY=str(keypair[1]),
+            FANOUT_ADMIN_PORT=str(taken),
+        )
+        out = subprocess.run(
+            [sys.executable, "-m", "fanout.cli", "serve", "--workers", "1"],
+            env=gateway.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        squatter.close()
+    assert out.returncode == 2, out.stderr
+    assert (
+        f"admin listener: cannot listen on 127.0.0.1:{taken}: Address already in use"
+        " (admin.port; 0 turns it off)" in out.stderr
+    )
