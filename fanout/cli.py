@@ -1,4 +1,4 @@
-"""Command line: ``fanout serve | check-config | token | keygen | version``.
+"""Command line: ``fanout serve | top | check-config | token | keygen | version``.
 
 Nothing here imports prometheus_client or the worker modules at module level:
 the supervisor must set ``PROMETHEUS_MULTIPROC_DIR`` before workers import them.
@@ -38,6 +38,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("workers", "server.workers"),
         ("host", "server.host"),
         ("port", "server.port"),
+        ("admin_port", "admin.port"),
         ("log_level", "log.level"),
         ("log_format", "log.format"),
     ):
@@ -84,6 +85,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sidecar=LocalNats(),
     )
     return supervisor.run()
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from fanout import top
+
+    url = args.url
+    if url is None:
+        try:  # only admin.* matters here: not the client-auth rule, not the files it names
+            cfg = settings.load(
+                args.config, overrides={"ws.auth_required": False}, check_files=False
+            )
+        except settings.ConfigError as exc:
+            print(f"fanout top: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        admin = cfg.admin
+        if not admin.port:
+            print("fanout top: admin.port is 0 (the admin listener is off)", file=sys.stderr)
+            return EXIT_CONFIG
+        host = "127.0.0.1" if admin.host in ("0.0.0.0", "") else admin.host
+        url = f"http://{f'[{host}]' if ':' in host else host}:{admin.port}"
+    state_url = url.rstrip("/") + "/admin/state.json"
+    try:
+        return top.run(state_url, once=args.once, as_json=args.json, interval=args.interval)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -170,6 +196,12 @@ def parser() -> argparse.ArgumentParser:
         "--port", type=int, help="listen port shared by all workers (server.port, default 8080)"
     )
     serve.add_argument(
+        "--admin-port",
+        type=int,
+        help="admin listener port: /metrics, detailed /healthz, /admin"
+        " (admin.port, default 9090 on 127.0.0.1; 0 turns it off)",
+    )
+    serve.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         help="log.level (default info); debug adds a line per connection opened and closed",
@@ -180,6 +212,20 @@ def parser() -> argparse.ArgumentParser:
         help="log.format (default auto: text on a terminal, else JSON lines)",
     )
     serve.set_defaults(func=cmd_serve)
+
+    top = sub.add_parser(
+        "top", help="live view of a running gateway (per worker and totals), from its admin port"
+    )
+    top.add_argument("--config", help="TOML file (also FANOUT_CONFIG), to find admin.host/port")
+    top.add_argument(
+        "--url", help="admin listener, e.g. http://127.0.0.1:9090 (default: from the config)"
+    )
+    top.add_argument("--once", action="store_true", help="print one reading and exit")
+    top.add_argument("--json", action="store_true", help="print /admin/state.json as it is")
+    top.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between readings (default 1)"
+    )
+    top.set_defaults(func=cmd_top)
 
     check = sub.add_parser(
         "check-config",

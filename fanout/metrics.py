@@ -189,11 +189,16 @@ class ProcessSampler:
         self.cpu = WORKER_CPU.labels(str(os.getpid()))
         self.cpu_seen = 0.0
         self.list_fds_at = 0.0
+        #: The last figures published, for the worker's state file.
+        self.rss = 0
+        self.fds = 0
 
     def sample(self, rss: int, now: float) -> None:
+        self.rss = rss
         WORKER_RSS.set(rss)
         fds = self.open_fds(now)
         if fds is not None:
+            self.fds = fds
             WORKER_FDS.set(fds)
         used = time.process_time()
         self.cpu.inc(max(0.0, used - self.cpu_seen))

@@ -64,6 +64,15 @@ class WorkerState(msgspec.Struct, kw_only=True):
     loop_lag_s: float
     generation: int
     shedding: bool = False
+    #: For the live view (``fanout top``, ``/admin``): running totals, and the rates the
+    #: worker measured between its last two heartbeats.
+    forwarded_total: int = 0
+    dropped_total: int = 0
+    forwarded_per_s: float = 0.0
+    dropped_per_s: float = 0.0
+    outbox_max: int = 0
+    rss_bytes: int = 0
+    open_fds: int = 0
 
 
 class SupervisorState(msgspec.Struct, kw_only=True):
@@ -259,14 +268,20 @@ def lock_dir() -> Path:
     return Path(runtime_dir) / "fanout" if runtime_dir else Path(f"/tmp/fanout-{os.getuid()}")
 
 
-def hold_port(host: str, port: int) -> int | None:
-    """The serve lock of a fixed port (None for port 0: every worker gets its own port)."""
+def hold_port(host: str, port: int, setting: str = "") -> int | None:
+    """The serve lock of a fixed port (None for port 0: ephemeral public ports, admin off).
+
+    ``setting`` (``admin.port``) prefixes the message when the port is not the public one.
+    """
     if not port:
         return None
+    prefix = f"{setting}: " if setting else ""
     try:
         return lock_port(host, port)
+    except PortTaken as exc:
+        raise PortTaken(f"{prefix}{exc}") from None
     except OSError as exc:
-        raise PortTaken(f"cannot take the lock of port {port}: {exc}") from None
+        raise PortTaken(f"{prefix}cannot take the lock of port {port}: {exc}") from None
 
 
 def lock_port(host: str, port: int) -> int:

@@ -94,6 +94,13 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ready_quorum: Annotated[float, Meta(gt=0, le=1)] = 1.0
 
 
+class Admin(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The operator's listener (/metrics, detailed /healthz, /admin): loopback unless moved."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535, description="0 = off")] = 9090
+
+
 class Tls(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cert: str | None = None
     key: str | None = None
@@ -227,6 +234,7 @@ class History(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: Server = msgspec.field(default_factory=Server)
+    admin: Admin = msgspec.field(default_factory=Admin)
     tls: Tls = msgspec.field(default_factory=Tls)
     nats: Nats = msgspec.field(default_factory=Nats)
     jwt: Jwt = msgspec.field(default_factory=Jwt)
@@ -559,6 +567,11 @@ def validate(s: Settings) -> None:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
             raise ConfigError("server.trusted_proxies", f"{proxy!r} is not an IP or CIDR") from None
+    _check(
+        s.admin.port != s.server.port,
+        "admin.port",
+        f"must differ from server.port ({s.server.port}): the admin listener is separate",
+    )
     _check(
         (s.tls.cert is None) == (s.tls.key is None), "tls.cert", "tls.cert and tls.key go together"
     )

@@ -518,6 +518,8 @@ class Procs:
 
     nats: EmbeddedNats | None = None
     gateway: subprocess.Popen[bytes] | None = None
+    #: The started gateway's admin listener (/metrics), for its counters.
+    admin: str | None = None
     children: list[mp.process.BaseProcess] = field(default_factory=list)
     tmp: tempfile.TemporaryDirectory[str] | None = None
     stalled: list[socket.socket] = field(default_factory=list)
@@ -574,10 +576,12 @@ def start_gateway(
     private, public = generate_keypair("ec")
     (keys / "public.pem").write_bytes(public)
     token = make_token(private_key_pem=private, sub="bench", subjects=["xy.md.>"], ttl_s=86_000)
-    port = free_port()
+    port, admin_port = free_port(), free_port()
+    procs.admin = f"http://{HOST}:{admin_port}"
     env = clean_env(
         {
             "NATS_URLS": nats_url,
+            "FANOUT_ADMIN_PORT": str(admin_port),
             "JWT_PUBLIC_KEY": str(keys / "public.pem"),
             "FANOUT_SERVER_HOST": HOST,
             "FANOUT_SERVER_PORT": str(port),
@@ -614,16 +618,15 @@ def start_gateway(
     raise RuntimeError(f"gateway not ready in 30 s; log: {log_path}")
 
 
-def gateway_counters(url: str) -> dict[str, float]:
-    """Totals from the gateway's /metrics (they are published once per second)."""
-    host_port = url.partition("://")[2].partition("/")[0]
+def gateway_counters(admin: str) -> dict[str, float]:
+    """Totals from the gateway's /metrics on its admin listener (published once per second)."""
     names = (
         "xy_ws_slow_consumers_total",
         "xy_ws_messages_dropped_total",
         "xy_ws_messages_forwarded_total",
     )
     out = dict.fromkeys(names, 0.0)
-    with urllib.request.urlopen(f"http://{host_port}/metrics", timeout=5) as resp:
+    with urllib.request.urlopen(f"{admin.rstrip('/')}/metrics", timeout=5) as resp:
         for line in resp.read().decode().splitlines():
             name = line.split("{", 1)[0].split(" ", 1)[0]
             if name in out:
@@ -913,7 +916,7 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
     before: dict[str, float] = {}
     if args.url:
         with contextlib.suppress(OSError, ValueError):
-            before = gateway_counters(url)
+            before = gateway_counters(args.admin)
     wall0 = time.monotonic()
     received0 = total(RECEIVED)
 
@@ -964,7 +967,7 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
     if not natsws:
         time.sleep(1.2)
         with contextlib.suppress(OSError, ValueError):
-            after = gateway_counters(url)
+            after = gateway_counters(args.admin if args.url else procs.admin or "")
             counters_end = {k: v - before.get(k, 0.0) for k, v in after.items()}
     if not ticks:
         pub_parent.send("bye")
@@ -1142,6 +1145,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--server-pid",
         type=int,
         help="with --url: the supervisor's pid, for the server CPU and RSS figures",
+    )
+    p.add_argument(
+        "--admin",
+        default="http://127.0.0.1:9090",
+        help="with --url: the gateway's admin listener, for its /metrics counters",
     )
     p.add_argument(
         "--symbols",

@@ -161,6 +161,7 @@ def start_gateway(nats_url: str, port: int, log: Path) -> subprocess.Popen[bytes
         FANOUT_WS_AUTH_REQUIRED="false",
         FANOUT_SERVER_HOST="127.0.0.1",
         FANOUT_SERVER_PORT=str(port),
+        FANOUT_ADMIN_PORT="0",  # nothing here reads the admin port
         FANOUT_REQUESTS_RATE="1000000",
         FANOUT_REQUESTS_BURST="1000000",
         FANOUT_WS_INBOUND_RATE="1000000",

@@ -49,6 +49,7 @@ def start_gateway(port: int, interval_s: float) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FANOUT_", "NATS_", "JWT_"))}
     env.update(
         FANOUT_SERVER_PORT=str(port),
+        FANOUT_ADMIN_PORT="0",  # the demo page only
         FANOUT_DEMO_INTERVAL_S=str(interval_s),
         FANOUT_LOG_LEVEL="warning",
     )

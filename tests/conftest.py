@@ -152,6 +152,11 @@ class Gateway:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def admin(self) -> str:
+        """The admin listener: /metrics, the detailed /healthz, /admin."""
+        return f"http://127.0.0.1:{self.env['FANOUT_ADMIN_PORT']}"
+
+    @property
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
@@ -183,10 +188,10 @@ class Gateway:
 
     def _all_workers_up(self) -> bool:
         """Every worker asked for with ``--workers N`` is listening (ready = the first one)."""
-        if "--workers" not in self.args:
+        if "--workers" not in self.args or self.env.get("FANOUT_ADMIN_PORT") == "0":
             return True
         wanted = int(self.args[self.args.index("--workers") + 1])
-        status, body, _ = http_get(self.http + "/healthz", 1.0)
+        status, body, _ = http_get(self.admin + "/healthz", 1.0)
         return status == 200 and len(json.loads(body)["workers"]) >= wanted
 
     def logs(self) -> str:
@@ -246,6 +251,7 @@ def launch_gateway(
 ) -> Gateway:
     """Start `fanout serve` on a free loopback port; env names are passed verbatim."""
     port = free_port()
+    env.setdefault("FANOUT_ADMIN_PORT", str(free_port()))
     gw = Gateway(
         port=port,
         env=gateway_env(FANOUT_SERVER_PORT=str(port), FANOUT_SERVER_HOST="127.0.0.1", **env),

@@ -66,6 +66,7 @@ class Supervisor:
         self._roll: policy.Roll[tuple[Settings, Settings, int]] | None = None
         self._pid = os.getpid()
         self._port_lock: int | None = None  # the serve lock's fd, held for life
+        self._admin_lock: int | None = None  # the admin port's: SO_REUSEPORT would share it too
 
     def run(self) -> int:
         """Serve until asked to stop; the exit code of `fanout serve`."""
@@ -99,9 +100,10 @@ class Supervisor:
 
     def start(self) -> None:
         setproctitle(self._title())
-        server = self._settings.server
+        server, admin = self._settings.server, self._settings.admin
         try:
             self._port_lock = runtime.hold_port(server.host, server.port)
+            self._admin_lock = runtime.hold_port(admin.host, admin.port, "admin.port")
         except runtime.PortTaken as exc:
             with contextlib.suppress(OSError):  # the fresh, empty one `fanout serve` made
                 self.state_dir.rmdir()

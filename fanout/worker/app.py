@@ -1,4 +1,9 @@
-"""The aiohttp application of a worker: health, readiness, metrics and the pages.
+"""The aiohttp applications of a worker: the public one and the admin one.
+
+The public port (shared with WebSocket clients) serves ``/readyz``, the seed's
+``/healthz`` fields, ``/fanout.js`` and, with ``--demo``, the demo page.
+Whatever names workers, URLs or patterns (``/metrics``, the detailed
+``/healthz``, the live view) is on the admin port only (:mod:`fanout.worker.admin`).
 
 Any worker can answer for the whole gateway: health and readiness read every
 live worker's state file in the shared private directory, metrics come from
@@ -15,10 +20,21 @@ from typing import Any
 
 from aiohttp import web
 
-from fanout import metrics, runtime
+from fanout import runtime
 from fanout.errors import Code
 
 STATIC = resources.files("fanout") / "static"
+
+
+#: The public /healthz: the seed's fields and nothing else (no pids, URLs or patterns).
+SEED_HEALTH_FIELDS = (
+    "natsConnected",
+    "subscriptions",
+    "lastErrorCode",
+    "uptimeSeconds",
+    "clients",
+    "subsPerConn",
+)
 
 
 def gateway_health(states: list[runtime.WorkerState], quorum: float) -> dict[str, Any]:
@@ -63,16 +79,36 @@ def gateway_health(states: list[runtime.WorkerState], quorum: float) -> dict[str
     }
 
 
-def build_app(
-    state_dir: Path, own_state: Callable[[], runtime.WorkerState], quorum: float, ws_path: str
-) -> web.Application:
+def static(name: str, content_type: str) -> Callable[[web.Request], Any]:
+    """A handler for one file of the package's static directory (404 if not shipped)."""
+
+    async def view(request: web.Request) -> web.Response:
+        resource = STATIC / name
+        if not resource.is_file():
+            raise web.HTTPNotFound()
+        return web.Response(
+            body=resource.read_bytes(),
+            content_type=content_type,
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    return view
+
+
+StatesFn = Callable[[], list[runtime.WorkerState]]
+
+
+def states_reader(state_dir: Path, own_state: Callable[[], runtime.WorkerState]) -> StatesFn:
+    """Every live worker's state: this worker's fresh, the others' from their files."""
+
     def states() -> list[runtime.WorkerState]:
         mine = own_state()
         return [mine, *(s for s in runtime.read_states(state_dir) if s.pid != mine.pid)]
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response(gateway_health(states(), quorum))
+    return states
 
+
+def readyz_view(states: StatesFn, quorum: float) -> Callable[[web.Request], Any]:
     async def readyz(request: web.Request) -> web.Response:
         health = gateway_health(states(), quorum)
         if health["ready"]:
@@ -89,31 +125,25 @@ def build_app(
         )
         return web.json_response({"ready": False, "code": code, "message": message}, status=503)
 
-    async def metrics_view(request: web.Request) -> web.Response:
-        body, content_type = metrics.render()
-        return web.Response(body=body, headers={"Content-Type": content_type})
+    return readyz
 
-    def static(name: str, content_type: str) -> Callable[[web.Request], Any]:
-        async def view(request: web.Request) -> web.Response:
-            resource = STATIC / name
-            if not resource.is_file():
-                raise web.HTTPNotFound()
-            body = resource.read_bytes()
-            return web.Response(
-                body=body, content_type=content_type, headers={"Cache-Control": "no-cache"}
-            )
 
-        return view
+def build_app(states: StatesFn, quorum: float, ws_path: str, demo: bool) -> web.Application:
+    """The public port's HTTP side (behind the gate: one request per socket)."""
+
+    async def healthz(request: web.Request) -> web.Response:
+        health = gateway_health(states(), quorum)
+        return web.json_response({key: health[key] for key in SEED_HEALTH_FIELDS})
 
     app = web.Application()
     app.on_response_prepare.append(_one_request_per_socket)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_view)
-    app.router.add_get("/", static("index.html", "text/html"))
+    app.router.add_get("/readyz", readyz_view(states, quorum))
     app.router.add_get("/fanout.js", static("fanout.js", "text/javascript"))
-    app.router.add_get("/demo.js", static("demo.js", "text/javascript"))
-    app.router.add_get("/demo.css", static("demo.css", "text/css"))
+    if demo:
+        app.router.add_get("/", static("index.html", "text/html"))
+        app.router.add_get("/demo.js", static("demo.js", "text/javascript"))
+        app.router.add_get("/demo.css", static("demo.css", "text/css"))
     app.router.add_route("*", ws_path, ws_without_upgrade)
     return app
 

@@ -1,7 +1,7 @@
 """The first protocol on every accepted socket: read the request head, then hand off.
 
 A WebSocket upgrade on the configured path is checked by the gateway and the
-socket moves to a lean :class:`WsConnection`; anything else (``/metrics``,
+socket moves to a lean :class:`WsConnection`; anything else (``/readyz``,
 ``/healthz``, the pages, a plain GET on the WebSocket path) moves to aiohttp's
 own request handler with the bytes read so far. So aiohttp serves HTTP while
 WebSocket clients never pay for aiohttp's per-connection objects.

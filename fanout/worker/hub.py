@@ -61,6 +61,10 @@ class Hub:
         self.nats_messages = 0
         self.dropped = [0, 0, 0]
         self.slow_consumers = 0
+        #: Running totals and the largest outbox at the last publish, for the live view.
+        self.forwarded_total = 0
+        self.dropped_total = 0
+        self.outbox_max = 0
         self._status_up = websocket.text_frame(protocol.status("up"))
         self._status_down = websocket.text_frame(protocol.status("down"))
 
@@ -457,6 +461,8 @@ class Hub:
 
     def publish_counts(self) -> None:
         """Move the hot-path counters into Prometheus (called once per sweep)."""
+        self.forwarded_total += self.forwarded
+        self.dropped_total += sum(self.dropped)
         if self.forwarded:
             metrics.FORWARDED.inc(self.forwarded)
             self.forwarded = 0
@@ -472,7 +478,8 @@ class Hub:
             self.slow_consumers = 0
         queued = [len(c.queue) for c in self.connections]
         metrics.SEND_QUEUE.set(sum(queued))
-        metrics.SEND_QUEUE_MAX.set(max(queued, default=0))
+        self.outbox_max = max(queued, default=0)
+        metrics.SEND_QUEUE_MAX.set(self.outbox_max)
         metrics.ACTIVE_CONNECTIONS.set(len(self.connections))
         metrics.SUBSCRIPTIONS.set(self.subscription_count)
         metrics.NATS_SUBSCRIPTIONS.set(

@@ -36,7 +36,8 @@ from fanout.core.auth import KeySet
 from fanout.errors import Close, Code
 from fanout.runtime import WORKER_BOOT_ERROR
 from fanout.settings import Settings
-from fanout.worker.app import build_app
+from fanout.worker.admin import build_admin_app
+from fanout.worker.app import build_app, states_reader
 from fanout.worker.gate import Gate
 from fanout.worker.gateway import Gateway
 from fanout.worker.hub import Hub
@@ -122,6 +123,25 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class Rates:
+    """Deliveries and drops per second between two heartbeats (the live view shows them)."""
+
+    __slots__ = ("at", "dropped", "dropped_seen", "forwarded", "forwarded_seen")
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+        self.forwarded_seen = self.dropped_seen = 0
+        self.forwarded = self.dropped = 0.0
+
+    def measure(self, forwarded_total: int, dropped_total: int, now: float) -> None:
+        if self.at is not None and now > self.at:
+            elapsed = now - self.at
+            self.forwarded = (forwarded_total - self.forwarded_seen) / elapsed
+            self.dropped = (dropped_total - self.dropped_seen) / elapsed
+        self.at = now
+        self.forwarded_seen, self.dropped_seen = forwarded_total, dropped_total
+
+
 class Worker:
     def __init__(self, settings: Settings, index: int, state_dir: Path) -> None:
         self.settings = settings
@@ -136,6 +156,7 @@ class Worker:
         self._title_at = 0.0
         self._failed_kinds: set[tuple[str, str]] = set()
         self.state_file = runtime.StateFile(state_dir, os.getpid())
+        self.rates = Rates()
 
     def state(self) -> runtime.WorkerState:
         hub, link = self.hub, self.link
@@ -154,6 +175,13 @@ class Worker:
             loop_lag_s=self.loop_lag,
             generation=self.generation,
             shedding=self.gateway.shedder.shedding,
+            forwarded_total=hub.forwarded_total,
+            dropped_total=hub.dropped_total,
+            forwarded_per_s=self.rates.forwarded,
+            dropped_per_s=self.rates.dropped,
+            outbox_max=hub.outbox_max,
+            rss_bytes=self.process.rss,
+            open_fds=self.process.fds,
         )
 
     async def serve(self) -> int:
@@ -182,6 +210,7 @@ class Worker:
             )
             await keys.start()
         self.process = metrics.ProcessSampler()
+        self.sample_process(time.monotonic())  # the first heartbeat shows RSS and fds already
         self.hub = hub = Hub(settings, loop)
         self.gateway = gateway = Gateway(settings, hub, keys)
         gateway.denylist = denylist
@@ -204,7 +233,9 @@ class Worker:
         hub.nats_up = link.connected
         if settings.requests.whitelist:
             gateway.requests = RequestBroker(settings, link, client_log=gateway.client_log)
-        app = build_app(self.state_dir, self.state, settings.server.ready_quorum, settings.ws.path)
+        states = states_reader(self.state_dir, self.state)
+        quorum = settings.server.ready_quorum
+        app = build_app(states, quorum, settings.ws.path, settings.demo.enabled)
         # one request per socket (see gate.py): a body is never read, so never wait for one
         runner = web.AppRunner(
             app,
@@ -214,6 +245,7 @@ class Worker:
             shutdown_timeout=runtime.http_shutdown_timeout(settings.server.graceful_timeout_s),
         )
         await runner.setup()
+        admin = await self.start_admin(build_admin_app(states, self.state_dir, quorum))
         http_factory = runner.server
         assert http_factory is not None
         server = await loop.create_server(
@@ -237,6 +269,8 @@ class Worker:
         await self.stopped.wait()
         code = self.stop_code or int(Close.GOING_AWAY)
         server.close()
+        if admin is not None:
+            await admin.cleanup()
         gateway.draining = True
         gateway.drain_code = code
         self.heartbeat()
@@ -256,6 +290,28 @@ class Worker:
         await runner.cleanup()
         return 0
 
+    async def start_admin(self, app: web.Application) -> web.AppRunner | None:
+        """The admin listener, shared by every worker like the public port (None when off).
+
+        Taken down first when the worker stops: the workers that stay answer for the gateway.
+        """
+        admin = self.settings.admin
+        if not admin.port:
+            return None
+        try:
+            sock = listen_socket(admin.host, admin.port, backlog=128)
+        except BootError as exc:
+            raise BootError(f"admin listener: {exc} (admin.port; 0 turns it off)") from None
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=runtime.http_shutdown_timeout(self.settings.server.graceful_timeout_s),
+        )
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        return runner
+
     def request_stop(self, code: int) -> None:
         if self.stop_code is None:
             self.stop_code = code
@@ -271,6 +327,11 @@ class Worker:
 
     def heartbeat(self) -> None:
         self.state_file.write(self.state())
+
+    def beat(self, now: float) -> None:
+        """The periodic heartbeat: the rates since the last one, then the state file."""
+        self.rates.measure(self.hub.forwarded_total, self.hub.dropped_total, now)
+        self.heartbeat()
 
     async def periodic(self) -> None:
         """The worker's one timer: sweep + heartbeat every second, pings every interval.
@@ -295,7 +356,7 @@ class Worker:
             if now >= next_ping:
                 next_ping = now + ping_every
                 self.guarded("ping", self.gateway.ping_idle, now)
-            self.guarded("heartbeat", self.heartbeat)
+            self.guarded("heartbeat", self.beat, now)
             self.guarded("title", self.update_title, now)
 
     def guarded(self, step: str, fn: Callable[..., None], *args: float) -> None:

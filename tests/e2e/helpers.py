@@ -8,7 +8,7 @@ from typing import Any
 
 from playwright.async_api import Page
 
-from tests.conftest import Gateway, http_get
+from tests.conftest import ROOT, Gateway, http_get
 from tests.helpers import wait_for
 
 #: Records the client's events with their page time: ``window.events`` is a list of
@@ -54,7 +54,7 @@ async def demo_view(page: Page) -> dict[str, Any]:
 
 def worker_pids(gw: Gateway) -> dict[int, int]:
     """index → pid of the live workers, from /healthz."""
-    _, body, _ = http_get(gw.http + "/healthz")
+    _, body, _ = http_get(gw.admin + "/healthz")
     return {w["index"]: w["pid"] for w in json.loads(body)["workers"]}
 
 
@@ -69,7 +69,7 @@ def wait_for_new_worker(gw: Gateway, old_pid: int, timeout_s: float = 20.0) -> i
 
 def counter(gw: Gateway, name: str, **labels: str) -> float:
     """The value of one Prometheus sample from /metrics (0 when absent)."""
-    status, body, _ = http_get(gw.http + "/metrics")
+    status, body, _ = http_get(gw.admin + "/metrics")
     assert status == 200
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     pattern = re.compile(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? ([0-9.eE+-]+)$", re.M)
@@ -79,3 +79,27 @@ def counter(gw: Gateway, name: str, **labels: str) -> float:
         if got == want:
             total += float(match[2])
     return total
+
+
+def _inlined_demo_page() -> str:
+    static = ROOT / "fanout" / "static"
+    html = (static / "index.html").read_text()
+    css = (static / "demo.css").read_text()
+    script = (static / "demo.js").read_text()
+    html = html.replace('<link rel="stylesheet" href="/demo.css">', f"<style>{css}</style>")
+    html = html.replace(
+        '<script type="module" src="/demo.js"></script>', f'<script type="module">{script}</script>'
+    )
+    assert "/demo.css" not in html and "/demo.js" not in html
+    return html
+
+
+async def open_demo_page(page: Page, gw: Gateway, query: str = "") -> None:
+    """The demo page against a gateway without ``--demo`` (which serves ``/`` only in demo mode).
+
+    A real loopback response of the gateway's origin first (Chromium's local network
+    checks then see a loopback page), keeping ``query`` for the page's ``location``; then
+    the demo page's HTML with its CSS and script inline (it imports the public /fanout.js).
+    """
+    await page.goto(f"{gw.http}/readyz{query}")
+    await page.set_content(_inlined_demo_page())

@@ -26,7 +26,7 @@ from playwright.async_api import TimeoutError as PageTimeout
 from fanout.devtoken import generate_keypair, make_token
 from fanout.embedded_nats import EmbeddedNats
 from tests.conftest import ROOT, Gateway, launch_gateway
-from tests.e2e.helpers import COUNT_SOCKETS, RECORD_EVENTS, counter, demo_view
+from tests.e2e.helpers import COUNT_SOCKETS, RECORD_EVENTS, counter, demo_view, open_demo_page
 from tests.helpers import async_wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -182,7 +182,7 @@ async def start_publisher(
 
 async def open_demo(page: Page, gw: Gateway, nc: NatsClient, prefix: str) -> int:
     """The demo page subscribed to ``prefix.*``, live; returns the probe messages it got."""
-    await page.goto(f"{gw.http}/?subject={prefix}.*")
+    await open_demo_page(page, gw, f"?subject={prefix}.*")
     await page.wait_for_function("() => window.fanoutDemo.client.state === 'open'", timeout=15_000)
     await until_received(
         nc, page, f"{prefix}.probe", "() => window.fanoutDemo.client.stats.messages > 0"
@@ -354,7 +354,7 @@ async def test_bad_token_backs_off_instead_of_hammering(page: Page, auth_gw: Gat
     forged = make_token(private_key_pem=other_key, sub="e2e", subjects=["xy.md.>"], ttl_s=600)
     before = counter(auth_gw, "fanout_handshake_failures_total", code="XYW005")
     await page.add_init_script(COUNT_SOCKETS)
-    await page.goto(f"{auth_gw.http}/?token={forged}")
+    await open_demo_page(page, auth_gw, f"?token={forged}")
     await asyncio.sleep(WATCH_S)  # waits on: the window in which the attempts are counted
     refused = counter(auth_gw, "fanout_handshake_failures_total", code="XYW005") - before
     view = await demo_view(page)
@@ -372,7 +372,7 @@ async def test_expired_token_ends_in_4005_and_authfailed(
     page: Page, auth_gw: Gateway, keypair: tuple[Path, Path]
 ) -> None:
     await page.add_init_script(COUNT_SOCKETS)
-    await page.goto(f"{auth_gw.http}/?token={token_for(keypair, 4)}")
+    await open_demo_page(page, auth_gw, f"?token={token_for(keypair, 4)}")
     await page.wait_for_function("() => window.fanoutDemo.client.state === 'open'", timeout=15_000)
     await page.evaluate(RECORD_EVENTS, await page.evaluate_handle("window.fanoutDemo.client"))
     await page.wait_for_function(

@@ -67,7 +67,7 @@ def start(
 
 def metric(gw: Gateway, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels``."""
-    status, body, _ = http_get(gw.http + "/metrics")
+    status, body, _ = http_get(gw.admin + "/metrics")
     assert status == 200
     total = 0.0
     want = [f'{k}="{v}"' for k, v in labels.items()]

@@ -25,7 +25,9 @@ def test_image_command_starts_from_the_environment_and_healthcheck_follows_the_p
     image = parse_dockerfile(DOCKERFILE.read_text())
     assert image.command[:2] == ["fanout", "serve"]
     env = {
-        k: v for k, v in image.env.items() if k not in ("FANOUT_SERVER_PORT", "FANOUT_SERVER_HOST")
+        k: v
+        for k, v in image.env.items()
+        if k not in ("FANOUT_SERVER_PORT", "FANOUT_SERVER_HOST", "FANOUT_ADMIN_HOST")
     }
     gw = launch_gateway(
         tmp_path,

@@ -36,7 +36,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 def scrape(gw: Gateway) -> Samples:
     """Every sample of one /metrics scrape, keyed by name and labels."""
-    status, body, _ = http_get(gw.http + "/metrics")
+    status, body, _ = http_get(gw.admin + "/metrics")
     assert status == 200
     return {
         (s.name, frozenset(s.labels.items())): s.value
@@ -62,7 +62,7 @@ async def wait_scrape(
 
 
 def worker_pid(gw: Gateway) -> str:
-    status, body, _ = http_get(gw.http + "/healthz")
+    status, body, _ = http_get(gw.admin + "/healthz")
     assert status == 200
     (worker,) = json.loads(body)["workers"]
     return str(worker["pid"])
@@ -144,7 +144,7 @@ async def test_a_replaced_workers_gauges_go_and_its_cpu_count_stays(gateway: Gat
         while True:
             await asyncio.sleep(0.1)
             try:  # the only worker is gone until its replacement listens
-                status, body, _ = http_get(gateway.http + "/healthz", 1.0)
+                status, body, _ = http_get(gateway.admin + "/healthz", 1.0)
             except OSError:
                 continue
             workers = json.loads(body)["workers"] if status == 200 else []
@@ -359,7 +359,8 @@ def prometheus(gateway: Gateway, tmp_path: Path) -> Iterator[Prometheus]:
                 "scrape_configs": [
                     {
                         "job_name": "fanout",
-                        "static_configs": [{"targets": [f"127.0.0.1:{gateway.port}"]}],
+                        # /metrics is on the admin listener
+                        "static_configs": [{"targets": [gateway.admin.removeprefix("http://")]}],
                     }
                 ],
             }
@@ -469,7 +470,7 @@ async def test_every_dashboard_and_alert_expression_runs_on_a_real_prometheus(
     # and the gateway-down alert's expression sees a stopped gateway
     gateway.stop()
     (down,) = await wait_series(prometheus, rules["FanoutGatewayDown"]["query"], bool)
-    assert down["metric"]["instance"] == f"127.0.0.1:{gateway.port}"
+    assert down["metric"]["instance"] == gateway.admin.removeprefix("http://")
 
 
 async def loaded_rules(prom: Prometheus) -> dict[str, dict[str, Any]]:

@@ -143,7 +143,7 @@ def request(op_id: int, subject: str, data: Any = None, **kw: Any) -> dict[str, 
 
 
 def metric(gw: Gateway, name: str, labels: str = "") -> float:
-    status, body, _ = http_get(gw.http + "/metrics")
+    status, body, _ = http_get(gw.admin + "/metrics")
     assert status == 200
     pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)"
     match = re.search(pattern, body.decode())

@@ -82,7 +82,7 @@ def nats_subscriptions(server: EmbeddedNats) -> list[str]:
 
 def metric(gw: Gateway, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels``."""
-    status, body, _ = http_get(gw.http + "/metrics")
+    status, body, _ = http_get(gw.admin + "/metrics")
     assert status == 200
     want = [f'{k}="{v}"' for k, v in labels.items()]
     total = 0.0

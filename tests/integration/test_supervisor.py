@@ -42,6 +42,8 @@ def write_config(path: Path, port: int, workers: int, **server: float) -> None:
     lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}", f"workers = {workers}"]
     lines += [f"{key} = {value}" for key, value in values.items()]
     lines += ["[ws]", "auth_required = false"]
+    # the tiny worker serves no admin port; 0 also spares the supervisor its admin lock
+    lines += ["[admin]", "port = 0"]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -52,7 +52,7 @@ def cmdline(pid: int) -> str:
 
 def worker_pids(gw: Gateway) -> dict[int, int]:
     """index -> pid of the workers /healthz lists."""
-    _, body, _ = http_get(gw.http + "/healthz")
+    _, body, _ = http_get(gw.admin + "/healthz")
     return {w["index"]: w["pid"] for w in json.loads(body)["workers"]}
 
 
@@ -130,7 +130,7 @@ async def test_kill_9_worker_under_200_clients(
 
         # counters reach Prometheus once per sweep (1 s): poll until they add up
         def forwarded() -> str | None:
-            text = http_get(gw.http + "/metrics")[1].decode()
+            text = http_get(gw.admin + "/metrics")[1].decode()
             found = re.search(r"^xy_ws_messages_forwarded_total (\S+)$", text, re.M)
             return text if found and float(found.group(1)) >= 30 * len(survivors) else None
 

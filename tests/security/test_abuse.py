@@ -43,7 +43,7 @@ GATEWAY_ENV = {
 
 
 def metric(gw: Gateway, name: str) -> float:
-    _, body, _ = http_get(gw.http + "/metrics")
+    _, body, _ = http_get(gw.admin + "/metrics")
     found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", body.decode(), re.M)
     return float(found.group(1)) if found else 0.0
 
@@ -52,7 +52,7 @@ async def counted(gw: Gateway, series: str) -> None:
     """Wait until /metrics has ``series`` (name and labels) at 1 or more (once per sweep)."""
     pattern = re.compile(rf"^{re.escape(series)} [1-9]", re.M)
     await async_wait_for(
-        lambda: pattern.search(http_get(gw.http + "/metrics")[1].decode()),
+        lambda: pattern.search(http_get(gw.admin + "/metrics")[1].decode()),
         20,
         f"{series} counted",
         interval=0.2,
@@ -209,7 +209,7 @@ async def test_client_that_does_not_read_is_cut_4003(
 
 
 async def test_connect_close_loop_leaks_nothing(gw: Gateway, neighbour: Neighbour) -> None:
-    _, body, _ = http_get(gw.http + "/healthz")
+    _, body, _ = http_get(gw.admin + "/healthz")
     pid = json.loads(body)["workers"][0]["pid"]
     baseline = len(os.listdir(f"/proc/{pid}/fd"))
     for i in range(300):
@@ -221,7 +221,7 @@ async def test_connect_close_loop_leaks_nothing(gw: Gateway, neighbour: Neighbou
     await async_wait_for(
         lambda: len(os.listdir(f"/proc/{pid}/fd")) <= baseline + 2, 20, "the fds released"
     )
-    status, body, _ = http_get(gw.http + "/healthz")
+    status, body, _ = http_get(gw.admin + "/healthz")
     assert status == 200 and json.loads(body)["workers"][0]["pid"] == pid
 
 

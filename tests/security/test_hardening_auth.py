@@ -83,7 +83,7 @@ async def call(ws: Reply, op_id: int, subject: str, **kw: Any) -> dict[str, Any]
 
 
 def metric(gw: Gateway, name: str, labels: str = "") -> float | None:
-    _, body, _ = http_get(gw.http + "/metrics")
+    _, body, _ = http_get(gw.admin + "/metrics")
     series = f"{name}{{{labels}}}" if labels else name
     found = re.search(rf"^{re.escape(series)} ([0-9.e+]+)$", body.decode(), re.M)
     return float(found.group(1)) if found else None

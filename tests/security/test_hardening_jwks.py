@@ -94,7 +94,7 @@ def jwks_server(keypair: tuple[Path, Path]) -> Iterator[JwksServer]:
 
 
 def metric(gw: Gateway, name: str) -> float:
-    _, body, _ = http_get(gw.http + "/metrics")
+    _, body, _ = http_get(gw.admin + "/metrics")
     found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", body.decode(), re.M)
     return float(found.group(1)) if found else 0.0
 

@@ -52,13 +52,13 @@ GATEWAY_ENV = {
 
 
 def worker_pid(gw: Gateway) -> int:
-    _, body, _ = http_get(gw.http + "/healthz")
+    _, body, _ = http_get(gw.admin + "/healthz")
     pid: int = json.loads(body)["workers"][0]["pid"]
     return pid
 
 
 def metrics_text(gw: Gateway) -> str:
-    return http_get(gw.http + "/metrics")[1].decode()
+    return http_get(gw.admin + "/metrics")[1].decode()
 
 
 def metric_value(text: str, series: str) -> float:

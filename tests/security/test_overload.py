@@ -71,7 +71,7 @@ async def test_load_shedding_refuses_new_handshakes_and_keeps_clients(
         assert reply.json() == {"code": "XYW007", "message": "gateway is overloaded"}
         assert reply.headers["retry-after"] == "5"
         await early.check(count=20)
-        _, metrics, _ = http_get(shedding_gw.http + "/metrics")
+        _, metrics, _ = http_get(shedding_gw.admin + "/metrics")
         text = metrics.decode()
         assert re.search(r"^fanout_load_shedding 1\.0$", text, re.M)
         assert re.search(r'^fanout_limit_refusals_total\{limit="shedding"\} [1-9]', text, re.M)
@@ -134,7 +134,7 @@ async def test_fd_limit_caps_connections_and_emfile_never_crashes(
     gw = fd_starved_gw
     cap = NOFILE - HEADROOM
     assert '"server.max_connections clamped below the file-descriptor limit"' in gw.logs()
-    _, body, _ = http_get(gw.http + "/healthz")
+    _, body, _ = http_get(gw.admin + "/healthz")
     pid = json.loads(body)["workers"][0]["pid"]
     held = []
     try:
@@ -167,8 +167,8 @@ async def test_fd_limit_caps_connections_and_emfile_never_crashes(
     finally:
         for r in held:
             r.close()
-    _, body, _ = http_get(gw.http + "/healthz")
+    _, body, _ = http_get(gw.admin + "/healthz")
     assert json.loads(body)["workers"][0]["pid"] == pid  # the same worker: it never crashed
-    _, metrics, _ = http_get(gw.http + "/metrics")
+    _, metrics, _ = http_get(gw.admin + "/metrics")
     assert re.search(rf"^fanout_connection_cap {cap}\.0$", metrics.decode(), re.M)
     assert not re.search(r"^fanout_worker_restarts_total\{[^}]*\} [1-9]", metrics.decode(), re.M)

@@ -242,3 +242,24 @@ def test_log_format_from_env_then_flag_and_a_wrong_one_lists_the_values(
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("fanout: invalid config: log.format: ") and "auto, json, text" in err
+
+
+def test_admin_port_from_env_then_flag_and_0_is_off(clean_env: pytest.MonkeyPatch) -> None:
+    def admin(*argv: str) -> tuple[str, int]:
+        cfg = cli.load_settings(cli.parser().parse_args(["serve", "--demo", *argv]))
+        return cfg.admin.host, cfg.admin.port
+
+    assert admin() == ("127.0.0.1", 9090)
+    clean_env.setenv("FANOUT_ADMIN_PORT", "9191")
+    clean_env.setenv("FANOUT_ADMIN_HOST", "10.0.0.5")
+    assert admin() == ("10.0.0.5", 9191)
+    assert admin("--admin-port", "0") == ("10.0.0.5", 0)
+
+
+def test_top_with_the_admin_listener_off_exits_2(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No JWT key configured: ``top`` only needs admin.*, not the client-auth settings."""
+    clean_env.setenv("FANOUT_ADMIN_PORT", "0")
+    assert cli.main(["top", "--once"]) == 2
+    assert capsys.readouterr().err == "fanout top: admin.port is 0 (the admin listener is off)\n"

@@ -83,6 +83,20 @@ def test_dockerfile_healthcheck_uses_the_configured_port() -> None:
     assert "/healthz" in image.healthcheck
 
 
+def test_dockerfile_exposes_the_admin_port_to_the_container_network() -> None:
+    """In a container, loopback is the container's own: Prometheus could never scrape it."""
+    image = parse_dockerfile(DOCKERFILE.read_text())
+    assert image.env["FANOUT_ADMIN_HOST"] == "0.0.0.0"
+    assert "FANOUT_ADMIN_PORT" not in image.env
+    assert str(settings.Admin().port) in image.expose
+
+
+def test_prometheus_scrapes_the_admin_port() -> None:
+    scrape = (ROOT / "deploy" / "prometheus" / "scrape.yml").read_text()
+    targets = re.findall(r'"[\w.-]+:(\d+)"', scrape)
+    assert targets and set(targets) == {str(settings.Admin().port)}
+
+
 def test_parse_dockerfile_reads_json_and_shell_forms() -> None:
     image = parse_dockerfile(
         '# c\nENV A=1 B="two words"\nEXPOSE 80\nHEALTHCHECK --interval=5s \\\n'

@@ -47,6 +47,7 @@ def run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
         ("screenshot.py", ["playwright"], ["(default: 20.0)"]),
         ("seq_ingest.py", [], ["(default: 50000)", "(default: core,republish"]),
         ("resume_storm.py", [], ["(default: 5000)", "(default: 2)"]),
+        ("admin_screenshot.py", ["playwright"], ["(default: 6)", "(default: kill)"]),
     ],
 )
 def test_help_shows_the_defaults(tool: str, modules: list[str], expected: list[str]) -> None:

@@ -18,6 +18,7 @@ BASE = {"JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----"}
 
 LOWER_BOUNDS = [
     ("FANOUT_SERVER_PORT", "0", "server.port", "must be 1..65535"),
+    ("FANOUT_ADMIN_PORT", "-1", "admin.port", "must be 0..65535 (0 = off)"),
     ("FANOUT_SERVER_WORKERS", "-1", "server.workers", "must be >= 0 (0 = one per CPU)"),
     ("FANOUT_SERVER_MAX_CONNECTIONS", "0", "server.max_connections", "must be > 0"),
     ("FANOUT_SERVER_FD_HEADROOM", "15", "server.fd_headroom", "must be >= 16"),
@@ -63,6 +64,7 @@ LOWER_BOUNDS = [
 
 UPPER_BOUNDS = [
     ("FANOUT_SERVER_PORT", "65536", "server.port", "must be 1..65535"),
+    ("FANOUT_ADMIN_PORT", "65536", "admin.port", "must be 0..65535 (0 = off)"),
     ("FANOUT_SERVER_READY_QUORUM", "1.5", "server.ready_quorum", "must be in (0, 1]"),
     ("FANOUT_JWT_MAX_TOKEN_BYTES", "65537", "jwt.max_token_bytes", "must be 1..65536"),
     (
@@ -226,6 +228,7 @@ def test_a_value_from_the_command_line_says_so() -> None:
         ({"FANOUT_REQUESTS_BREAKER_TIMEOUT_FLOOR_MS": "0"}, "requests.breaker_timeout_floor_ms"),
         ({"FANOUT_SERVER_TRUSTED_PROXIES": "10.0.0.0/8,proxy"}, "server.trusted_proxies"),
         ({"FANOUT_TLS_CERT": "/c.pem"}, "tls.cert"),
+        ({"FANOUT_ADMIN_PORT": "8080"}, "admin.port"),
     ],
 )
 def test_rules_checked_in_code_name_the_variable_too(env: dict[str, str], field: str) -> None:
