@@ -157,8 +157,9 @@ def client_main(url: str, count: int, plain: bool, pipe: Connection) -> None:
     uvloop.run(main())
 
 
-def healthz(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+def healthz(admin_port: int) -> dict[str, Any]:
+    """The detailed /healthz (one row per worker) of the gateway's admin listener."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/healthz", timeout=5) as r:
         data: dict[str, Any] = json.loads(r.read())
     return data
 
@@ -189,11 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             await nc.close()
 
         asyncio.run(setup())
-        port = free_port()
+        port, admin = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FANOUT_", "NATS_"))}
         env.update(
             NATS_URLS=server.url,
             FANOUT_SERVER_PORT=str(port),
+            FANOUT_ADMIN_PORT=str(admin),
             FANOUT_SERVER_HOST="127.0.0.1",
             FANOUT_WS_AUTH_REQUIRED="false",
             FANOUT_HISTORY_STREAMS=f"{SUBJECT}=STORM",
@@ -210,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if len(healthz(port)["workers"]) >= args.workers:
+                if len(healthz(admin)["workers"]) >= args.workers:
                     break
             except OSError:
                 pass
@@ -257,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if time.monotonic() - started > args.timeout:
                     raise RuntimeError("clients did not all get a message")
                 await asyncio.sleep(1)
-            victim = healthz(port)["workers"][0]
+            victim = healthz(admin)["workers"][0]
             cpu0 = tree_cpu_s(gw.pid)
             killed_at = time.monotonic()
             os.kill(victim["pid"], signal.SIGKILL)

@@ -76,7 +76,7 @@ async def publish(nc: NatsClient, subject: str, n: int, tag: str = "m") -> list[
 
 def disconnects(gw: Gateway, code: str) -> float:
     """``fanout_disconnects_total{close_code=code}`` of the gateway."""
-    _, body, _ = http_get(gw.http + "/metrics")
+    _, body, _ = http_get(gw.admin + "/metrics")
     prefix = f'fanout_disconnects_total{{close_code="{code}"}} '
     lines = [line for line in body.decode().splitlines() if line.startswith(prefix)]
     return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
@@ -109,6 +109,8 @@ async def test_live_messages_carry_seq_and_the_ack_the_epoch(gw: Gateway, nc: Na
     try:
         ack = await sub(client, "xy.md.live.a")
         assert set(ack) == {"op", "id", "epoch", "seq"} and ack["epoch"].startswith("20")
+        # not the stream's: no Nats-Sequence, so the worker drops it
+        await nc.publish(f"{PREFIX}.xy.md.live.a", b'{"forged":true}')
         seqs = await publish(nc, "xy.md.live.a", 3)
         frames = [await client.expect(lambda f: f.get("op") == "msg") for _ in seqs]
         assert [f["seq"] for f in frames] == seqs

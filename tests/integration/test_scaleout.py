@@ -266,7 +266,7 @@ async def traffic(
 
 
 def worker_pids(gw: Gateway) -> list[int]:
-    _, body, _ = http_get(gw.http + "/healthz")
+    _, body, _ = http_get(gw.admin + "/healthz")
     return [w["pid"] for w in json.loads(body)["workers"]]
 
 
@@ -298,7 +298,7 @@ async def test_nats_node_kill_clients_keep_everything(
     """The node a worker is connected to dies: the worker reconnects to another one and
     catches up from the R3 stream what was published meanwhile; its clients stay."""
     gateways, balancer, cluster = stack
-    _, body, _ = http_get(gateways[0].http + "/healthz")
+    _, body, _ = http_get(gateways[0].admin + "/healthz")
     url = json.loads(body)["workers"][0]["natsUrl"]
     (victim,) = [n for n in cluster if n.url == url]
     async with traffic(balancer, cluster) as (clients, _):
