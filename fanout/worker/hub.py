@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from fanout import metrics
 from fanout.core import history, outbox, protocol, subjects, websocket
-from fanout.core.history import Reason, Resume
+from fanout.core.history import Reason, Resume, Seam
 from fanout.core.interest import SubjectRouter
 from fanout.core.overlap import Overlaps, Route
 from fanout.errors import Close, Code
 from fanout.settings import Settings
 from fanout.worker.history import HistoryReader
-from fanout.worker.recovery import JS_TIMEOUT_S, Recovery, Resuming
+from fanout.worker.recovery import JS_TIMEOUT_S, Channel, Recovery, Resuming
 
 if TYPE_CHECKING:
     from fanout.worker.connection import Replies, WsConnection
@@ -258,6 +258,11 @@ class Hub:
         if batch is None:
             return
         item = (subject, websocket.text_frame(protocol.encode_msg(subject, data, headers)))
+        self._share(pattern, batch, item)
+
+    def _share(self, pattern: str, batch: outbox.Batch, item: outbox.Pending) -> None:
+        """``item`` to every client of ``pattern``: idle ones share ``batch``, the others
+        get it in their own queues; flush now if the batch is full, else once per turn."""
         if not batch.items:
             self.active.append(batch)
         start = len(batch.items)
@@ -335,31 +340,51 @@ class Hub:
         """A republished message of a recoverable key (v1.2): its ``msg`` carries ``seq``.
 
         The stream sequence is read from the raw header block; the message goes into
-        the key's window, to the clients whose replay is being prepared held (the
-        seam), to the others through their own queues.
+        the key's window, then as on the plain path (idle clients share the key's
+        batch) unless some clients' replay is being prepared: those hold it (the seam).
         """
         self.nats_messages += 1
         parsed = history.sequence_of(headers) if headers else None
         if parsed is None:
             return  # published on the republish subject by someone else: not the stream's
-        routes: list[Route] | tuple[Route] = (route,)
-        if route.overlap:
-            selected = self.overlaps.select(route, subject, data)
-            if selected is None:
-                return
-            routes = selected
         seq, previous = parsed
         recovery = self.recovery
+        if not route.overlap:
+            channel = recovery.channels.get(route.pattern)
+            if channel is None:
+                return
+            original = recovery.streams.original(subject)
+            item = recovery.item(original, seq, data, history.user_headers(headers))
+            holding = recovery.on_live(channel, seq, previous, item)
+            if not holding:
+                self._share(route.pattern, channel.batch, item)
+                return
+            self._hold_or_enqueue([(channel, holding)], seq, item)
+            return
+        selected = self.overlaps.select(route, subject, data)
+        if selected is None:
+            return
         original = recovery.streams.original(subject)
         item = recovery.item(original, seq, data, history.user_headers(headers))
-        seen: set[WsConnection] | None = set() if len(routes) > 1 else None
-        cut: list[WsConnection] = []
-        for matching in routes:
+        targets = []
+        for matching in selected:
             channel = recovery.channels.get(matching.pattern)
-            if channel is None:
-                continue
-            holding = recovery.on_live(channel, seq, previous, item)
-            for conn in self.router.subscribers(matching.pattern):
+            if channel is not None:
+                targets.append((channel, recovery.on_live(channel, seq, previous, item)))
+        self._hold_or_enqueue(targets, seq, item)
+
+    def _hold_or_enqueue(
+        self,
+        targets: list[tuple[Channel, dict[WsConnection, Seam[outbox.Pending]]]],
+        seq: int,
+        item: outbox.Pending,
+    ) -> None:
+        """The general path of a recoverable message: each client of the matching keys once,
+        held while its replay is prepared, else through its own queue."""
+        seen: set[WsConnection] | None = set() if len(targets) > 1 else None
+        cut: list[WsConnection] = []
+        for channel, holding in targets:
+            for conn in self.router.subscribers(channel.key):
                 if seen is not None:
                     if conn in seen:
                         continue

@@ -64,6 +64,7 @@ class Channel:
     """One recoverable key: its stream, window, held clients and reads."""
 
     __slots__ = (
+        "batch",
         "catching_up",
         "exact",
         "holding",
@@ -85,6 +86,8 @@ class Channel:
         self.pattern = pattern
         self.stream = stream
         self.policy = policy
+        #: Shared by the clients that are idle when a live message comes (as on the plain path).
+        self.batch = outbox.Batch(policy)
         #: One subject, no wildcard: ``Nats-Last-Sequence`` proves the window complete.
         self.exact = not subjects.is_wildcard(pattern)
         self.window: Window[outbox.Pending] = Window(h.window_messages, h.window_s)

@@ -448,3 +448,22 @@ async def test_resumes_served_from_the_workers_window(gw: Gateway, nc: NatsClien
     finally:
         await keeper.close()
         await client.close()
+
+
+async def test_overlapping_recoverable_subscriptions_deliver_each_message_once(
+    gw: Gateway, nc: NatsClient
+) -> None:
+    client = await connect(gw)
+    other = await connect(gw)
+    try:
+        await sub(client, "xy.md.ov.*", 1)
+        await sub(client, "xy.md.ov.a", 2)
+        await sub(other, "xy.md.ov.a", 1)  # a client of one of them only
+        seqs = await publish(nc, "xy.md.ov.a", 3) + await publish(nc, "xy.md.ov.b", 2)
+        assert await msgs_until(client, "xy.md.ov.b", seqs[-1]) == seqs[3:]
+        got = [f["seq"] for f in client.frames if f.get("op") == "msg"]
+        assert got == seqs  # each once, in order, whichever subscription delivered it
+        assert await msgs_until(other, "xy.md.ov.a", seqs[2]) == seqs[:3]
+    finally:
+        await client.close()
+        await other.close()
