@@ -12,7 +12,6 @@ import json
 import os
 import re
 import resource
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,13 +26,13 @@ from tests.conftest import Gateway, http_get
 from tests.helpers import async_wait_for
 from tests.security.hostile import (
     ORIGIN,
-    PROXY,
     Neighbour,
     Signer,
     connect_raw,
     fresh_ip,
     handshake,
     read_json,
+    read_response,
     start_gateway,
     text,
     upgrade_request,
@@ -152,19 +151,6 @@ async def test_fd_exhaustion_keeps_the_worker_beating_and_serving(
 
 
 # -- 2. plain HTTP sockets: one request each, bounded, counted -------------------------------
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    async with asyncio.timeout(5):
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if value:
-                headers[name.strip().lower()] = value.strip()
-        body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(lines[0].split(" ", 2)[1]), headers, body
-
-
 async def closed_by_server(reader: asyncio.StreamReader) -> bool:
     """True when the gateway ends the socket (EOF or reset) within 5 s, sending nothing more."""
     try:
@@ -296,16 +282,10 @@ def vm_rss(pid: int) -> int:
 
 async def deaf_client(port: int, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """An upgraded client with a 4 KiB receive buffer that reads nothing after its welcome."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.bind((PROXY, 0))
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    reader, writer = await connect_raw(port, rcvbuf=4096, limit=4096)
     writer.write(upgrade_request(port, token=token, xff=fresh_ip(), origin=ORIGIN))
-    async with asyncio.timeout(5):
-        head = await reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101"), head
+    status, _, body = await read_response(reader)
+    assert status == 101, (status, body)
     assert (await read_json(reader))[0]["op"] == "welcome"
     return reader, writer
 
