@@ -63,7 +63,12 @@ Event = bytes | Closing
 
 
 def _is_terminal(item: Frame | ProtocolViolation) -> bool:
+    """After this item the connection closes: nothing but the peer's close frame matters."""
     return isinstance(item, ProtocolViolation) or item[0] in (OP_CLOSE, OP_BINARY)
+
+
+def _close_frames(items: list[Frame | ProtocolViolation]) -> list[Frame | ProtocolViolation]:
+    return [item for item in items if type(item) is Frame and item[0] == OP_CLOSE]
 
 
 class WsProtocol:
@@ -100,19 +105,22 @@ class WsProtocol:
             items = [*exc.frames, exc]
             exc.frames = []
         if self.state == CLOSING:
-            if any(item[0] == OP_CLOSE for item in items if type(item) is Frame):
+            if _close_frames(items):
                 self.state = CLOSED
             return
         if self._ended:
-            items = [item for item in items if type(item) is Frame and item[0] == OP_CLOSE]
+            items = _close_frames(items)
         else:
             short = parser.short_fragments - short
             cost = len(items) + short
             if cost and not self.bucket.take(cost, now):
                 keep = max(0, int(self.bucket.tokens) - short)
                 items = [*items[:keep], ProtocolViolation(Close.POLICY, RATE_LIMITED)]
-            if any(_is_terminal(item) for item in items):
-                self._ended = True
+            for i, item in enumerate(items):
+                if _is_terminal(item):
+                    self._ended = True
+                    items = [*items[: i + 1], *_close_frames(items[i + 1 :])]
+                    break
         if not items:
             return
         items.reverse()
@@ -175,7 +183,7 @@ class WsProtocol:
         self.closing_since = now
         pending = self._pending
         self._pending = None
-        if pending and any(type(i) is Frame and i[0] == OP_CLOSE for i in pending):
+        if pending and _close_frames(pending):
             self.state = CLOSED
 
     def data_to_send(self) -> list[bytes]:
