@@ -71,13 +71,18 @@ def _close_frames(items: list[Frame | ProtocolViolation]) -> list[Frame | Protoc
     return [item for item in items if type(item) is Frame and item[0] == OP_CLOSE]
 
 
-class WsProtocol:
-    """One client connection's protocol state; ``__slots__`` only, no buffer while idle."""
+class WsProtocol(FrameParser):
+    """One client connection's protocol state: the frame parser plus the connection's rules.
 
-    __slots__ = ("_ended", "_out", "_pending", "bucket", "closing_since", "parser", "state")
+    A subclass rather than a parser attribute: one object per connection, not
+    two (memory per idle connection decides how many clients a worker holds).
+    ``__slots__`` only, no buffer while idle.
+    """
+
+    __slots__ = ("_ended", "_out", "_pending", "bucket", "closing_since", "state")
 
     def __init__(self, max_message_bytes: int, bucket: TokenBucket) -> None:
-        self.parser = FrameParser(max_message_bytes)
+        super().__init__(max_message_bytes)
         self.bucket = bucket
         self.state = OPEN
         self.closing_since = 0.0
@@ -96,11 +101,10 @@ class WsProtocol:
         """
         if self.state == CLOSED:
             return
-        parser = self.parser
-        short = parser.short_fragments
+        short = self.short_fragments
         items: list[Frame | ProtocolViolation]
         try:
-            items = [*parser.feed(data)]
+            items = [*self.feed(data)]
         except ProtocolViolation as exc:
             items = [*exc.frames, exc]
             exc.frames = []
@@ -111,7 +115,7 @@ class WsProtocol:
         if self._ended:
             items = _close_frames(items)
         else:
-            short = parser.short_fragments - short
+            short = self.short_fragments - short
             cost = len(items) + short
             if cost and not self.bucket.take(cost, now):
                 keep = max(0, int(self.bucket.tokens) - short)
