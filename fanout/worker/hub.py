@@ -101,6 +101,21 @@ class Hub:
     def unsubscribe(self, conn: WsConnection, pattern: str) -> None:
         """Nothing more for ``pattern`` reaches ``conn`` after this (its sub ack goes first)."""
         self.subscription_count -= 1
+        self._release(conn, pattern)
+        if self.router.remove(conn, pattern):
+            self.batches.pop(pattern, None)
+            self.waiting.pop(pattern, None)
+            if self.link is not None:
+                self.link.unwant(pattern)
+        self.settle(conn)
+
+    def release_acks(self, conn: WsConnection) -> None:
+        """``conn`` is closing: its acks waiting for a pattern go now, before its close frame."""
+        if self.waiting:
+            for pattern in conn.subs:
+                self._release(conn, pattern)
+
+    def _release(self, conn: WsConnection, pattern: str) -> None:
         waiters = self.waiting.get(pattern)
         if waiters is not None:
             mine = [w for w in waiters if w[0].conn is conn]
@@ -108,12 +123,6 @@ class Hub:
                 waiters[:] = [w for w in waiters if w[0].conn is not conn]
                 for replies, index, op_id in mine:
                     replies.fill(index, protocol.ack(op_id))
-        if self.router.remove(conn, pattern):
-            self.batches.pop(pattern, None)
-            self.waiting.pop(pattern, None)
-            if self.link is not None:
-                self.link.unwant(pattern)
-        self.settle(conn)
 
     def add(self, conn: WsConnection) -> None:
         self.connections.add(conn)
