@@ -32,6 +32,8 @@ from pathlib import Path
 
 import msgspec
 
+from fanout.settings import Settings
+
 SUPERVISOR_FILE = "supervisor.json"
 #: A worker's exit code when it cannot start (after :func:`write_boot_error`); the
 #: supervisor counts it as ``boot_error`` and stops when no worker ever booted.
@@ -266,6 +268,20 @@ def lock_dir() -> Path:
     """
     runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
     return Path(runtime_dir) / "fanout" if runtime_dir else Path(f"/tmp/fanout-{os.getuid()}")
+
+
+def hold_ports(settings: Settings, fresh_dir: Path) -> tuple[int | None, int | None]:
+    """The public and the admin port's serve locks; PortTaken names the holder.
+
+    On refusal ``fresh_dir`` (the empty state directory ``fanout serve`` made) goes.
+    """
+    server, admin = settings.server, settings.admin
+    try:
+        return hold_port(server.host, server.port), hold_port(admin.host, admin.port, "admin.port")
+    except PortTaken:
+        with contextlib.suppress(OSError):
+            fresh_dir.rmdir()
+        raise
 
 
 def hold_port(host: str, port: int, setting: str = "") -> int | None:

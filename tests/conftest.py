@@ -160,7 +160,14 @@ class Gateway:
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
-    def start(self, wait_ready: bool = True, timeout: float = 20.0) -> None:
+    def start(
+        self,
+        wait_ready: bool = True,
+        timeout: float = 20.0,
+        preexec_fn: Callable[[], object] | None = None,
+    ) -> None:
+        """``preexec_fn`` runs in the child before `fanout serve` (e.g. a lower rlimit for
+        the whole process tree)."""
         assert self.log_path is not None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fanout.cli", "serve", *self.args],
@@ -168,6 +175,7 @@ class Gateway:
             stdout=self.log_path.open("ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=preexec_fn,
         )
         try:
             wait_for(lambda: self._up(wait_ready), timeout, "the gateway to be ready")

@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeVar, overload
 
 T = TypeVar("T")
 
@@ -42,6 +42,24 @@ def wait_for(
         time.sleep(INTERVAL_S)  # poll interval of wait_for
 
 
+@overload
+async def async_wait_for(
+    condition: Callable[[], Awaitable[T]],
+    timeout: float = ...,
+    what: str = ...,
+    interval: float = ...,
+) -> T: ...
+
+
+@overload
+async def async_wait_for(
+    condition: Callable[[], T],
+    timeout: float = ...,
+    what: str = ...,
+    interval: float = ...,
+) -> T: ...
+
+
 async def async_wait_for(
     condition: Callable[[], T | Awaitable[T]],
     timeout: float = TIMEOUT_S,
@@ -59,7 +77,7 @@ async def async_wait_for(
         if inspect.isawaitable(value):
             value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"timed out after {timeout} s waiting for {what} (last: {value!r})"

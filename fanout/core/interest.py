@@ -8,7 +8,7 @@ first subscriber (subscribe on NATS), ``remove`` when it lost its last
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 C = TypeVar("C", bound=Hashable)
@@ -42,16 +42,9 @@ class SubjectRouter(Generic[C]):
         del self._by_pattern[pattern]
         return True
 
-    def remove_all(self, client: C, patterns: Iterable[str]) -> list[str]:
-        """Drop a departing client; returns the patterns that reached zero."""
-        return [p for p in list(patterns) if self.remove(client, p)]
-
     def subscribers(self, pattern: str) -> dict[C, None]:
         """The live subscriber dict for ``pattern`` (empty when none). Do not mutate."""
         return self._by_pattern.get(pattern) or {}
-
-    def patterns(self) -> list[str]:
-        return list(self._by_pattern)
 
     def __len__(self) -> int:
         return len(self._by_pattern)

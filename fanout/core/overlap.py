@@ -12,9 +12,12 @@ add neither loses nor duplicates. D changes only when a subscription P is
 removed while an overlapping one exists: at the moment its UNSUB is issued
 (:meth:`Overlaps.drain`) P stops being a candidate. One message's copies may
 straddle that moment, so the last copy processed before it is remembered: after
-the switch, further copies of that same message (same subject and payload) are
-dropped if it was delivered already, or the first of them delivers it if not.
-Residual: two *identical* messages back to back at that instant count as one.
+the switch, its remaining copies (same subject and payload; as many as the
+subscriptions that matched it, less those already seen) are dropped if it was
+delivered already, or the first of them delivers it if not. A message whose
+copies all arrived before the switch is no straddle. Residual: a message whose
+group was cut at that instant, followed at once by an *identical* one, may count
+as one.
 
 A subscription with no overlapping one (``Route.overlap == 0``) needs none of
 this: the hub delivers its messages on the fast path without asking.
@@ -50,9 +53,16 @@ class Route:
 
 @dataclass(slots=True)
 class _Copy:
+    """The copies seen of one message: ``expected`` is one per subscription matching it."""
+
     subject: str
     data: bytes
     delivered: bool
+    expected: int
+    seen: int = 1
+
+    def is_rest_of(self, subject: str, data: bytes) -> bool:
+        return self.seen < self.expected and self.subject == subject and self.data == data
 
 
 class Overlaps:
@@ -81,8 +91,10 @@ class Overlaps:
     def drain(self, route: Route) -> None:
         """Its UNSUB is being issued: copies arriving on it no longer choose D."""
         route.draining = True
-        if route.overlap and self._last is not None:
-            self._straddle = self._last
+        last = self._last
+        if route.overlap and last is not None:
+            if last.seen < last.expected:  # the switch cuts this message's copies in two
+                self._straddle = last
             self._last = None
 
     def remove(self, route: Route) -> None:
@@ -90,6 +102,8 @@ class Overlaps:
         if self.routes.get(route.sid) is not route:
             return  # already gone (its client was replaced: sids start again at 1)
         del self.routes[route.sid]
+        if route.overlap:
+            self._straddle = None  # every copy sent before its UNSUB has arrived
         self.trie.remove(route.pattern, route)
         for other in self.trie.intersecting(route.pattern):
             other.overlap -= 1
@@ -105,7 +119,10 @@ class Overlaps:
         matching = self.trie.matching(subject)
         straddle = self._straddle
         if straddle is not None:
-            if straddle.subject == subject and straddle.data == data:
+            if straddle.is_rest_of(subject, data):
+                straddle.seen += 1
+                if straddle.seen == straddle.expected:
+                    self._straddle = None
                 deliver = not straddle.delivered
                 straddle.delivered = True
                 return matching if deliver else None
@@ -116,9 +133,10 @@ class Overlaps:
                 oldest = candidate
         deliver = oldest is route
         last = self._last
-        if last is not None and last.subject == subject and last.data == data:
+        if last is not None and last.is_rest_of(subject, data):
             # another copy of the same message (copies are adjacent in wire order)
+            last.seen += 1
             last.delivered = last.delivered or deliver
         else:
-            self._last = _Copy(subject, data, deliver)
+            self._last = _Copy(subject, data, deliver, len(matching))
         return matching if deliver else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import hashlib
 import re
 from collections.abc import Sequence
@@ -227,13 +228,16 @@ def response_error(
 class ProtocolViolation(Exception):
     """The peer broke RFC 6455 (or a limit); close with ``close_code`` and ``reason``.
 
-    ``reason`` is short ASCII, ready for ``close_frame``.
+    ``reason`` is short ASCII, ready for ``close_frame``. ``frames`` are the
+    complete frames of the same ``feed`` call that came before the violation:
+    they are answered before the close.
     """
 
     def __init__(self, close_code: int, reason: str) -> None:
         super().__init__(f"{close_code}: {reason}")
         self.close_code = close_code
         self.reason = reason
+        self.frames: list[Frame] = []
 
 
 class Frame(NamedTuple):
@@ -246,6 +250,10 @@ class Frame(NamedTuple):
 #: ``_XOR[k]`` maps each byte to itself XOR ``k``: a translate table (64 KiB per process).
 _XOR = [bytes([i ^ k for i in range(256)]) for k in range(256)]
 _UNMASK_TRANSLATE_FROM = 1024
+#: A non-final fragment smaller than this is counted as an op by the inbound rate limit:
+#: a message split into fragments at least this big counts once, an empty-fragment flood does not.
+SHORT_FRAGMENT_BYTES = 1024
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
 def _unmask(mask: bytes | bytearray, data: bytes | bytearray) -> bytes:
@@ -273,26 +281,52 @@ class FrameParser:
     Holds only the unparsed tail of the stream (at most one frame header plus
     ``max_message_bytes``) and the fragments of an unfinished message; the
     message limit is enforced from the frame header, before the payload is
-    buffered. After a close frame, later bytes are ignored. After a
-    ``ProtocolViolation`` the connection must be closed: frames earlier in the
-    same ``feed`` call are not returned.
+    buffered. Text is checked for UTF-8 fragment by fragment, so invalid bytes
+    fail on the first fragment that proves them. After a close frame, later
+    bytes are ignored. After a ``ProtocolViolation`` the stream is dead (later
+    bytes are ignored); the frames earlier in the same ``feed`` call are on the
+    exception.
     """
 
-    __slots__ = ("_buf", "_closed", "_max", "_msg", "_msg_op", "frames_seen")
+    __slots__ = (
+        "_buf",
+        "_closed",
+        "_decoder",
+        "_max",
+        "_msg",
+        "_msg_op",
+        "frames_seen",
+        "short_fragments",
+    )
 
     def __init__(self, max_message_bytes: int) -> None:
         self._max = max_message_bytes
         self._buf: bytearray | None = None
         self._msg: bytearray | None = None
         self._msg_op = 0
+        #: The UTF-8 state of a fragmented text message once a fragment was not ASCII.
+        self._decoder: codecs.IncrementalDecoder | None = None
         self._closed = False
         #: Raw frames parsed so far (continuation and control frames included).
         self.frames_seen = 0
+        #: Non-final fragments under ``SHORT_FRAGMENT_BYTES`` parsed so far.
+        self.short_fragments = 0
 
     def feed(self, data: bytes | bytearray) -> list[Frame]:
         """Consume ``data``; return the messages and control frames it completes, in order."""
         if self._closed:
             return []
+        frames: list[Frame] = []
+        try:
+            self._parse(data, frames)
+        except ProtocolViolation as exc:
+            self._closed = True
+            self._buf = self._msg = self._decoder = None
+            exc.frames = frames
+            raise
+        return frames
+
+    def _parse(self, data: bytes | bytearray, frames: list[Frame]) -> None:
         pending = self._buf
         buf: bytes | bytearray
         if pending is None:
@@ -300,7 +334,6 @@ class FrameParser:
         else:
             pending += data
             buf = pending
-        frames: list[Frame] = []
         n = len(buf)
         pos = 0
         while n - pos >= 2:
@@ -354,23 +387,30 @@ class FrameParser:
                     frames.append(Frame(op, payload))
                     self._closed = True
                     self._buf = None
-                    return frames
+                    return
                 frames.append(Frame(op, payload))
                 continue
+            fin = b0 & 0x80
+            if not fin and length < SHORT_FRAGMENT_BYTES:
+                self.short_fragments += 1
             if op == OP_CONT:
                 msg = self._msg
                 assert msg is not None
                 msg += payload
-                if not b0 & 0x80:
+                if self._msg_op == OP_TEXT:
+                    self._check_fragment(payload, fin)
+                if not fin:
                     continue
                 op = self._msg_op
                 payload = bytes(msg)
-                self._msg = None
-            elif not b0 & 0x80:
+                self._msg = self._decoder = None
+            elif not fin:
                 self._msg = bytearray(payload)
                 self._msg_op = op
+                if op == OP_TEXT:
+                    self._check_fragment(payload, fin)
                 continue
-            if op == OP_TEXT and not payload.isascii():
+            elif op == OP_TEXT and not payload.isascii():
                 try:
                     payload.decode("utf-8")
                 except UnicodeDecodeError:
@@ -382,7 +422,18 @@ class FrameParser:
             del pending[:pos]
         else:
             self._buf = bytearray(memoryview(buf)[pos:])
-        return frames
+
+    def _check_fragment(self, payload: bytes, fin: int) -> None:
+        """UTF-8 of one text fragment, continuing the message's state (ASCII costs no decoder)."""
+        decoder = self._decoder
+        if decoder is None:
+            if payload.isascii():
+                return
+            decoder = self._decoder = _utf8_decoder()
+        try:
+            decoder.decode(payload, bool(fin))
+        except UnicodeDecodeError:
+            raise ProtocolViolation(Close.INVALID_DATA, "invalid UTF-8") from None
 
 
 def parse_close_payload(payload: bytes) -> tuple[int | None, str]:

@@ -8,7 +8,6 @@ restart, refill the wanted workers and side processes. The rules come from
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -65,8 +64,8 @@ class Supervisor:
         self._dir_ours = False
         self._roll: policy.Roll[tuple[Settings, Settings, int]] | None = None
         self._pid = os.getpid()
-        self._port_lock: int | None = None  # the serve lock's fd, held for life
-        self._admin_lock: int | None = None  # the admin port's: SO_REUSEPORT would share it too
+        #: The public and admin ports' lock fds, held for life (SO_REUSEPORT would share both).
+        self._locks: tuple[int | None, int | None] = (None, None)
 
     def run(self) -> int:
         """Serve until asked to stop; the exit code of `fanout serve`."""
@@ -100,16 +99,11 @@ class Supervisor:
 
     def start(self) -> None:
         setproctitle(self._title())
-        server, admin = self._settings.server, self._settings.admin
         try:
-            self._port_lock = runtime.hold_port(server.host, server.port)
-            self._admin_lock = runtime.hold_port(admin.host, admin.port, "admin.port")
-        except runtime.PortTaken as exc:
-            with contextlib.suppress(OSError):  # the fresh, empty one `fanout serve` made
-                self.state_dir.rmdir()
-            raise Halt(str(exc)) from None
-        try:
+            self._locks = runtime.hold_ports(self._settings, self.state_dir)
             runtime.make_state_dir(self.state_dir)
+        except runtime.PortTaken as exc:
+            raise Halt(str(exc)) from None
         except (OSError, RuntimeError) as exc:
             raise Halt(f"cannot prepare the state directory: {exc}") from None
         self._dir_ours = True

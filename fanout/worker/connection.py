@@ -1,10 +1,11 @@
 """One client's WebSocket after the upgrade: a lean ``asyncio.Protocol``.
 
-No task and no timer per connection (the worker's sweep does pings, idle and
-write-stall deadlines), ``__slots__`` everywhere: memory per idle connection
-decides how many clients a worker holds. Frame parsing, the JSON protocol,
-ACL and outbox rules live in ``fanout.core``; this class only wires them to
-the transport.
+No task and no timer per connection (the worker's sweep does pings, idle,
+write-stall and closing-handshake deadlines), ``__slots__`` everywhere: memory
+per idle connection decides how many clients a worker holds. The WebSocket
+rules (:class:`fanout.core.wsconnection.WsProtocol`), the JSON protocol, ACL
+and outbox rules live in ``fanout.core``; this class only wires them to the
+transport, the hub and the gateway.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fanout.core.history import Reason, Resume
 from fanout.core.outbox import ClientQueue
 from fanout.core.protocol import FrameError
 from fanout.core.ratelimit import TokenBucket
+from fanout.core.wsconnection import CLOSED, OPEN, Closing, WsProtocol
 from fanout.errors import CLOSE_REASON_CODE, Close
 
 if TYPE_CHECKING:
@@ -34,35 +36,30 @@ log = logging.getLogger("fanout.conn")
 #: Ops run per loop turn: a 1000-op frame must not hold the loop (other clients wait).
 OPS_PER_TURN = 64
 
-OPEN = 0
-CLOSING = 1
-CLOSED = 2
+__all__ = ["OPEN", "Replies", "WsConnection"]
 
 
 class WsConnection(asyncio.Protocol):
     __slots__ = (
         "acl",
         "backlog",
-        "bucket",
-        "closing_since",
         "conn_id",
         "dirty",
         "gateway",
         "hub",
         "last_rx",
         "opened_at",
-        "parser",
         "paused",
         "paused_since",
         "peer",
         "principal",
         "queue",
         "replies",
-        "state",
         "subs",
         "token",
         "transport",
         "warned",
+        "ws",
     )
 
     def __init__(
@@ -83,52 +80,69 @@ class WsConnection(asyncio.Protocol):
         self.peer = peer
         self.principal = principal
         self.acl = acl
-        self.parser = websocket.FrameParser(settings.ws.max_frame_bytes)
+        self.ws = WsProtocol(
+            settings.ws.max_frame_bytes,
+            TokenBucket(settings.ws.inbound_rate, settings.ws.inbound_burst),
+        )
         self.queue = ClientQueue(settings.outbox.max_messages, settings.outbox.max_bytes)
-        self.bucket = TokenBucket(settings.ws.inbound_rate, settings.ws.inbound_burst)
         self.subs: dict[str, None] = {}
         #: The verified raw JWT, kept only for ``requests.forward_token``.
         self.token: str | None = None
-        #: Frames whose ops still have to run, a slice per loop turn (see ``on_text``).
+        #: Frames whose ops still have to run, a slice per loop turn (see ``on_text``);
+        #: while there are any, no further event is taken from ``ws``.
         self.backlog: deque[deque[protocol.ClientOp | FrameError]] | None = None
         #: The replies of the frame whose ops are running.
         self.replies: Replies | None = None
         self.dirty = False
         self.paused = False
         self.paused_since = 0.0
-        self.closing_since = 0.0
         self.last_rx = self.opened_at = time.monotonic()
-        self.state = OPEN
         self.warned = False
         transport.set_write_buffer_limits(high=settings.outbox.write_buffer_high)
 
+    @property
+    def state(self) -> int:
+        """``OPEN``, ``CLOSING`` or ``CLOSED`` (:mod:`fanout.core.wsconnection`)."""
+        return self.ws.state
+
+    @property
+    def closing_since(self) -> float:
+        return self.ws.closing_since
+
     # -- asyncio.Protocol -------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if self.state != OPEN:
+        """Also while CLOSING: the peer's data is read (and discarded) until its close frame."""
+        ws = self.ws
+        if ws.state == CLOSED:
             return
-        self.last_rx = time.monotonic()
-        parser = self.parser
-        before = parser.frames_seen
-        try:
-            frames = parser.feed(data)
-        except websocket.ProtocolViolation as exc:
-            self.close(exc.close_code, exc.reason)
-            return
-        if not self.bucket.take(parser.frames_seen - before, self.last_rx):
-            self.close(Close.POLICY, "inbound rate limit")
-            return
-        for opcode, payload in frames:
-            if self.state != OPEN:
-                return
-            if opcode == websocket.OP_TEXT:
-                self.on_text(payload)
-            elif opcode == websocket.OP_BINARY:
-                self.close(Close.UNSUPPORTED_DATA, "binary frames are not supported")
-            elif opcode == websocket.OP_PING:
-                self.send_control(websocket.pong_frame(payload))
-            elif opcode == websocket.OP_CLOSE:
-                code, _ = websocket.parse_close_payload(payload)
-                self.close(Close.NORMAL if code is None else code, "", by_client=True)
+        self.last_rx = now = time.monotonic()
+        ws.receive_data(data, now)
+        self._take_events(now)
+
+    def _take_events(self, now: float) -> None:
+        """Handle the events in order while no ops wait, then write what the protocol queued."""
+        ws = self.ws
+        while self.backlog is None:
+            event = ws.next_event(now)
+            if event is None:
+                break
+            if type(event) is bytes:
+                self.on_text(event)
+            else:
+                assert isinstance(event, Closing)
+                if event.by_peer:
+                    self._closed(event.code, "", by_client=True)
+                else:
+                    self.close(event.code, event.reason)
+        self._write_out()
+
+    def _write_out(self) -> None:
+        ws = self.ws
+        out = ws.data_to_send()
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if ws.state == CLOSED:
+            self.transport.close()
 
     def eof_received(self) -> bool:
         return False
@@ -140,16 +154,17 @@ class WsConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.paused = False
         queue = self.queue
-        if self.state == OPEN and (len(queue) or queue.dropped):
+        if self.ws.state == OPEN and (len(queue) or queue.dropped):
             self.hub.mark_dirty(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.state != CLOSED:
-            if self.state == OPEN:
-                metrics.DISCONNECTS.labels("1006").inc()
-                logs.connection_event(log, "connection closed", self, 1006, str(exc or "peer gone"))
-            self.state = CLOSED
-            self.gateway.forget(self)
+        ws = self.ws
+        if ws.state == OPEN:
+            metrics.DISCONNECTS.labels("1006").inc()
+            logs.connection_event(log, "connection closed", self, 1006, str(exc or "peer gone"))
+        ws.receive_eof()
+        self.backlog = None
+        self.gateway.forget(self)
 
     # -- inbound ops ------------------------------------------------------
     def on_text(self, payload: bytes) -> None:
@@ -160,13 +175,11 @@ class WsConnection(asyncio.Protocol):
         it is released (see :class:`Replies`).
         """
         ops = protocol.decode_client_frame(payload)
-        if len(ops) > 1 and not self.bucket.take(len(ops) - 1, self.last_rx):
-            self.close(Close.POLICY, "inbound rate limit")
-            return
-        backlog = self.backlog
-        if backlog is not None:
-            backlog.append(deque(ops))
-            return
+        if len(ops) > 1:
+            closing = self.ws.charge(len(ops) - 1, self.last_rx)
+            if closing is not None:
+                self.close(closing.code, closing.reason)
+                return
         if len(ops) > OPS_PER_TURN:
             self.backlog = deque([deque(ops)])
             self._work()
@@ -177,20 +190,21 @@ class WsConnection(asyncio.Protocol):
             reply = handle(self, op)
             if reply is not None:
                 group.replies.append(reply)
-            if self.state != OPEN:
+            if self.ws.state != OPEN:
                 return
         self.replies = None
         group.done()
 
     def _work(self) -> None:
-        """Up to OPS_PER_TURN ops of the backlog, then yield (``call_soon``) until it is done."""
+        """Up to OPS_PER_TURN ops of the backlog, then yield (``call_soon``) until it is done;
+        then the events that arrived meanwhile."""
         backlog = self.backlog
         if backlog is None:
             return
         budget = OPS_PER_TURN
         handle = self.gateway.handle
         while budget and backlog:
-            if self.state != OPEN:
+            if self.ws.state != OPEN:
                 self.backlog = None
                 return
             ops = backlog[0]
@@ -202,7 +216,7 @@ class WsConnection(asyncio.Protocol):
                 reply = handle(self, ops.popleft())
                 if reply is not None:
                     group.replies.append(reply)
-                if self.state != OPEN:
+                if self.ws.state != OPEN:
                     self.backlog = None
                     return
             if not ops:
@@ -213,6 +227,7 @@ class WsConnection(asyncio.Protocol):
             self.hub.loop.call_soon(self._work)
         else:
             self.backlog = None
+            self._take_events(time.monotonic())
 
     def send_replies(self, replies: list[bytes]) -> None:
         self.send_control(
@@ -238,7 +253,7 @@ class WsConnection(asyncio.Protocol):
         a batch becomes this client's own (under its caps): the batch is reused
         after this flush cycle.
         """
-        if self.state != OPEN:
+        if self.ws.state != OPEN:
             return 0
         queue = self.queue
         if self.paused:
@@ -252,21 +267,31 @@ class WsConnection(asyncio.Protocol):
 
     def send_control(self, frame: bytes) -> None:
         """Replies and notices: written at once (bounded by the inbound rate limit)."""
-        if self.state == OPEN:
+        if self.ws.state == OPEN:
             self.transport.write(frame)
 
-    def close(self, code: int, reason: str, *, by_client: bool = False) -> None:
-        """Send a close frame and let the transport flush; the sweep aborts laggards.
-
-        ``by_client``: the client closed with ``code`` (echoed back, as RFC 6455
-        asks). Its code is its own choice (any of 1000-4999): one metric label
-        (``client``) for all of them keeps the series bounded, and it is never
-        logged as the gateway's error.
-        """
-        if self.state != OPEN:
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake: the close frame goes out, the socket stays open
+        (reading and discarding) until the client's close frame; the sweep cuts it
+        after ``CLOSE_TIMEOUT_S``. Sub acks still waiting for NATS go out first: the
+        client gets an answer to every op it sent before the close."""
+        ws = self.ws
+        if ws.state != OPEN:
             return
-        self.state = CLOSING
-        self.closing_since = time.monotonic()
+        self.hub.release_acks(self)
+        ws.close(code, reason, time.monotonic())
+        self._closed(code, reason, by_client=False)
+        self._write_out()
+
+    def _closed(self, code: int, reason: str, *, by_client: bool) -> None:
+        """Count and log a close the protocol has just started.
+
+        ``by_client``: the client closed with ``code`` (echoed back). Its code is
+        its own choice (any of 1000-4999): one metric label (``client``) for all
+        of them keeps the series bounded, and it is never logged as the
+        gateway's error.
+        """
+        self.backlog = None
         logs.connection_event(
             log, "connection closed", self, code, "by client" if by_client else reason
         )
@@ -284,8 +309,6 @@ class WsConnection(asyncio.Protocol):
                     code=err,
                     reason=reason,
                 )
-        self.transport.write(websocket.close_frame(code, reason))
-        self.transport.close()
         self.gateway.forget(self, closing=True)
 
 

@@ -29,6 +29,7 @@ from fanout.core import history, limits, protocol, websocket
 from fanout.core.acl import SubjectAcl
 from fanout.core.auth import AuthError, KeySet, Principal, TokenVerifier, extract_token
 from fanout.core.protocol import FrameError
+from fanout.core.wsconnection import CLOSE_TIMEOUT_S
 from fanout.errors import HTTP_STATUS, Close, Code
 from fanout.logs import ClientEventLog
 from fanout.settings import Settings
@@ -39,7 +40,6 @@ from fanout.worker.revocation import Denylist
 
 log = logging.getLogger("fanout.gateway")
 
-CLOSE_GRACE_S = 5.0
 #: Client error lines logged per second (burst 200) per worker; the rest are counted, then
 #: summarised once a sweep: a client must not be able to flood the log.
 ERROR_LOG_RATE = 50.0
@@ -375,7 +375,7 @@ class Gateway:
         lead = self.settings.jwt.expiring_lead_s
         leeway = self.settings.jwt.leeway_s
         for conn, since in list(self.closing.items()):
-            if now - since > CLOSE_GRACE_S:
+            if now - since > CLOSE_TIMEOUT_S:  # the client never answered our close frame
                 del self.closing[conn]
                 conn.transport.abort()
         for conn in list(self.hub.connections):

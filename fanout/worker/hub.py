@@ -153,14 +153,7 @@ class Hub:
         """Nothing more for ``pattern`` reaches ``conn`` after this (its sub ack goes first)."""
         self.subscription_count -= 1
         key = self.key_of(pattern)
-        waiters = self.waiting.get(key)
-        if waiters is not None:
-            mine = [w for w in waiters if w[0].conn is conn]
-            if mine:
-                waiters[:] = [w for w in waiters if w[0].conn is not conn]
-                for replies, index, ack, r in mine:
-                    if r is None:
-                        replies.fill(index, ack)
+        self._release(conn, key)
         if key != pattern:
             self.recovery.forget(conn, key)
         if self.router.remove(conn, key):
@@ -171,6 +164,29 @@ class Hub:
             if self.link is not None:
                 self.link.unwant(key)
         self.settle(conn)
+
+    def release_acks(self, conn: WsConnection) -> None:
+        """``conn`` is closing: its acks waiting for a pattern (or for recovery's answer)
+        go now, before its close frame."""
+        if not (self.waiting or self.recovery.channels):
+            return
+        for pattern in conn.subs:
+            key = self.key_of(pattern)
+            if self.waiting:
+                self._release(conn, key)
+            if key != pattern:
+                self.recovery.forget(conn, key)
+
+    def _release(self, conn: WsConnection, key: str) -> None:
+        """Plain acks of ``conn`` waiting for ``key`` go now (recovery fills its own)."""
+        waiters = self.waiting.get(key)
+        if waiters is not None:
+            mine = [w for w in waiters if w[0].conn is conn]
+            if mine:
+                waiters[:] = [w for w in waiters if w[0].conn is not conn]
+                for replies, index, ack, r in mine:
+                    if r is None:
+                        replies.fill(index, ack)
 
     def add(self, conn: WsConnection) -> None:
         self.connections.add(conn)

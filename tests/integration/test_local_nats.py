@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 from collections.abc import Iterator
 
 import msgspec
@@ -13,6 +12,7 @@ import pytest
 
 from fanout.embedded_nats import LocalNats
 from fanout.settings import Settings
+from tests.helpers import wait_for
 
 
 def accepts(url: str) -> bool:
@@ -54,10 +54,9 @@ def test_children_get_one_server_started_on_need_and_restarted_when_it_dies(
     assert sidecar.settings_for_children(without_urls()).nats.urls == [url]  # one server
     server = sidecar.server
     assert server is not None and server.proc is not None
-    os.kill(server.proc.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while server.proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    killed = server.proc
+    os.kill(killed.pid, signal.SIGKILL)
+    wait_for(lambda: killed.poll() is not None, what="the killed nats-server to be reaped")
     assert not accepts(url)
     sidecar.check()
     assert accepts(url)  # the same url: workers reconnect on their own

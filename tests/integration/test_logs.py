@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats, free_port
 from tests.conftest import Gateway
+from tests.helpers import wait_for
 from tests.integration.wsclient import WsClient, raw_handshake
 
 Line = dict[str, Any]
@@ -26,14 +26,17 @@ def json_lines(gw: Gateway) -> list[Line]:
     return out
 
 
-def wait_for(gw: Gateway, pred: Callable[[list[Line]], bool], timeout: float = 30.0) -> list[Line]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def logged(gw: Gateway, enough: Callable[[list[Line]], bool], what: str) -> list[Line]:
+    """The gateway's JSON log lines once ``enough`` holds of them; the whole log if never."""
+
+    def lines() -> list[Line]:
         found = json_lines(gw)
-        if pred(found):
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"log condition not met in {timeout} s:\n{gw.logs()}")
+        return found if enough(found) else []
+
+    try:
+        return wait_for(lines, 30.0, what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{gw.logs()}") from None
 
 
 async def test_debug_shows_each_connection_opened_and_closed(
@@ -63,7 +66,9 @@ async def test_debug_shows_each_connection_opened_and_closed(
     def conn_lines(lines: list[Line]) -> list[Line]:
         return [x for x in lines if x["msg"] in ("connection opened", "connection closed")]
 
-    found = conn_lines(wait_for(gw, lambda lines: len(conn_lines(lines)) >= 4))
+    found = conn_lines(
+        logged(gw, lambda lines: len(conn_lines(lines)) >= 4, "two connections opened and closed")
+    )
     assert [x["msg"] for x in found] == ["connection opened", "connection closed"] * 2
     for line in found:
         assert line["level"] == "debug" and line["worker"] == 1
@@ -94,7 +99,7 @@ def test_unreachable_nats_logs_a_bounded_number_of_lines_and_a_summary(
         FANOUT_LOG_FORMAT="json",
     )
     # The worker says it is ready only after nats.connect_timeout_s + 1 s of failures.
-    wait_for(gw, lambda lines: any(x["msg"] == "worker ready" for x in lines))
+    logged(gw, lambda lines: any(x["msg"] == "worker ready" for x in lines), "worker ready")
     assert gw.stop() == 0
     lines = [x for x in json_lines(gw) if x["logger"] == "fanout.nats"]
     failed = [x for x in lines if x["msg"] == "NATS connect failed"]

@@ -12,7 +12,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import fanout
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats, free_port
 from tests.conftest import ROOT, Gateway, http_get
+from tests.helpers import async_wait_for, wait_for
 from tests.integration.wsclient import WsClient, raw_handshake, wait_for_interest
 
 ORIGIN = "https://app.example.com"
@@ -49,16 +49,15 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
-async def wait_scrape(
-    gw: Gateway, check: Callable[[Samples], bool], timeout: float = 10.0
-) -> Samples:
-    """Scrape until ``check`` holds (hot-path and process series move once per sweep)."""
-    samples = scrape(gw)
-    async with asyncio.timeout(timeout):
-        while not check(samples):
-            await asyncio.sleep(0.1)
-            samples = scrape(gw)
-    return samples
+def scrape_when(gw: Gateway, check: Callable[[Samples], bool]) -> Callable[[], Samples]:
+    """A condition for :func:`async_wait_for`: a scrape for which ``check`` holds, else none
+    (hot-path and process series move once per sweep)."""
+
+    def scraped() -> Samples:
+        samples = scrape(gw)
+        return samples if check(samples) else {}
+
+    return scraped
 
 
 def worker_pid(gw: Gateway) -> str:
@@ -113,8 +112,11 @@ def test_build_info_names_what_runs(gateway: Gateway) -> None:
 
 async def test_each_worker_publishes_its_rss_fds_and_cpu(gateway: Gateway, token: str) -> None:
     pid = worker_pid(gateway)
-    before = await wait_scrape(
-        gateway, lambda s: (value(s, "fanout_worker_resident_memory_bytes", pid=pid) or 0) > 0
+    before = await async_wait_for(
+        scrape_when(
+            gateway, lambda s: (value(s, "fanout_worker_resident_memory_bytes", pid=pid) or 0) > 0
+        ),
+        what="the worker's RSS series",
     )
     fds = value(before, "fanout_worker_open_fds", pid=pid)
     assert fds is not None and fds >= 4  # stdio, the listener, the NATS socket at least
@@ -124,8 +126,11 @@ async def test_each_worker_publishes_its_rss_fds_and_cpu(gateway: Gateway, token
     assert cpu is not None and cpu > 0
     client = await WsClient.connect(gateway.ws, token, origin=ORIGIN)
     try:
-        after = await wait_scrape(
-            gateway, lambda s: (value(s, "fanout_worker_open_fds", pid=pid) or 0) >= fds + 1
+        after = await async_wait_for(
+            scrape_when(
+                gateway, lambda s: (value(s, "fanout_worker_open_fds", pid=pid) or 0) >= fds + 1
+            ),
+            what="one more open fd with a client connected",
         )
         assert (value(after, "fanout_worker_cpu_seconds_total", pid=pid) or 0) >= cpu
     finally:
@@ -136,23 +141,29 @@ async def test_each_worker_publishes_its_rss_fds_and_cpu(gateway: Gateway, token
 
 async def test_a_replaced_workers_gauges_go_and_its_cpu_count_stays(gateway: Gateway) -> None:
     old = worker_pid(gateway)
-    await wait_scrape(
-        gateway, lambda s: (value(s, "fanout_worker_cpu_seconds_total", pid=old) or 0) > 0
+    await async_wait_for(
+        scrape_when(
+            gateway, lambda s: (value(s, "fanout_worker_cpu_seconds_total", pid=old) or 0) > 0
+        ),
+        what="the old worker's CPU series",
     )
     os.kill(int(old), signal.SIGKILL)
-    async with asyncio.timeout(20):
-        while True:
-            await asyncio.sleep(0.1)
-            try:  # the only worker is gone until its replacement listens
-                status, body, _ = http_get(gateway.admin + "/healthz", 1.0)
-            except OSError:
-                continue
-            workers = json.loads(body)["workers"] if status == 200 else []
-            if len(workers) == 1 and str(workers[0]["pid"]) != old:
-                break
+
+    def replaced() -> bool:
+        try:  # the only worker is gone until its replacement listens
+            status, body, _ = http_get(gateway.admin + "/healthz", 1.0)
+        except OSError:
+            return False
+        workers = json.loads(body)["workers"] if status == 200 else []
+        return len(workers) == 1 and str(workers[0]["pid"]) != old
+
+    await async_wait_for(replaced, 20, "a replacement worker listening")
     new = worker_pid(gateway)
-    samples = await wait_scrape(
-        gateway, lambda s: (value(s, "fanout_worker_resident_memory_bytes", pid=new) or 0) > 0
+    samples = await async_wait_for(
+        scrape_when(
+            gateway, lambda s: (value(s, "fanout_worker_resident_memory_bytes", pid=new) or 0) > 0
+        ),
+        what="the new worker's RSS series",
     )
     for gauge in ("fanout_worker_resident_memory_bytes", "fanout_worker_open_fds"):
         rows = [dict(labels) for name, labels in samples if name == gauge]
@@ -228,7 +239,10 @@ async def test_connection_lifetime_is_observed_when_a_connection_ends(
         assert value(scrape(gateway), f"{name}_count") == 0  # still open: nothing observed
     finally:
         await client.close()
-    samples = await wait_scrape(gateway, lambda s: value(s, f"{name}_count") == 1)
+    samples = await async_wait_for(
+        scrape_when(gateway, lambda s: value(s, f"{name}_count") == 1),
+        what="one connection lifetime observed",
+    )
     total = value(samples, f"{name}_sum")
     assert total is not None and total > 0
     assert value(samples, f"{name}_bucket", le="+Inf") == 1
@@ -379,17 +393,16 @@ def prometheus(gateway: Gateway, tmp_path: Path) -> Iterator[Prometheus]:
         stderr=subprocess.STDOUT,
     )
     server = Prometheus(f"http://127.0.0.1:{port}", proc, log_path)
+
+    def ready() -> bool:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            return http_get(f"{server.url}/-/ready", 1.0)[0] == 200
+        except OSError:  # not listening yet
+            return False
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, f"prometheus not ready:\n{log_path.read_text()}"
-            try:
-                if http_get(f"{server.url}/-/ready", 1.0)[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
+        wait_for(ready, 30, "prometheus to be ready")
         yield server
     finally:
         proc.terminate()
@@ -400,15 +413,16 @@ def prometheus(gateway: Gateway, tmp_path: Path) -> Iterator[Prometheus]:
             proc.wait()
 
 
-async def wait_series(
-    prom: Prometheus, expr: str, ok: Callable[[list[dict[str, Any]]], bool], timeout: float = 30.0
-) -> list[dict[str, Any]]:
-    """Query until the result satisfies ``ok`` (scrapes land once a second)."""
-    result = prom.series(expr)
-    async with asyncio.timeout(timeout):
-        while not ok(result):
-            await asyncio.sleep(0.25)
-            result = prom.series(expr)
+def series_when(
+    prom: Prometheus, expr: str, ok: Callable[[list[dict[str, Any]]], bool]
+) -> Callable[[], list[dict[str, Any]]]:
+    """A condition for :func:`async_wait_for`: the result of ``expr`` once it satisfies ``ok``,
+    else none (scrapes land once a second)."""
+
+    def result() -> list[dict[str, Any]]:
+        rows = prom.series(expr)
+        return rows if ok(rows) else []
+
     return result
 
 
@@ -419,13 +433,15 @@ def positive(result: list[dict[str, Any]]) -> bool:
 async def publish_until_cancelled(nc: nats.aio.client.Client, subject: str) -> None:
     for n in range(20_000):  # bounded: about 15 minutes at this pace, far beyond the test
         await nc.publish(subject, json.dumps({"n": n}).encode())
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # waits on: the pace of a steady trickle for the rate panels
 
 
 async def test_every_dashboard_and_alert_expression_runs_on_a_real_prometheus(
     gateway: Gateway, prometheus: Prometheus, token: str, nats_server: EmbeddedNats
 ) -> None:
-    await wait_series(prometheus, 'up{job="fanout"}', positive)
+    await async_wait_for(
+        series_when(prometheus, 'up{job="fanout"}', positive), 30, "the first scrape"
+    )
     client = await WsClient.connect(gateway.ws, token, origin=ORIGIN)
     nc = await nats.connect(nats_server.url)
     publisher: asyncio.Task[None] | None = None
@@ -439,7 +455,9 @@ async def test_every_dashboard_and_alert_expression_runs_on_a_real_prometheus(
         # the key panels show data once a client is connected and messages flow
         for title in ("Connections", "Deliveries/s", "NATS state", "RSS per worker"):
             for expr in panels[title]:
-                await wait_series(prometheus, expr, positive)
+                await async_wait_for(
+                    series_when(prometheus, expr, positive), 30, f"data in {title}: {expr}"
+                )
         (connections,) = prometheus.series(panels["Connections"][0])
         assert float(connections["value"][1]) == 1
         rss = prometheus.series(panels["RSS per worker"][0])
@@ -469,17 +487,21 @@ async def test_every_dashboard_and_alert_expression_runs_on_a_real_prometheus(
         assert prometheus.series(rules[name]["query"]) == [], name
     # and the gateway-down alert's expression sees a stopped gateway
     gateway.stop()
-    (down,) = await wait_series(prometheus, rules["FanoutGatewayDown"]["query"], bool)
+    (down,) = await async_wait_for(
+        series_when(prometheus, rules["FanoutGatewayDown"]["query"], bool),
+        30,
+        "FanoutGatewayDown to see the stopped gateway",
+    )
     assert down["metric"]["instance"] == gateway.admin.removeprefix("http://")
 
 
 async def loaded_rules(prom: Prometheus) -> dict[str, dict[str, Any]]:
     """The loaded alerting rules by name, once each has been evaluated and found healthy."""
-    async with asyncio.timeout(30):
-        while True:
-            answer = prom.get("/api/v1/rules", type="alert")
-            assert answer["status"] == "success", answer
-            rules = {r["name"]: r for g in answer["data"]["groups"] for r in g["rules"]}
-            if rules and all(r["health"] == "ok" for r in rules.values()):
-                return rules
-            await asyncio.sleep(0.25)
+
+    def healthy() -> dict[str, dict[str, Any]]:
+        answer = prom.get("/api/v1/rules", type="alert")
+        assert answer["status"] == "success", answer
+        rules = {r["name"]: r for g in answer["data"]["groups"] for r in g["rules"]}
+        return rules if all(r["health"] == "ok" for r in rules.values()) else {}
+
+    return await async_wait_for(healthy, 30, "every alert rule evaluated and healthy")

@@ -24,7 +24,8 @@ from fanout.core.subjects import matches
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats
 from tests.conftest import Gateway, http_get, launch_gateway
-from tests.integration.wsclient import Frame, WsClient
+from tests.helpers import async_wait_for
+from tests.integration.wsclient import Frame, WsClient, wait_for_interest
 
 #: The gateway's NATS connection name (``nats.name``).
 GATEWAY_NATS_NAME = "fanout"
@@ -93,16 +94,6 @@ def metric(gw: Gateway, name: str, **labels: str) -> float:
     return total
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll ``check`` (run in a thread: it may do blocking HTTP) until true or timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(check):
-            return True
-        await asyncio.sleep(0.05)
-    return bool(await asyncio.to_thread(check))
-
-
 async def settled_subscriptions(
     gw: Gateway, server: EmbeddedNats, want: Callable[[list[str]], bool]
 ) -> list[str]:
@@ -114,7 +105,11 @@ async def settled_subscriptions(
         held = nats_subscriptions(server)
         return want(held) and metric(gw, "fanout_nats_subscriptions") == len(held)
 
-    assert await eventually(check), (held, metric(gw, "fanout_nats_subscriptions"))
+    try:  # in a thread: two blocking HTTP reads per poll
+        await async_wait_for(lambda: asyncio.to_thread(check), what="the subscriptions to settle")
+    except AssertionError as exc:
+        gauge = metric(gw, "fanout_nats_subscriptions")
+        raise AssertionError(f"{exc}; held {held}, fanout_nats_subscriptions {gauge}") from None
     return held
 
 
@@ -285,7 +280,7 @@ async def test_neighbour_is_served_while_three_clients_churn_1000_subscriptions(
                     refused.append(getattr(exc, "status", -1))
                 else:
                     await extra.close()
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # waits on: the pace that spreads them over the churn
 
         tasks = [asyncio.create_task(churn(c, cl)) for c, cl in enumerate(churners)]
         tasks.append(asyncio.create_task(handshakes()))
@@ -396,7 +391,11 @@ def test_model_sub_unsub_overlap_disconnect_publish(
                     s.startswith(("xy.md.m.", BARRIER)) for s in nats_subscriptions(nats_mon)
                 )
 
-            assert run(eventually(clean)), nats_subscriptions(nats_mon)
+            run(
+                async_wait_for(
+                    lambda: asyncio.to_thread(clean), what="no model subscription on nats-server"
+                )
+            )
 
     try:
         run_state_machine_as_test(
@@ -417,17 +416,14 @@ def test_model_sub_unsub_overlap_disconnect_publish(
 
 
 async def test_nats_down_acks_at_once_and_delivery_resumes_on_reconnect(
-    tmp_path: Path, keypair: tuple[Path, Path]
+    nats_server: EmbeddedNats, make_gateway: Callable[..., Gateway], keypair: tuple[Path, Path]
 ) -> None:
     """While NATS is down a sub is acked at once (with the status down frame); the
     subscription reaches nats-server on reconnect and delivery resumes."""
-    server = EmbeddedNats()
-    server.start()
-    gateway = launch_gateway(
-        tmp_path,
+    gateway = make_gateway(
         "--workers",
         "1",
-        NATS_URLS=server.url,
+        NATS_URLS=nats_server.url,
         JWT_PUBLIC_KEY=str(keypair[1]),
         FANOUT_NATS_RECONNECT_WAIT_S="0.2",
     )
@@ -437,36 +433,23 @@ async def test_nats_down_acks_at_once_and_delivery_resumes_on_reconnect(
     client = await WsClient.connect(gateway.ws, tok)
     try:
         await op(client, {"op": "sub", "id": 1, "subject": "xy.md.down.before"})
-        server.kill()
+        nats_server.kill()
         down = await client.expect(lambda f: f.get("op") == "status", timeout=10)
         assert down["nats"] == "down"
         assert await op(client, {"op": "sub", "id": 2, "subject": "xy.md.down.during"}) == {
             "op": "ack",
             "id": 2,
         }
-        server = EmbeddedNats(port=server.port)
-        server.start()
+        nats_server.start()  # the same port: the gateway reconnects on its own
         up = await client.expect(lambda f: f.get("op") == "status", timeout=15)
         assert up["nats"] == "up"
-        pub = await nats.connect(server.url)
+        pub = await nats.connect(nats_server.url)
         try:
             for subject in ("xy.md.down.before", "xy.md.down.during"):
-                # the resubscription races the publisher's connect: retry until it lands
-                async with asyncio.timeout(10):
-                    while True:
-                        await pub.publish(subject, b'{"probe":1}')
-                        await pub.flush()
-                        try:
-                            await client.expect(
-                                lambda f, s=subject: f.get("op") == "msg" and f["subject"] == s,
-                                0.3,
-                            )
-                        except TimeoutError:
-                            continue
-                        break
+                # the resubscription races the publisher's connect: probe until one lands
+                probe = json.dumps({"probe": subject}).encode()
+                await wait_for_interest(pub, client, subject, probe)
         finally:
             await pub.close()
     finally:
         await client.close()
-        gateway.stop()
-        server.stop()

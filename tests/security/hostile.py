@@ -164,21 +164,22 @@ def upgrade_request(
 
 
 async def connect_raw(
-    port: int, source: str = PROXY, rcvbuf: int | None = None
+    port: int, source: str = PROXY, rcvbuf: int | None = None, limit: int = 1 << 22
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection from ``source``; a small ``rcvbuf`` and ``limit`` (the reader's buffer,
+    past which it stops reading the socket) make a client that soon takes nothing more."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.bind((source, 0))
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    return await asyncio.open_connection(sock=sock, limit=1 << 22)
+    return await asyncio.open_connection(sock=sock, limit=limit)
 
 
-async def send_request(port: int, request: bytes, source: str = PROXY) -> Reply:
-    """Send ``request`` raw; read the response head, and the body when it is not a 101."""
-    reader, writer = await connect_raw(port, source)
-    writer.write(request)
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """The next response on ``reader``: status, headers (lower-case names), and the body
+    when it is not a 101."""
     async with asyncio.timeout(5):
         head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -192,6 +193,14 @@ async def send_request(port: int, request: bytes, source: str = PROXY) -> Reply:
     if status != 101:
         async with asyncio.timeout(5):
             body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+async def send_request(port: int, request: bytes, source: str = PROXY) -> Reply:
+    """Send ``request`` raw on a connection of its own; its response."""
+    reader, writer = await connect_raw(port, source)
+    writer.write(request)
+    status, headers, body = await read_response(reader)
     return Reply(status, headers, body, reader, writer)
 
 

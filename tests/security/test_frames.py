@@ -9,6 +9,7 @@ neighbour must still have every message. Cases and answers: docs/security.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,9 +22,12 @@ from tests.security.hostile import (
     Signer,
     client_frame,
     close_code,
+    connect_raw,
+    fresh_ip,
     open_ws,
     read_json,
     text,
+    upgrade_request,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -168,6 +172,13 @@ FRAMES = {
     "unsolicited pong flood (1100)": Case(
         many(lambda i: client_frame(0xA, b"hi"), 1100), close=1008
     ),
+    "1 MiB message in 1024 fragments counts once": Case(
+        fragmented(b'{"op":"ping","id":1,"pad":"' + b"x" * (MIB - 29) + b'"}', 1024),
+        error=("XYW008", 1),
+    ),
+    "invalid UTF-8 in the first fragment": Case(
+        lambda: [client_frame(0x1, b'{"op":"ping","id":1,"x":"\xc3\x28', fin=False)], close=1007
+    ),
     "fragmented flood (1100 one-byte fragments)": Case(
         fragmented(b'{"op":"ping","id":1,"pad":"' + b"x" * 1071 + b'"}', 1100), close=1008
     ),
@@ -249,4 +260,46 @@ async def test_subscription_cap_answers_xyw007_and_keeps_the_connection(
         assert await read_json(ws.reader) == [{"op": "pong", "id": 1002}]
     finally:
         ws.close()
+    await neighbour.check()
+
+
+async def test_frames_before_a_malformed_one_are_answered_before_the_close(
+    gw: Gateway, signer: Signer, neighbour: Neighbour
+) -> None:
+    ws = await open_ws(gw.port, signer)
+    try:
+        ws.writer.write(
+            text({"op": "sub", "id": 7, "subject": "xy.md.before.garbage"})
+            + client_frame(0x1, b"{}", rsv=4)
+        )
+        assert await read_json(ws.reader) == [{"op": "ack", "id": 7}]
+        assert await close_code(ws.reader) == 1002
+    finally:
+        ws.close()
+    await neighbour.check()
+
+
+async def test_a_client_still_flooding_pings_reads_1008(
+    gw: Gateway, signer: Signer, neighbour: Neighbour
+) -> None:
+    """The close frame reaches a client that is still sending when the limit trips.
+
+    The client reads slowly (small receive buffer, reads only after its flood), so the
+    1008 is still queued in the gateway when the limit trips: closing the socket then,
+    with the client's pings unread, would send a TCP reset that discards it.
+    """
+    reader, writer = await connect_raw(gw.port, rcvbuf=4096)
+    try:
+        writer.write(upgrade_request(gw.port, token=signer.token(), xff=fresh_ip()))
+        await reader.readuntil(b"\r\n\r\n")
+        await read_json(reader)  # welcome
+        chunk = b"".join(client_frame(0x9, b"p" * 125) for _ in range(10))
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            for _ in range(300):  # 3000 pings: the limit (burst 1000) trips a third of the way
+                writer.write(chunk)
+                async with asyncio.timeout(5):
+                    await writer.drain()
+        assert await close_code(reader, timeout=20) == 1008
+    finally:
+        writer.transport.abort()
     await neighbour.check()

@@ -26,6 +26,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from fanout.embedded_nats import free_port
 from tests.conftest import Gateway, http_get
+from tests.helpers import async_wait_for
 from tests.security.hostile import Neighbour, Signer, handshake
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -99,12 +100,6 @@ def metric(gw: Gateway, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not await asyncio.to_thread(predicate):
-            await asyncio.sleep(0.1)
-
-
 @pytest.mark.parametrize(
     "bad",
     [
@@ -126,8 +121,14 @@ async def test_malformed_jwks_is_a_failed_fetch_and_handshakes_still_get_answers
         jwks_server.body = document(jwk(public, "k1", alg=["RS256"]))
     else:
         jwks_server.body = b'{"keys":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+    def failed_twice_more() -> bool:
+        return metric(gw, "fanout_jwks_fetch_failures_total") >= failures + 2
+
     # the background refresh fetches the bad document, and keeps fetching: each a counted failure
-    await wait_for(lambda: metric(gw, "fanout_jwks_fetch_failures_total") >= failures + 2)
+    await async_wait_for(
+        lambda: asyncio.to_thread(failed_twice_more), what="two more failed fetches"
+    )
 
     new_kid = f"new-{bad}"  # a kid no earlier case has served
     unknown_kid = signer.token(headers={"kid": new_kid})
@@ -146,8 +147,7 @@ async def test_malformed_jwks_is_a_failed_fetch_and_handshakes_still_get_answers
         again.close()
         return again.status == 101
 
-    async with asyncio.timeout(10):  # the refresh recovers (backoff capped at refresh_s = 1 s)
-        while not await new_kid_accepted():
-            await asyncio.sleep(0.3)
+    # the refresh recovers (backoff capped at refresh_s = 1 s); each poll is one handshake
+    await async_wait_for(new_kid_accepted, 20, "the new kid accepted", interval=0.3)
     jwks_server.body = good
     await neighbour.check()

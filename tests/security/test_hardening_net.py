@@ -12,10 +12,8 @@ import json
 import os
 import re
 import resource
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,15 +23,16 @@ from nats.aio.client import Client as NatsClient
 from fanout import runtime
 from fanout.embedded_nats import EmbeddedNats
 from tests.conftest import Gateway, http_get
+from tests.helpers import async_wait_for
 from tests.security.hostile import (
     ORIGIN,
-    PROXY,
     Neighbour,
     Signer,
     connect_raw,
     fresh_ip,
     handshake,
     read_json,
+    read_response,
     start_gateway,
     text,
     upgrade_request,
@@ -67,44 +66,14 @@ def metric_value(text: str, series: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def launch_with_nofile(gw: Gateway, nofile: int) -> None:
-    """Start ``gw`` with RLIMIT_NOFILE = ``nofile`` (soft and hard) for the whole tree."""
-
-    def low_nofile() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-    assert gw.log_path is not None
-    gw.proc = subprocess.Popen(
-        [sys.executable, "-m", "fanout.cli", "serve", *gw.args],
-        env=gw.env,
-        stdout=gw.log_path.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=low_nofile,
-    )
-    deadline = time.monotonic() + 20
-    while True:
-        assert gw.proc.poll() is None and time.monotonic() < deadline, gw.logs()
-        try:
-            if http_get(gw.http + "/readyz", 1.0)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-
-
-async def wait_for(what: str, predicate: object, timeout: float = 15.0) -> None:
-    """Poll ``predicate()`` until true; fail naming ``what`` after ``timeout``."""
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
-
-
 # -- 1. fd exhaustion must not stop the worker's periodic task ---------------------------------
 NOFILE = 200
 HEARTBEAT_S = 0.5
+
+
+def low_nofile() -> None:
+    """RLIMIT_NOFILE = NOFILE (soft and hard) for the gateway's whole process tree."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +97,7 @@ def fd_gw(
         FANOUT_SERVER_HEARTBEAT_INTERVAL_S=str(HEARTBEAT_S),
         FANOUT_SERVER_WORKER_TIMEOUT_S="5",
     )
-    launch_with_nofile(gw, NOFILE)
+    gw.start(preexec_fn=low_nofile)
     (state_dir,) = tmpdir.glob("fanout-*")
     yield gw, state_dir
     gw.stop()
@@ -154,20 +123,25 @@ async def test_fd_exhaustion_keeps_the_worker_beating_and_serving(
                 break
         # more than fit: accept() hits EMFILE, so not one descriptor is left over
         silent += [await connect_raw(gw.port) for _ in range(20)]
-        await wait_for("a full fd table", lambda: len(os.listdir(f"/proc/{pid}/fd")) >= NOFILE)
+        await async_wait_for(
+            lambda: len(os.listdir(f"/proc/{pid}/fd")) >= NOFILE, 30, "a full fd table"
+        )
         full_since = heartbeat_at(state_dir, pid)
         # three heartbeats while the table stays full: the heartbeat needs no new fd
-        await wait_for(
-            "heartbeats with the fd table full",
+        await async_wait_for(
             lambda: heartbeat_at(state_dir, pid) >= full_since + 3 * HEARTBEAT_S,
+            30,
+            "heartbeats with the fd table full",
         )
         assert len(os.listdir(f"/proc/{pid}/fd")) >= NOFILE
     finally:
         for _, writer in silent:
             writer.transport.abort()
     released = heartbeat_at(state_dir, pid)
-    await wait_for("a heartbeat after release", lambda: heartbeat_at(state_dir, pid) > released)
-    await wait_for("/healthz 200", lambda: http_get(gw.http + "/healthz")[0] == 200)
+    await async_wait_for(
+        lambda: heartbeat_at(state_dir, pid) > released, 30, "a heartbeat after release"
+    )
+    await async_wait_for(lambda: http_get(gw.http + "/healthz")[0] == 200, 30, "/healthz 200")
     assert worker_pid(gw) == pid
     await neighbour.check(count=20)
     await neighbour.stop()
@@ -177,19 +151,6 @@ async def test_fd_exhaustion_keeps_the_worker_beating_and_serving(
 
 
 # -- 2. plain HTTP sockets: one request each, bounded, counted -------------------------------
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    async with asyncio.timeout(5):
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if value:
-                headers[name.strip().lower()] = value.strip()
-        body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(lines[0].split(" ", 2)[1]), headers, body
-
-
 async def closed_by_server(reader: asyncio.StreamReader) -> bool:
     """True when the gateway ends the socket (EOF or reset) within 5 s, sending nothing more."""
     try:
@@ -321,16 +282,10 @@ def vm_rss(pid: int) -> int:
 
 async def deaf_client(port: int, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """An upgraded client with a 4 KiB receive buffer that reads nothing after its welcome."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.bind((PROXY, 0))
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    reader, writer = await connect_raw(port, rcvbuf=4096, limit=4096)
     writer.write(upgrade_request(port, token=token, xff=fresh_ip(), origin=ORIGIN))
-    async with asyncio.timeout(5):
-        head = await reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101"), head
+    status, _, body = await read_response(reader)
+    assert status == 101, (status, body)
     assert (await read_json(reader))[0]["op"] == "welcome"
     return reader, writer
 
@@ -358,7 +313,7 @@ async def test_replies_to_a_client_that_stops_reading_are_bounded(
             ]
             for _, writer in clients:
                 writer.write(text(ops))
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # waits on: a loop turn; the service here answers
             peak = max(peak, vm_rss(pid))
 
         def all_cut() -> bool:
@@ -367,7 +322,7 @@ async def test_replies_to_a_client_that_stops_reading_are_bounded(
             cut = metric_value(metrics_text(gw), 'fanout_disconnects_total{close_code="4003"}')
             return cut - cuts_before >= 4
 
-        await wait_for("4 clients cut with 4003", all_cut)
+        await async_wait_for(all_cut, 30, "4 clients cut with 4003")
     finally:
         print(f"worker RSS before {before >> 20} MiB, peak {peak >> 20} MiB")  # for the docs
         for _, writer in clients:

@@ -19,15 +19,6 @@ def test_first_and_last_subscriber_are_reported() -> None:
     assert len(r) == 0
 
 
-def test_remove_all_returns_patterns_that_reached_zero() -> None:
-    r: SubjectRouter[str] = SubjectRouter()
-    r.add("a", "p1")
-    r.add("a", "p2")
-    r.add("b", "p2")
-    assert r.remove_all("a", ["p1", "p2"]) == ["p1"]
-    assert r.patterns() == ["p2"]
-
-
 ops = st.lists(
     st.tuples(st.booleans(), st.sampled_from("abc"), st.sampled_from(["s1", "s2", "s3"])),
     max_size=60,

@@ -50,6 +50,41 @@ def test_straddle_delivered_before_the_switch_is_not_delivered_again() -> None:
     assert o.select(new, "m.a.x", b"8") is not None
 
 
+def test_a_complete_message_before_the_switch_is_no_straddle() -> None:
+    """Both copies of "7" arrived before the switch: a later identical "7" is a new message."""
+    o = Overlaps()
+    old = o.add(1, "m.a.x")
+    new = o.add(2, "m.a.*")
+    assert o.select(old, "m.a.x", b"7") is not None
+    assert o.select(new, "m.a.x", b"7") is None
+    o.drain(old)
+    assert o.select(new, "m.a.x", b"7") is not None
+
+
+def test_a_straddle_ends_with_its_last_copy() -> None:
+    o = Overlaps()
+    old = o.add(1, "m.a.x")
+    new = o.add(2, "m.a.*")
+    assert o.select(old, "m.a.x", b"7") is not None
+    o.drain(old)
+    assert o.select(new, "m.a.x", b"7") is None  # the straddling copy
+    assert o.select(new, "m.a.x", b"7") is not None  # the next, identical message
+
+
+def test_identical_messages_after_every_subscription_went_and_came_back() -> None:
+    """A client subscribes m.* and m.a, gets "1", leaves; the next one does the same."""
+    o = Overlaps()
+    for round_ in range(3):
+        star = o.add(2 * round_ + 1, "m.*")
+        lit = o.add(2 * round_ + 2, "m.a")
+        delivered = [o.select(r, "m.a", b'{"n":1}') is not None for r in (star, lit)]
+        assert delivered.count(True) == 1, round_
+        for route in (star, lit):
+            o.drain(route)
+        for route in (star, lit):
+            o.remove(route)
+
+
 def test_straddle_dropped_before_the_switch_is_delivered_after_it() -> None:
     o = Overlaps()
     old = o.add(1, "m.a.x")
