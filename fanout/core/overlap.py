@@ -102,11 +102,11 @@ class Overlaps:
         if self.routes.get(route.sid) is not route:
             return  # already gone (its client was replaced: sids start again at 1)
         del self.routes[route.sid]
-        if route.overlap:
-            self._straddle = None  # every copy sent before its UNSUB has arrived
         self.trie.remove(route.pattern, route)
-        for other in self.trie.intersecting(route.pattern):
-            other.overlap -= 1
+        if route.overlap:  # else nothing intersects it: no count to update, no walk
+            self._straddle = None  # every copy sent before its UNSUB has arrived
+            for other in self.trie.intersecting(route.pattern):
+                other.overlap -= 1
 
     def clear(self) -> None:
         """The NATS client was replaced: none of its subscriptions exist any more."""
