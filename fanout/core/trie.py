@@ -24,60 +24,103 @@ class _Node(Generic[V]):
 
 
 class PatternTrie(Generic[V]):
-    """pattern → values (several values may share one pattern)."""
+    """pattern → values (several values may share one pattern).
 
-    __slots__ = ("_root", "_size")
+    Concrete patterns (no wildcard token, the usual subscription) are kept in a
+    dict, so a concrete query finds them with one lookup and walks only the
+    tree of wildcard patterns, which is small or empty. A second tree indexes
+    the concrete patterns for wildcard queries; its nodes hold the very lists
+    the dict does.
+    """
+
+    __slots__ = ("_concrete", "_concrete_root", "_size", "_wild_root")
 
     def __init__(self) -> None:
-        self._root: _Node[V] = _Node()
+        self._concrete: dict[str, list[V]] = {}
+        self._concrete_root: _Node[V] = _Node()
+        self._wild_root: _Node[V] = _Node()
         self._size = 0
 
     def __len__(self) -> int:
         return self._size
 
     def add(self, pattern: str, value: V) -> None:
-        node = self._root
-        for token in pattern.split("."):
-            child = node.children.get(token)
-            if child is None:
-                child = node.children[token] = _Node()
-            node = child
-        node.values.append(value)
         self._size += 1
+        if "*" in pattern or ">" in pattern:
+            _leaf(self._wild_root, pattern).values.append(value)
+            return
+        values = self._concrete.get(pattern)
+        if values is None:
+            values = self._concrete[pattern] = _leaf(self._concrete_root, pattern).values
+        values.append(value)
 
     def remove(self, pattern: str, value: V) -> bool:
         """Remove one ``value`` stored under ``pattern``; empty branches are pruned."""
-        path: list[tuple[_Node[V], str]] = []
-        node = self._root
-        for token in pattern.split("."):
-            child = node.children.get(token)
-            if child is None:
+        if "*" in pattern or ">" in pattern:
+            removed = _remove(self._wild_root, pattern, value)
+        else:
+            values = self._concrete.get(pattern)
+            if values is None or value not in values:
                 return False
-            path.append((node, token))
-            node = child
-        try:
-            node.values.remove(value)
-        except ValueError:
-            return False
-        self._size -= 1
-        for parent, token in reversed(path):
-            if node.values or node.children:
-                break
-            del parent.children[token]
-            node = parent
-        return True
+            if len(values) == 1:
+                del self._concrete[pattern]
+                removed = _remove(self._concrete_root, pattern, value)
+            else:
+                values.remove(value)
+                removed = True
+        if removed:
+            self._size -= 1
+        return removed
 
     def matching(self, subject: str) -> list[V]:
         """Values of every pattern that matches the concrete ``subject``."""
-        out: list[V] = []
-        _match(self._root, subject.split("."), 0, out)
+        found = self._concrete.get(subject)
+        out: list[V] = [] if found is None else found.copy()
+        if self._wild_root.children:
+            _match(self._wild_root, subject.split("."), 0, out)
         return out
 
     def intersecting(self, pattern: str) -> list[V]:
         """Values of every pattern that some concrete subject matches together with ``pattern``."""
+        if "*" not in pattern and ">" not in pattern:
+            return self.matching(pattern)
         out: list[V] = []
-        _intersect(self._root, pattern.split("."), 0, out)
+        tokens = pattern.split(".")
+        _intersect(self._wild_root, tokens, 0, out)
+        _intersect(self._concrete_root, tokens, 0, out)
         return out
+
+
+def _leaf(root: _Node[V], pattern: str) -> _Node[V]:
+    """The node of ``pattern`` under ``root``, made on the way if missing."""
+    node = root
+    for token in pattern.split("."):
+        child = node.children.get(token)
+        if child is None:
+            child = node.children[token] = _Node()
+        node = child
+    return node
+
+
+def _remove(root: _Node[V], pattern: str, value: V) -> bool:
+    path: list[tuple[_Node[V], str]] = []
+    node = root
+    for token in pattern.split("."):
+        child = node.children.get(token)
+        if child is None:
+            return False
+        path.append((node, token))
+        node = child
+    try:
+        node.values.remove(value)
+    except ValueError:
+        return False
+    for parent, token in reversed(path):
+        if node.values or node.children:
+            break
+        del parent.children[token]
+        node = parent
+    return True
 
 
 def _match(node: _Node[V], tokens: list[str], i: int, out: list[V]) -> None:
