@@ -81,9 +81,11 @@ class Overlaps:
         """A SUB was issued: the new subscription is the youngest."""
         self._seq += 1
         route = Route(sid, pattern, self._seq)
-        for other in self.trie.intersecting(pattern):
-            other.overlap += 1
-            route.overlap += 1
+        others = self.trie.intersecting(pattern)
+        if others:
+            for other in others:
+                other.overlap += 1
+            route.overlap = len(others)
         self.trie.add(pattern, route)
         self.routes[sid] = route
         return route
