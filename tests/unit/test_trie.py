@@ -51,6 +51,7 @@ def test_values_share_a_pattern_and_removal_prunes() -> None:
     assert len(t) == 0
     assert t._concrete == {}
     assert t._concrete_root.children == {}
+    assert t._groups == {}
 
 
 @settings(max_examples=300)
@@ -101,4 +102,5 @@ def test_adds_and_removes_agree_with_a_list(
         assert t.remove(item[0], item) is True
     assert t._concrete == {}
     assert t._concrete_root.children == {}
+    assert t._groups == {}
     assert t._wild_root.children == {}
