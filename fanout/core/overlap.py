@@ -81,9 +81,11 @@ class Overlaps:
         """A SUB was issued: the new subscription is the youngest."""
         self._seq += 1
         route = Route(sid, pattern, self._seq)
-        for other in self.trie.intersecting(pattern):
-            other.overlap += 1
-            route.overlap += 1
+        others = self.trie.intersecting(pattern)
+        if others:
+            for other in others:
+                other.overlap += 1
+            route.overlap = len(others)
         self.trie.add(pattern, route)
         self.routes[sid] = route
         return route
@@ -102,11 +104,11 @@ class Overlaps:
         if self.routes.get(route.sid) is not route:
             return  # already gone (its client was replaced: sids start again at 1)
         del self.routes[route.sid]
-        if route.overlap:
-            self._straddle = None  # every copy sent before its UNSUB has arrived
         self.trie.remove(route.pattern, route)
-        for other in self.trie.intersecting(route.pattern):
-            other.overlap -= 1
+        if route.overlap:  # else nothing intersects it: no count to update, no walk
+            self._straddle = None  # every copy sent before its UNSUB has arrived
+            for other in self.trie.intersecting(route.pattern):
+                other.overlap -= 1
 
     def clear(self) -> None:
         """The NATS client was replaced: none of its subscriptions exist any more."""

@@ -47,6 +47,12 @@ def _bad_char(text: str) -> str | None:
     return None
 
 
+def _plain(text: str) -> bool:
+    """True for a concrete subject with no empty token: the usual case, checked with C-level
+    string scans; anything else takes the per-token loop, which also names the fault."""
+    return not ("*" in text or ">" in text or ".." in text or text[0] == "." or text[-1] == ".")
+
+
 def _validate(text: str, max_bytes: int, wildcards: bool) -> None:
     if not text:
         raise SubjectError("empty subject")
@@ -56,6 +62,10 @@ def _validate(text: str, max_bytes: int, wildcards: bool) -> None:
     bad = _bad_char(text)
     if bad is not None:
         raise SubjectError(f"control or whitespace character U+{ord(bad):04X}")
+    if _plain(text):
+        if text.isascii() or len(text.encode("utf-8")) <= max_bytes:
+            return
+        raise SubjectError(f"longer than {max_bytes} bytes")
     tokens = text.split(".")
     last = len(tokens)
     for position, token in enumerate(tokens, 1):
@@ -112,6 +122,12 @@ def matches(pattern: str, subject: str) -> bool:
 
 def is_subset(pattern: str, of: str) -> bool:
     """True iff every subject matched by ``pattern`` is also matched by ``of``."""
+    if "*" not in of:
+        # Literal tokens, perhaps a final '>' (the usual whitelist and grant): string tests.
+        if of[-1] != ">":
+            return pattern == of
+        prefix = of[:-1]
+        return len(pattern) > len(prefix) and pattern.startswith(prefix)
     ptokens = pattern.split(".")
     otokens = of.split(".")
     if otokens[-1] == ">":

@@ -23,61 +23,187 @@ class _Node(Generic[V]):
         self.values: list[V] = []
 
 
-class PatternTrie(Generic[V]):
-    """pattern → values (several values may share one pattern)."""
+class _Parent(Generic[V]):
+    """A node of the concrete patterns' tree: the prefix every pattern of ``last`` continues."""
 
-    __slots__ = ("_root", "_size")
+    __slots__ = ("children", "last")
 
     def __init__(self) -> None:
-        self._root: _Node[V] = _Node()
+        self.children: dict[str, _Parent[V]] = {}
+        #: last token → values of the concrete pattern ``<this node's prefix>.<token>``.
+        self.last: dict[str, list[V]] = {}
+
+
+class PatternTrie(Generic[V]):
+    """pattern → values (several values may share one pattern).
+
+    Concrete patterns (no wildcard token, the usual subscription) are kept in a
+    dict, so a concrete query finds them with one lookup and walks only the
+    tree of wildcard patterns, which is small or empty. For wildcard queries the
+    concrete patterns are also grouped by their prefix (all tokens but the
+    last) in a tree of prefixes; the group of a known prefix is found by one
+    dict lookup, so adding or removing a concrete pattern walks that tree only
+    when its group is the first or last of its prefix.
+    """
+
+    __slots__ = ("_concrete", "_concrete_root", "_groups", "_size", "_wild_root")
+
+    def __init__(self) -> None:
+        self._concrete: dict[str, list[V]] = {}
+        #: prefix → its non-empty group (the ``last`` dict of its _Parent).
+        self._groups: dict[str, dict[str, list[V]]] = {}
+        self._concrete_root: _Parent[V] = _Parent()
+        self._wild_root: _Node[V] = _Node()
         self._size = 0
 
     def __len__(self) -> int:
         return self._size
 
     def add(self, pattern: str, value: V) -> None:
-        node = self._root
-        for token in pattern.split("."):
-            child = node.children.get(token)
-            if child is None:
-                child = node.children[token] = _Node()
-            node = child
-        node.values.append(value)
         self._size += 1
+        if "*" in pattern or ">" in pattern:
+            _leaf(self._wild_root, pattern).values.append(value)
+            return
+        values = self._concrete.get(pattern)
+        if values is None:
+            prefix, _, last = pattern.rpartition(".")
+            group = self._groups.get(prefix)
+            if group is None:
+                group = self._groups[prefix] = _parent(self._concrete_root, prefix).last
+            values = self._concrete[pattern] = group[last] = []
+        values.append(value)
 
     def remove(self, pattern: str, value: V) -> bool:
         """Remove one ``value`` stored under ``pattern``; empty branches are pruned."""
-        path: list[tuple[_Node[V], str]] = []
-        node = self._root
-        for token in pattern.split("."):
-            child = node.children.get(token)
-            if child is None:
+        if "*" in pattern or ">" in pattern:
+            removed = _remove(self._wild_root, pattern, value)
+        else:
+            values = self._concrete.get(pattern)
+            if values is None or value not in values:
                 return False
-            path.append((node, token))
-            node = child
-        try:
-            node.values.remove(value)
-        except ValueError:
-            return False
-        self._size -= 1
-        for parent, token in reversed(path):
-            if node.values or node.children:
-                break
-            del parent.children[token]
-            node = parent
-        return True
+            values.remove(value)
+            if not values:
+                del self._concrete[pattern]
+                prefix, _, last = pattern.rpartition(".")
+                group = self._groups[prefix]
+                del group[last]
+                if not group:
+                    del self._groups[prefix]
+                    _prune(self._concrete_root, prefix)
+            removed = True
+        if removed:
+            self._size -= 1
+        return removed
 
     def matching(self, subject: str) -> list[V]:
         """Values of every pattern that matches the concrete ``subject``."""
-        out: list[V] = []
-        _match(self._root, subject.split("."), 0, out)
+        found = self._concrete.get(subject)
+        out: list[V] = [] if found is None else found.copy()
+        if self._wild_root.children:
+            _match(self._wild_root, subject.split("."), 0, out)
         return out
 
     def intersecting(self, pattern: str) -> list[V]:
         """Values of every pattern that some concrete subject matches together with ``pattern``."""
+        if "*" not in pattern and ">" not in pattern:
+            return self.matching(pattern)
         out: list[V] = []
-        _intersect(self._root, pattern.split("."), 0, out)
+        tokens = pattern.split(".")
+        _intersect(self._wild_root, tokens, 0, out)
+        _intersect_concrete(self._concrete_root, tokens, 0, out)
         return out
+
+
+def _parent(root: _Parent[V], prefix: str) -> _Parent[V]:
+    """The node of ``prefix`` ("" is the root), made on the way if missing."""
+    node = root
+    if prefix:
+        for token in prefix.split("."):
+            child = node.children.get(token)
+            if child is None:
+                child = node.children[token] = _Parent()
+            node = child
+    return node
+
+
+def _prune(root: _Parent[V], prefix: str) -> None:
+    """``prefix`` lost its last group: drop its node and the ancestors left empty."""
+    if not prefix:
+        return
+    path: list[tuple[_Parent[V], str]] = []
+    node = root
+    for token in prefix.split("."):
+        path.append((node, token))
+        node = node.children[token]
+    for parent, token in reversed(path):
+        if node.last or node.children:
+            break
+        del parent.children[token]
+        node = parent
+
+
+def _concrete_below(node: _Parent[V], out: list[V]) -> None:
+    """Every concrete pattern under ``node``'s prefix (one or more further tokens)."""
+    for values in node.last.values():
+        out.extend(values)
+    for child in node.children.values():
+        _concrete_below(child, out)
+
+
+def _intersect_concrete(node: _Parent[V], tokens: list[str], i: int, out: list[V]) -> None:
+    """Concrete patterns matching the wildcard pattern ``tokens``; ``node`` is ``tokens[:i]``."""
+    token = tokens[i]
+    if token == ">":
+        _concrete_below(node, out)
+        return
+    if i == len(tokens) - 1:
+        if token == "*":
+            for values in node.last.values():
+                out.extend(values)
+        else:
+            found = node.last.get(token)
+            if found is not None:
+                out.extend(found)
+        return
+    if token == "*":
+        for child in node.children.values():
+            _intersect_concrete(child, tokens, i + 1, out)
+        return
+    exact = node.children.get(token)
+    if exact is not None:
+        _intersect_concrete(exact, tokens, i + 1, out)
+
+
+def _leaf(root: _Node[V], pattern: str) -> _Node[V]:
+    """The node of ``pattern`` under ``root``, made on the way if missing."""
+    node = root
+    for token in pattern.split("."):
+        child = node.children.get(token)
+        if child is None:
+            child = node.children[token] = _Node()
+        node = child
+    return node
+
+
+def _remove(root: _Node[V], pattern: str, value: V) -> bool:
+    path: list[tuple[_Node[V], str]] = []
+    node = root
+    for token in pattern.split("."):
+        child = node.children.get(token)
+        if child is None:
+            return False
+        path.append((node, token))
+        node = child
+    try:
+        node.values.remove(value)
+    except ValueError:
+        return False
+    for parent, token in reversed(path):
+        if node.values or node.children:
+            break
+        del parent.children[token]
+        node = parent
+    return True
 
 
 def _match(node: _Node[V], tokens: list[str], i: int, out: list[V]) -> None:

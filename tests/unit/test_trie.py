@@ -49,7 +49,9 @@ def test_values_share_a_pattern_and_removal_prunes() -> None:
     assert t.matching("a.b") == [2]
     assert t.remove("a.b", 2) is True
     assert len(t) == 0
-    assert t._root.children == {}
+    assert t._concrete == {}
+    assert t._concrete_root.children == {}
+    assert t._groups == {}
 
 
 @settings(max_examples=300)
@@ -62,3 +64,43 @@ def test_agrees_with_subjects_module(stored: list[str], query: str, subject: str
     assert sorted(t.intersecting(query)) == sorted(
         p for p in stored if subjects.intersects(p, query)
     )
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.tuples(st.booleans(), patterns(), st.integers(0, 2)), max_size=30),
+    patterns(),
+    concrete(),
+)
+def test_adds_and_removes_agree_with_a_list(
+    ops: list[tuple[bool, str, int]], query: str, subject: str
+) -> None:
+    """Concrete and wildcard patterns live in different indexes: any mix of adds and
+    removes (several values per pattern, removes of what is not there) answers as a list."""
+    t: PatternTrie[tuple[str, int]] = PatternTrie()
+    stored: list[tuple[str, int]] = []
+    for add, pattern, value in ops:
+        item = (pattern, value)
+        if add:
+            t.add(pattern, item)
+            stored.append(item)
+        else:
+            assert t.remove(pattern, item) is (item in stored)
+            if item in stored:
+                stored.remove(item)
+    assert len(t) == len(stored)
+    assert sorted(t.matching(subject)) == sorted(
+        i for i in stored if subjects.matches(i[0], subject)
+    )
+    assert sorted(t.intersecting(query)) == sorted(
+        i for i in stored if subjects.intersects(i[0], query)
+    )
+    assert sorted(t.intersecting(subject)) == sorted(
+        i for i in stored if subjects.intersects(i[0], subject)
+    )
+    for item in stored:
+        assert t.remove(item[0], item) is True
+    assert t._concrete == {}
+    assert t._concrete_root.children == {}
+    assert t._groups == {}
+    assert t._wild_root.children == {}
