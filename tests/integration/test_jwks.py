@@ -17,8 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from fanout.core.auth import TokenVerifier
+from fanout.core.jwks import MAX_JWKS_BYTES
 from fanout.devtoken import generate_keypair, make_token
-from fanout.worker.jwks import MAX_JWKS_BYTES, JwksCache, retry_delay_s
+from fanout.jwks_cache import retry_delay_s
+from fanout.worker.jwks import JwksCache
 from tests.helpers import async_wait_for
 
 KEY_A = generate_keypair("rsa")
