@@ -195,21 +195,24 @@ class Client:
 class InProc:
     """One worker's client side in this process (see :class:`fanout.worker.main.Worker`)."""
 
-    def __init__(self, settings: Settings, keys: KeySet | None = None) -> None:
+    def __init__(
+        self, settings: Settings, keys: KeySet | None = None, clock: Clock | None = None
+    ) -> None:
         self.settings = settings
-        self.clock = Clock()
+        self.clock = Clock() if clock is None else clock
         self.hub = Hub(settings, asyncio.get_running_loop())
         self.gateway = Gateway(settings, self.hub, keys, wall=self.clock.wall)
         self.link: NatsLink | None = None
         self._sids = itertools.count(1)
         self._routes: dict[str, Route] = {}
 
-    async def start_nats(self) -> None:
+    async def start_nats(self) -> NatsLink:
         """The real link to ``nats.urls``, wired as the worker wires it."""
         link = NatsLink(self.settings.nats, self.hub, self.hub.on_nats_status)
         self.link = self.hub.link = link
         await link.start()
         self.hub.nats_up = link.connected
+        return link
 
     async def stop(self) -> None:
         for conn in list(self.hub.connections):
