@@ -13,6 +13,7 @@ import nats
 import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from prometheus_client import REGISTRY
 
 from fanout.core import metadata
 from fanout.core.interceptors import BreakerState
@@ -129,6 +130,11 @@ async def answers(client: Client, n: int = 1) -> list[dict[str, Any]]:
     return got
 
 
+def circuit_state() -> float | None:
+    """The worst circuit of the whitelist pattern, as exported."""
+    return REGISTRY.get_sample_value("fanout_circuit_state", {"subject_pattern": "svc.>"})
+
+
 async def ask(client: Client, op: dict[str, Any]) -> dict[str, Any]:
     client.send(op)
     [frame] = await answers(client)
@@ -150,8 +156,13 @@ async def test_metadata_is_built_from_the_injected_clock_and_entropy(rig: Rig) -
 
 async def test_no_responders_is_xyw013(rig: Rig) -> None:
     client = await rig.client()
-    frame = await ask(client, request(1, "svc.nobody.get"))
-    assert (frame["op"], frame["id"], frame["code"]) == ("error", 1, "XYW013")
+    frame = await ask(client, request(1, "svc.nobody.home", timeout_ms=1000))
+    assert frame == {
+        "op": "error",
+        "id": 1,
+        "code": "XYW013",
+        "message": "no responders on svc.nobody.home",
+    }
 
 
 async def test_a_subject_outside_the_whitelist_is_refused_at_once(rig: Rig) -> None:
@@ -186,6 +197,7 @@ async def test_breaker_opens_rejects_without_nats_then_half_opens_on_the_scripte
         frame = await ask(client, request(op_id, subject))
         assert frame["hdr"][SERVICE_ERROR_CODE] == "500"
     assert rig.broker.breakers.state(subject) == BreakerState.OPEN
+    assert circuit_state() == BreakerState.OPEN
     calls = rig.responder.calls
     client.send(request(10, subject))
     [refused] = client.received()
@@ -202,6 +214,7 @@ async def test_breaker_opens_rejects_without_nats_then_half_opens_on_the_scripte
     rig.responder.healthy = True
     assert (await ask(client, request(13, subject)))["data"] == "fine"
     assert rig.broker.breakers.state(subject) == BreakerState.CLOSED
+    assert circuit_state() == BreakerState.CLOSED
     assert (await ask(client, request(14, subject)))["data"] == "fine"
 
 
