@@ -78,7 +78,8 @@ class FakeTransport(asyncio.Transport):
         super().__init__()
         self.peer = peer
         self.data = bytearray()
-        self.writes = 0
+        #: Every object passed to ``write``, as passed: clients sharing a batch get the same one.
+        self.chunks: list[bytes | bytearray | memoryview] = []
         self.closed = False
         self.aborted = False
         self.high_water: int | None = None
@@ -86,8 +87,12 @@ class FakeTransport(asyncio.Transport):
         self._protocol: asyncio.BaseProtocol | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.writes += 1
+        self.chunks.append(data)
         self.data += data
+
+    @property
+    def writes(self) -> int:
+        return len(self.chunks)
 
     def is_closing(self) -> bool:
         return self.closed or self.aborted

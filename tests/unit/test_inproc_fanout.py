@@ -68,6 +68,8 @@ async def test_idle_clients_share_one_write_per_flush() -> None:
     for c, writes in zip(clients, before, strict=True):
         assert c.transport.writes == writes + 1
         assert numbers(c.received()) == [1, 2, 3]
+    first = clients[0].transport.chunks[-1]
+    assert all(c.transport.chunks[-1] is first for c in clients), "one joined bytes object"
     assert w.hub.forwarded == 9
 
 
