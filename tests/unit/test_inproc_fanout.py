@@ -73,6 +73,17 @@ async def test_idle_clients_share_one_write_per_flush() -> None:
     assert w.hub.forwarded == 9
 
 
+async def test_a_client_that_subscribes_mid_batch_gets_only_what_follows() -> None:
+    w = await worker()
+    early = await subscribed(w)
+    w.publish(SUBJECT, SUBJECT, body(1))
+    late = await subscribed(w)
+    w.publish(SUBJECT, SUBJECT, body(2))
+    await w.turn()
+    assert numbers(early.received()) == [1, 2]
+    assert numbers(late.received()) == [2]
+
+
 async def test_a_full_batch_is_written_without_waiting_for_the_turn() -> None:
     w = await worker(**{"outbox.max_batch": 4})
     client = await subscribed(w)
