@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -64,8 +65,17 @@ class Refusal(Exception):
 class Gateway:
     """Everything about this worker's clients that is not the hot path."""
 
-    def __init__(self, settings: Settings, hub: Hub, keys: KeySet | JwksCache | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        hub: Hub,
+        keys: KeySet | JwksCache | None,
+        *,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
+        #: The wall clock token expiry is measured on (tests script it).
+        self.wall = wall
         self.hub = hub
         self.keys = keys
         jwt = settings.jwt
@@ -355,7 +365,7 @@ class Gateway:
         # warn again only if the new token leaves more than the lead time (else: once a second)
         expires = principal.expires_at
         conn.warned = expires is not None and (
-            expires - time.time() <= self.settings.jwt.expiring_lead_s
+            expires - self.wall() <= self.settings.jwt.expiring_lead_s
         )
         conn.acl = self.acl_for(principal)
         frames: list[bytes] = []
@@ -370,7 +380,7 @@ class Gateway:
     # -- periodic work ----------------------------------------------------
     def sweep(self, now: float) -> None:
         """Once a second: deadlines and expiry for every connection, no timer each."""
-        wall = time.time()
+        wall = self.wall()
         stall = self.settings.outbox.write_timeout_s
         lead = self.settings.jwt.expiring_lead_s
         leeway = self.settings.jwt.leeway_s

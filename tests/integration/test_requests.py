@@ -263,6 +263,7 @@ async def test_denied_and_invalid_subjects(
         await client.close()
 
 
+@pytest.mark.slow  # in-process: tests/unit/test_inproc_requests.py
 async def test_no_responders(gw: Gateway, backend: Backend, keypair: tuple[Path, Path]) -> None:
     client, _ = await connect(gw, keypair, "alice")
     try:
@@ -279,6 +280,7 @@ async def test_no_responders(gw: Gateway, backend: Backend, keypair: tuple[Path,
 
 
 # -- limits ----------------------------------------------------------------------------------------
+@pytest.mark.slow  # in-process: tests/unit/test_inproc_requests.py
 async def test_rate_limit_triggers_at_the_rate_and_recovers(
     gw: Gateway, backend: Backend, keypair: tuple[Path, Path]
 ) -> None:
@@ -315,6 +317,7 @@ async def test_rate_limit_triggers_at_the_rate_and_recovers(
         await second.close()
 
 
+@pytest.mark.slow  # in-process: tests/unit/test_inproc_requests.py
 async def test_in_flight_cap_per_connection(
     gw: Gateway, backend: Backend, keypair: tuple[Path, Path]
 ) -> None:
@@ -356,6 +359,7 @@ async def test_timeouts_are_capped_and_open_the_breaker(
         await client.close()
 
 
+@pytest.mark.slow  # in-process: tests/unit/test_inproc_requests.py
 async def test_breaker_opens_rejects_fast_and_closes_after_a_probe(
     gw: Gateway, backend: Backend, keypair: tuple[Path, Path]
 ) -> None:
