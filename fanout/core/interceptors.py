@@ -3,7 +3,7 @@
 A gateway ``request`` runs through a chain in a configured order: ACL →
 per-principal rate limit → per-subject circuit breaker → deadline → tracing
 by default. Each interceptor's ``before`` may reject (a :class:`Rejection`
-becomes an ``error`` frame) or enrich the :class:`RequestContext`; ``after``
+becomes an ``error`` frame) or enrich the :class:`ChainContext`; ``after``
 learns the outcome (the breaker counts failures there). When one rejects,
 the ones before it get ``after(NEUTRAL)`` so, say, a half-open breaker's
 probe slot is released.
@@ -56,7 +56,7 @@ def retry_ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
-class RequestContext:
+class ChainContext:
     """One request on its way through the chain."""
 
     __slots__ = (
@@ -94,12 +94,14 @@ class RequestContext:
         self.admission: Admission | None = None
 
 
-class Interceptor(Protocol):
+class ChainInterceptor(Protocol):
+    """A gateway-side step (``fanout.service.Interceptor`` is the service's async kind)."""
+
     name: str
 
-    def before(self, ctx: RequestContext, now: float) -> Rejection | None: ...
+    def before(self, ctx: ChainContext, now: float) -> Rejection | None: ...
 
-    def after(self, ctx: RequestContext, outcome: Outcome, now: float) -> None: ...
+    def after(self, ctx: ChainContext, outcome: Outcome, now: float) -> None: ...
 
 
 # -- rate limits --------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def rate_key(principal: Principal | None, peer: str) -> str:
     return "ip:" + peer
 
 
-class RateLimit:
+class PrincipalRateLimit:
     """Per-principal token bucket: ``XYW010`` with ``retry_after_ms`` when it is empty."""
 
     name = "rate_limit"
@@ -153,13 +155,13 @@ class RateLimit:
     def __init__(self, limiter: KeyedRateLimiter) -> None:
         self.limiter = limiter
 
-    def before(self, ctx: RequestContext, now: float) -> Rejection | None:
+    def before(self, ctx: ChainContext, now: float) -> Rejection | None:
         wait = self.limiter.check(rate_key(ctx.principal, ctx.peer), now)
         if wait is None:
             return None
         return Rejection(Code.RATE_LIMITED, "request rate limited", "rate_limited", retry_ms(wait))
 
-    def after(self, ctx: RequestContext, outcome: Outcome, now: float) -> None:
+    def after(self, ctx: ChainContext, outcome: Outcome, now: float) -> None:
         return None
 
 
@@ -310,7 +312,7 @@ def timeout_outcome(timeout_ms: int, floor_ms: int) -> Outcome:
     return Outcome.FAILURE if timeout_ms >= floor_ms else Outcome.NEUTRAL
 
 
-class CircuitBreaker:
+class SubjectCircuitBreaker:
     """Per-subject breaker: ``XYW011`` (NATS untouched) while the subject's circuit is open."""
 
     name = "circuit_breaker"
@@ -318,7 +320,7 @@ class CircuitBreaker:
     def __init__(self, board: BreakerBoard) -> None:
         self.board = board
 
-    def before(self, ctx: RequestContext, now: float) -> Rejection | None:
+    def before(self, ctx: ChainContext, now: float) -> Rejection | None:
         admission = self.board.allow(ctx.subject, now)
         if admission != Admission.REJECT:
             ctx.admission = admission
@@ -328,7 +330,7 @@ class CircuitBreaker:
             Code.CIRCUIT_OPEN, f"circuit open for {ctx.subject}", "circuit_open", retry_ms(wait)
         )
 
-    def after(self, ctx: RequestContext, outcome: Outcome, now: float) -> None:
+    def after(self, ctx: ChainContext, outcome: Outcome, now: float) -> None:
         if ctx.admission is not None:
             self.board.record(ctx.subject, ctx.admission, outcome, now)
 
@@ -379,12 +381,12 @@ class RequestAcl:
         self._cache[id(principal)] = (principal, acl)
         return acl
 
-    def before(self, ctx: RequestContext, now: float) -> Rejection | None:
+    def before(self, ctx: ChainContext, now: float) -> Rejection | None:
         if self.acl_for(ctx.principal).allows_subject(ctx.subject):
             return None
         return Rejection(Code.SUBJECT_DENIED, f"requests not allowed on {ctx.subject}", "denied")
 
-    def after(self, ctx: RequestContext, outcome: Outcome, now: float) -> None:
+    def after(self, ctx: ChainContext, outcome: Outcome, now: float) -> None:
         return None
 
 
@@ -399,12 +401,12 @@ class Deadline:
         self.default_ms = default_ms
         self.max_ms = max_ms
 
-    def before(self, ctx: RequestContext, now: float) -> Rejection | None:
+    def before(self, ctx: ChainContext, now: float) -> Rejection | None:
         asked = ctx.requested_timeout_ms
         ctx.timeout_ms = min(self.default_ms if asked is None else asked, self.max_ms)
         return None
 
-    def after(self, ctx: RequestContext, outcome: Outcome, now: float) -> None:
+    def after(self, ctx: ChainContext, outcome: Outcome, now: float) -> None:
         return None
 
 
@@ -419,7 +421,7 @@ class Tracing:
     def __init__(self, entropy: Callable[[int], bytes] = os.urandom) -> None:
         self.entropy = entropy
 
-    def before(self, ctx: RequestContext, now: float) -> Rejection | None:
+    def before(self, ctx: ChainContext, now: float) -> Rejection | None:
         raw = ctx.client_traceparent
         parsed = None if raw is None else parse_traceparent(raw)
         if parsed is None:
@@ -431,7 +433,7 @@ class Tracing:
         ctx.tracestate = state if state is not None and valid_tracestate(state) else None
         return None
 
-    def after(self, ctx: RequestContext, outcome: Outcome, now: float) -> None:
+    def after(self, ctx: ChainContext, outcome: Outcome, now: float) -> None:
         return None
 
 
@@ -441,12 +443,12 @@ class InterceptorChain:
 
     __slots__ = ("interceptors",)
 
-    def __init__(self, interceptors: Sequence[Interceptor]) -> None:
+    def __init__(self, interceptors: Sequence[ChainInterceptor]) -> None:
         self.interceptors = tuple(interceptors)
 
     @classmethod
     def from_order(
-        cls, order: Sequence[str], available: Mapping[str, Interceptor]
+        cls, order: Sequence[str], available: Mapping[str, ChainInterceptor]
     ) -> InterceptorChain:
         """The chain named by ``order``; ValueError for unknown, duplicate or missing names."""
         unknown = [name for name in order if name not in available]
@@ -459,7 +461,7 @@ class InterceptorChain:
             raise ValueError(f"required interceptors missing: {sorted(missing)}")
         return cls([available[name] for name in order])
 
-    def before(self, ctx: RequestContext, now: float) -> Rejection | None:
+    def before(self, ctx: ChainContext, now: float) -> Rejection | None:
         interceptors = self.interceptors
         for index, interceptor in enumerate(interceptors):
             rejection = interceptor.before(ctx, now)
@@ -469,6 +471,6 @@ class InterceptorChain:
                 return rejection
         return None
 
-    def after(self, ctx: RequestContext, outcome: Outcome, now: float) -> None:
+    def after(self, ctx: ChainContext, outcome: Outcome, now: float) -> None:
         for interceptor in reversed(self.interceptors):
             interceptor.after(ctx, outcome, now)

@@ -68,7 +68,7 @@ class Auth(_Op, tag="auth"):
 _JSON_NULL = msgspec.Raw(b"null")
 
 
-class Request(_Op, tag="request"):
+class RequestOp(_Op, tag="request"):
     """``data`` is the client's JSON value, raw (``null`` when absent): it becomes the payload."""
 
     id: Id
@@ -78,7 +78,7 @@ class Request(_Op, tag="request"):
     headers: dict[str, str] = {}
 
 
-ClientOp = Sub | Unsub | Ping | Auth | Request
+ClientOp = Sub | Unsub | Ping | Auth | RequestOp
 
 _op_decoder = msgspec.json.Decoder(ClientOp)
 _batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])

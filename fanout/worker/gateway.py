@@ -49,7 +49,7 @@ ERROR_LOG_RATE = 50.0
 class RequestHandler(Protocol):
     """The ``request`` op (protocol v1.1) is answered by a pluggable broker."""
 
-    def handle(self, conn: WsConnection, op: protocol.Request) -> bytes | None: ...
+    def handle(self, conn: WsConnection, op: protocol.RequestOp) -> bytes | None: ...
 
 
 @dataclass(slots=True)

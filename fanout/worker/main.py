@@ -44,7 +44,7 @@ from fanout.worker.hub import Hub
 from fanout.worker.jwks import JwksCache
 from fanout.worker.nats_auth import NatsAuthError
 from fanout.worker.nats_link import NatsLink
-from fanout.worker.requests import RequestBroker
+from fanout.worker.request_broker import RequestBroker
 from fanout.worker.revocation import Denylist, DenylistError
 
 log = logging.getLogger("fanout.worker")

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from fanout.core import metadata
 from fanout.core.interceptors import BreakerState
 from fanout.embedded_nats import EmbeddedNats
-from fanout.worker.requests import SERVICE_ERROR_CODE, RequestBroker
+from fanout.worker.request_broker import SERVICE_ERROR_CODE, RequestBroker
 from tests.helpers import async_wait_for
 from tests.inproc import Client, Clock, InProc, make_settings
 

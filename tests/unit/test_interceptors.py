@@ -16,16 +16,16 @@ from fanout.core.interceptors import (
     Admission,
     BreakerBoard,
     BreakerState,
-    CircuitBreaker,
+    ChainContext,
+    ChainInterceptor,
     Deadline,
-    Interceptor,
     InterceptorChain,
     KeyedRateLimiter,
     Outcome,
-    RateLimit,
+    PrincipalRateLimit,
     Rejection,
     RequestAcl,
-    RequestContext,
+    SubjectCircuitBreaker,
     Tracing,
     rate_key,
     retry_ms,
@@ -43,8 +43,8 @@ def principal(sub: str = "alice", **claims: object) -> Principal:
 
 def ctx(
     subject: str = "svc.orders.get", p: Principal | None = None, **kw: typing.Any
-) -> RequestContext:
-    return RequestContext(subject, p, "10.0.0.1", **kw)
+) -> ChainContext:
+    return ChainContext(subject, p, "10.0.0.1", **kw)
 
 
 # -- rate limits --------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def test_rate_key_prefers_the_principal() -> None:
 
 
 def test_rate_limit_rejects_with_retry_after() -> None:
-    limit = RateLimit(KeyedRateLimiter(rate=4, burst=1))
+    limit = PrincipalRateLimit(KeyedRateLimiter(rate=4, burst=1))
     assert limit.before(ctx(p=principal()), 0.0) is None
     rejection = limit.before(ctx(p=principal()), 0.0)
     assert rejection == Rejection(Code.RATE_LIMITED, "request rate limited", "rate_limited", 250)
@@ -194,7 +194,7 @@ def test_breaker_map_is_bounded_and_prefers_dropping_closed() -> None:
 
 def test_circuit_breaker_interceptor() -> None:
     b, _ = board(failures=1, reset_after_s=2.0)
-    breaker = CircuitBreaker(b)
+    breaker = SubjectCircuitBreaker(b)
     first = ctx()
     assert breaker.before(first, 0.0) is None and first.admission == Admission.PASS
     breaker.after(first, Outcome.FAILURE, 0.5)
@@ -304,11 +304,11 @@ class Recorder:
         self.log = log
         self.reject = reject
 
-    def before(self, ctx: RequestContext, now: float) -> Rejection | None:
+    def before(self, ctx: ChainContext, now: float) -> Rejection | None:
         self.log.append(f"before {self.name}")
         return Rejection(Code.SUBJECT_DENIED, self.name, "denied") if self.reject else None
 
-    def after(self, ctx: RequestContext, outcome: Outcome, now: float) -> None:
+    def after(self, ctx: ChainContext, outcome: Outcome, now: float) -> None:
         self.log.append(f"after {self.name} {outcome}")
 
 
@@ -338,7 +338,7 @@ def test_a_later_rejection_releases_the_probe() -> None:
     b, _ = board(failures=1, reset_after_s=1.0)
     fail(b, "svc.orders.get", 0.0)
     acl = RequestAcl(["svc.orders.list"], "requests")
-    chain = InterceptorChain([CircuitBreaker(b), acl])
+    chain = InterceptorChain([SubjectCircuitBreaker(b), acl])
     assert chain.before(ctx(), 5.0) is not None  # breaker let a probe through, the ACL refused
     assert b.allow("svc.orders.get", 5.0) == Admission.PROBE  # the probe slot is free again
 
@@ -348,10 +348,10 @@ def names(chain: InterceptorChain) -> tuple[str, ...]:
 
 
 def test_from_order() -> None:
-    available: dict[str, Interceptor] = {
+    available: dict[str, ChainInterceptor] = {
         "acl": RequestAcl(["svc.>"], "requests"),
-        "rate_limit": RateLimit(KeyedRateLimiter(1, 1)),
-        "circuit_breaker": CircuitBreaker(BreakerBoard(1, 1.0)),
+        "rate_limit": PrincipalRateLimit(KeyedRateLimiter(1, 1)),
+        "circuit_breaker": SubjectCircuitBreaker(BreakerBoard(1, 1.0)),
         "deadline": Deadline(1, 1),
         "tracing": Tracing(),
     }

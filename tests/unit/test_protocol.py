@@ -21,7 +21,7 @@ from fanout.core.protocol import (
     FrameError,
     Limits,
     Ping,
-    Request,
+    RequestOp,
     Since,
     Sub,
     Unsub,
@@ -74,14 +74,14 @@ def test_every_op_decodes(payload: bytes, op: ClientOp) -> None:
 
 def test_request_defaults_and_full() -> None:
     (minimal,) = decode_client_frame(b'{"op":"request","id":1,"subject":"svc.x"}')
-    assert isinstance(minimal, Request)
+    assert isinstance(minimal, RequestOp)
     assert (minimal.id, minimal.subject, bytes(minimal.data)) == (1, "svc.x", b"null")
     assert (minimal.timeout_ms, minimal.headers) == (None, {})
     (full,) = decode_client_frame(
         b'{"op":"request","id":2,"subject":"svc.y","data":{"a": [1, 2]},'
         b'"timeout_ms":1500,"headers":{"correlationId":"c-1"}}'
     )
-    assert isinstance(full, Request)
+    assert isinstance(full, RequestOp)
     assert bytes(full.data) == b'{"a": [1, 2]}'
     assert (full.timeout_ms, full.headers) == (1500, {"correlationId": "c-1"})
 
@@ -90,8 +90,8 @@ def test_request_defaults_are_not_shared() -> None:
     first, second = decode_client_frame(
         b'[{"op":"request","id":1,"subject":"s"},{"op":"request","id":2,"subject":"s"}]'
     )
-    assert isinstance(first, Request)
-    assert isinstance(second, Request)
+    assert isinstance(first, RequestOp)
+    assert isinstance(second, RequestOp)
     first.headers["x"] = "y"
     assert second.headers == {}
 
@@ -195,7 +195,7 @@ OPS = st.one_of(
     st.builds(Ping, st.integers(-MAX_ID, MAX_ID)),
     st.builds(Auth, st.integers(-MAX_ID, MAX_ID), st.text()),
     st.builds(
-        Request,
+        RequestOp,
         st.integers(-MAX_ID, MAX_ID),
         st.text(),
         timeout_ms=st.none() | st.integers(1, 10**9),
@@ -229,7 +229,7 @@ def test_any_input_yields_ops_or_errors(payload: bytes) -> None:
     results = decode_client_frame(payload)
     assert results
     for result in results:
-        assert isinstance(result, FrameError | Sub | Unsub | Ping | Auth | Request)
+        assert isinstance(result, FrameError | Sub | Unsub | Ping | Auth | RequestOp)
         if isinstance(result, FrameError):
             assert result.code == "XYW008"
             assert result.id is None or abs(result.id) <= MAX_ID

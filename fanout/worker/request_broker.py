@@ -26,15 +26,15 @@ from fanout.core import metadata, protocol, websocket
 from fanout.core.interceptors import (
     BreakerBoard,
     BreakerState,
-    CircuitBreaker,
+    ChainContext,
+    ChainInterceptor,
     Deadline,
-    Interceptor,
     InterceptorChain,
     KeyedRateLimiter,
     Outcome,
-    RateLimit,
+    PrincipalRateLimit,
     RequestAcl,
-    RequestContext,
+    SubjectCircuitBreaker,
     Tracing,
     timeout_outcome,
 )
@@ -97,12 +97,14 @@ class RequestBroker:
         self.breakers = BreakerBoard(
             req.breaker_failures, req.breaker_reset_s, req.max_breakers, self._on_transition
         )
-        available: dict[str, Interceptor] = {
+        available: dict[str, ChainInterceptor] = {
             "acl": RequestAcl(
                 req.whitelist, settings.jwt.requests_claim, max_bytes=self.max_subject_bytes
             ),
-            "rate_limit": RateLimit(KeyedRateLimiter(req.rate, req.burst, req.max_principals)),
-            "circuit_breaker": CircuitBreaker(self.breakers),
+            "rate_limit": PrincipalRateLimit(
+                KeyedRateLimiter(req.rate, req.burst, req.max_principals)
+            ),
+            "circuit_breaker": SubjectCircuitBreaker(self.breakers),
             "deadline": Deadline(req.default_timeout_ms, req.max_timeout_ms),
             "tracing": Tracing(entropy),
         }
@@ -115,7 +117,7 @@ class RequestBroker:
             metrics.CIRCUIT_STATE.labels(pattern).set(BreakerState.CLOSED)
 
     # -- the read path ------------------------------------------------------------------------
-    def handle(self, conn: WsConnection, op: protocol.Request) -> bytes | None:
+    def handle(self, conn: WsConnection, op: protocol.RequestOp) -> bytes | None:
         start = self.clock()
         try:
             validate_subject(op.subject, self.max_subject_bytes)
@@ -139,7 +141,7 @@ class RequestBroker:
         if sub is not None and not metadata.valid_header_value(sub):
             message = "the token's sub cannot be sent in a header"
             return self._refuse(conn, op.id, Code.SUBJECT_DENIED, message, "denied")
-        ctx = RequestContext(
+        ctx = ChainContext(
             op.subject,
             principal,
             conn.peer,
@@ -196,7 +198,7 @@ class RequestBroker:
     def _headers(
         self,
         conn: WsConnection,
-        ctx: RequestContext,
+        ctx: ChainContext,
         sub: str | None,
         correlation: str | None,
         causation: str | None,
@@ -237,7 +239,7 @@ class RequestBroker:
         self,
         conn: WsConnection,
         op_id: int,
-        ctx: RequestContext,
+        ctx: ChainContext,
         payload: bytes,
         headers: dict[str, str],
         start: float,
