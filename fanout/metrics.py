@@ -2,7 +2,8 @@
 
 Import this module only in a worker, after the supervisor has set
 ``PROMETHEUS_MULTIPROC_DIR``: prometheus_client picks its value backend at
-import time. The seed's series keep their exact names (dashboards use them).
+import time. Series keep the exact names listed in README.md (Health, readiness,
+metrics, logs) and docs/requests.md (Metrics): dashboards use them.
 Hot-path counts are kept in plain ints by the hub and added here once per
 sweep, because a multiprocess counter increment is an mmap write.
 """

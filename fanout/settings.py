@@ -1,7 +1,7 @@
 """The gateway's whole configuration: one typed object, validated once at start-up.
 
 Sources, later wins: built-in defaults, a TOML file (``--config``), environment
-variables (the origin story's names such as ``NATS_URLS`` and the generic
+variables (the short names such as ``NATS_URLS`` and the generic
 ``FANOUT_<SECTION>_<FIELD>``), then command-line overrides. Every error names
 the field it is about, so an operator can fix it from one line.
 """
@@ -246,8 +246,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     history: History = msgspec.field(default_factory=History)
 
 
-#: The origin story's environment names → dotted setting paths.
-SEED_ENV: dict[str, str] = {
+#: The short environment names (README.md, Configuration) → dotted setting paths.
+SHORT_ENV: dict[str, str] = {
     "NATS_URLS": "nats.urls",
     "NATS_TLS_CA": "nats.tls_ca",
     "NATS_TLS_CERT": "nats.tls_cert",
@@ -353,13 +353,13 @@ _SECTIONS = frozenset(path.partition(".")[0] for path in FIELD_TYPES)
 def env_overrides(
     environ: Mapping[str, str], warn: Callable[[str], None] = _warn_stderr
 ) -> dict[str, tuple[str, Any]]:
-    """``{dotted path: (variable name, value)}`` from the seed's names and ``FANOUT_SECTION_FIELD``.
+    """``{dotted path: (variable name, value)}`` from the short names and ``FANOUT_SECTION_FIELD``.
 
     Other tools share the prefix (``FANOUT_LOCUST_KEY``), so a variable outside every
     section is only warned about; inside a known section it is surely a typo and fails.
     """
     out: dict[str, tuple[str, Any]] = {}
-    for name, path in SEED_ENV.items():
+    for name, path in SHORT_ENV.items():
         if name in environ:
             out[path] = (name, _env_value(name, path, environ[name]))
     for name in sorted(environ):

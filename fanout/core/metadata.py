@@ -1,7 +1,7 @@
 """Request metadata shared by both halves: the gateway that sends, ``fanout.service`` that answers.
 
-Owns the NATS header names of protocol v1.1, the msgspec Structs for the
-origin plan's ``MessageMetadata`` (message id, timestamp, correlation block,
+Owns the NATS header names of protocol v1.1, the msgspec Structs for
+``MessageMetadata`` (docs/requests.md, Metadata headers) (message id, timestamp, correlation block,
 authentication block), strict decoding from headers, and the small pure
 helpers behind them: ULIDs, ISO 8601 timestamps, W3C ``traceparent`` /
 ``tracestate``. Callers pass time and randomness in, so everything here is
@@ -38,7 +38,7 @@ TRACESTATE = "tracestate"
 RESERVED_PREFIX = "fanout-"
 RESERVED = frozenset({AUTHORIZATION.lower()})
 
-#: Keys of the request op's ``headers`` object that always pass (the origin plan's names).
+#: Keys of the request op's ``headers`` object that always pass (docs/requests.md, The op).
 CLIENT_CORRELATION_ID = "correlationId"
 CLIENT_CAUSATION_ID = "causationId"
 
@@ -100,7 +100,7 @@ Authentication = JwtAuthentication
 class MessageMetadata(
     msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True, kw_only=True
 ):
-    """The origin plan's ``MessageMetadata`` plus what a gateway asserts about its client.
+    """The metadata of docs/requests.md plus what a gateway asserts about its client.
 
     ``principal`` and ``conn`` are the gateway's word (the verified ``sub`` and
     its connection id): trust them as far as NATS permissions let only the

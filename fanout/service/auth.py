@@ -1,4 +1,4 @@
-"""Message-level JWT authentication for ``fanout.service`` (the origin plan's ``withAuth``).
+"""Message-level JWT authentication for ``fanout.service`` (``Service.with_auth``).
 
 The token comes from the request's metadata (``Authorization: Bearer``, which
 the gateway sends only with ``requests.forward_token`` on, or any caller sets

@@ -1,6 +1,6 @@
 """Calling a ``fanout.service`` from Python, with the same metadata the gateway sends.
 
-The origin plan's client side (``NatsClientImpl``): every request carries a
+The client side of docs/requests.md (Metadata headers): every request carries a
 ULID message id, an ISO timestamp, a correlation id (given or new), an
 optional causation id and, when ``token`` is given, ``Authorization: Bearer``
 for the service's :class:`~fanout.service.JwtAuth`. With OpenTelemetry a

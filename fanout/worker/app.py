@@ -1,7 +1,7 @@
 """The aiohttp applications of a worker: the public one and the admin one.
 
-The public port (shared with WebSocket clients) serves ``/readyz``, the seed's
-``/healthz`` fields, ``/fanout.js`` and, with ``--demo``, the demo page.
+The public port (shared with WebSocket clients) serves ``/readyz``, the public
+``/healthz`` fields (README.md, Health), ``/fanout.js`` and, with ``--demo``, the demo page.
 Whatever names workers, URLs or patterns (``/metrics``, the detailed
 ``/healthz``, the live view) is on the admin port only (:mod:`fanout.worker.admin`).
 
@@ -26,8 +26,8 @@ from fanout.errors import Code
 STATIC = resources.files("fanout") / "static"
 
 
-#: The public /healthz: the seed's fields and nothing else (no pids, URLs or patterns).
-SEED_HEALTH_FIELDS = (
+#: The public /healthz: the fields README.md lists and nothing else (no pids, URLs or patterns).
+PUBLIC_HEALTH_FIELDS = (
     "natsConnected",
     "subscriptions",
     "lastErrorCode",
@@ -38,7 +38,7 @@ SEED_HEALTH_FIELDS = (
 
 
 def gateway_health(states: list[runtime.WorkerState], quorum: float) -> dict[str, Any]:
-    """The seed's /healthz fields, summed over live workers, plus one row per worker."""
+    """The public /healthz fields, summed over live workers, plus one row per worker."""
     now = time.time()
     clients = sum(s.clients for s in states)
     subs = sum(s.subscriptions for s in states)
@@ -133,7 +133,7 @@ def build_app(states: StatesFn, quorum: float, ws_path: str, demo: bool) -> web.
 
     async def healthz(request: web.Request) -> web.Response:
         health = gateway_health(states(), quorum)
-        return web.json_response({key: health[key] for key in SEED_HEALTH_FIELDS})
+        return web.json_response({key: health[key] for key in PUBLIC_HEALTH_FIELDS})
 
     app = web.Application()
     app.on_response_prepare.append(_one_request_per_socket)

@@ -21,7 +21,7 @@ import pytest
 
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats, free_port
-from fanout.worker.app import SEED_HEALTH_FIELDS
+from fanout.worker.app import PUBLIC_HEALTH_FIELDS
 from tests.conftest import Gateway, http_get, launch_gateway
 from tests.integration.test_workers import descendants
 from tests.integration.wsclient import WsClient
@@ -98,7 +98,7 @@ def worker_listeners(gw: Gateway) -> dict[int, set[int]]:
 def test_public_port_serves_only_what_browsers_may_see(gw: Gateway) -> None:
     status, health = get_json(gw.http + "/healthz")
     assert status == 200
-    assert sorted(health) == sorted(SEED_HEALTH_FIELDS)
+    assert sorted(health) == sorted(PUBLIC_HEALTH_FIELDS)
     assert health["natsConnected"] is True
     for path in ("/metrics", "/admin", "/admin/state.json", "/", "/demo.js"):
         assert http_get(gw.http + path)[0] == 404, path

@@ -34,5 +34,5 @@ def test_every_setting_is_in_the_configuration_table() -> None:
 
 
 def test_seed_environment_names_are_documented() -> None:
-    for name in settings.SEED_ENV:
+    for name in settings.SHORT_ENV:
         assert f"`{name}`" in README, name

@@ -1,4 +1,4 @@
-"""Configuration: TOML + environment, the seed's names, errors that name the field."""
+"""Configuration: TOML + environment, the short names, errors that name the field."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def test_environment_names() -> None:
     assert r.forward_token is True and r.rate == 5.0
     assert r.allowed_headers == ["X-Tenant", "X-Request-Source"]
     assert r.interceptors == ["tracing", "acl", "deadline"]
-    assert settings.SEED_ENV["WS_REQUEST_WHITELIST"] == "requests.whitelist"
+    assert settings.SHORT_ENV["WS_REQUEST_WHITELIST"] == "requests.whitelist"
 
 
 @pytest.mark.parametrize(
