@@ -8,8 +8,8 @@ learns the outcome (the breaker counts failures there). When one rejects,
 the ones before it get ``after(NEUTRAL)`` so, say, a half-open breaker's
 probe slot is released.
 
-:class:`KeyedRateLimiter` and :class:`BreakerBoard` are the reusable parts:
-``fanout.service`` builds its own interceptors on them. Both keep bounded
+:class:`~fanout.core.ratelimit.KeyedRateLimiter` and :class:`BreakerBoard` are the
+reusable parts: ``fanout.service`` builds its own interceptors on them. Both keep bounded
 maps: a full bucket and a closed breaker with no failures are the same as no
 entry, so only clients and subjects with a recent history take memory.
 """
@@ -26,7 +26,7 @@ from typing import Protocol
 from fanout.core.acl import SubjectAcl
 from fanout.core.auth import Principal
 from fanout.core.metadata import new_traceparent, parse_traceparent, valid_tracestate
-from fanout.core.ratelimit import TokenBucket
+from fanout.core.ratelimit import KeyedRateLimiter
 from fanout.errors import Code
 
 #: Without these a request cannot be built safely; the other two may be left out.
@@ -105,41 +105,6 @@ class ChainInterceptor(Protocol):
 
 
 # -- rate limits --------------------------------------------------------------------------------
-class KeyedRateLimiter:
-    """A token bucket per key, at most ``max_keys`` of them (least recently used goes first).
-
-    Evicting a bucket forgets its debt, so a client with more live keys than
-    ``max_keys`` could get more than its rate: size the map above the number
-    of principals active within ``burst / rate`` seconds.
-    """
-
-    __slots__ = ("_buckets", "burst", "max_keys", "rate")
-
-    def __init__(self, rate: float, burst: float, max_keys: int = 10_000) -> None:
-        if rate <= 0 or burst < 1 or max_keys < 1:
-            raise ValueError("rate > 0, burst >= 1 and max_keys >= 1 are required")
-        self.rate = rate
-        self.burst = burst
-        self.max_keys = max_keys
-        self._buckets: dict[str, TokenBucket] = {}
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def check(self, key: str, now: float, cost: float = 1.0) -> float | None:
-        """``None`` when ``key`` may go now (tokens spent), else seconds until it may."""
-        buckets = self._buckets
-        bucket = buckets.pop(key, None)
-        if bucket is None:
-            if len(buckets) >= self.max_keys:
-                del buckets[next(iter(buckets))]
-            bucket = TokenBucket(self.rate, self.burst, now)
-        buckets[key] = bucket
-        if bucket.take(cost, now):
-            return None
-        return bucket.retry_after(cost)
-
-
 def rate_key(principal: Principal | None, peer: str) -> str:
     """The verified ``sub``; anonymous clients by address."""
     if principal is not None:

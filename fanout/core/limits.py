@@ -13,7 +13,7 @@ import ipaddress
 import math
 from collections.abc import Iterable, Sequence
 
-from fanout.core.ratelimit import TokenBucket
+from fanout.core.ratelimit import KeyedRateLimiter
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -90,40 +90,27 @@ def address_key(address: str) -> str:
 
 
 class HandshakeRate:
-    """New handshakes per address key: a token bucket each, bounded memory."""
+    """New handshakes per address key, on the one keyed bucket map; a rate of 0 is off."""
 
-    __slots__ = ("buckets", "burst", "max_tracked", "rate")
+    __slots__ = ("limiter",)
 
     def __init__(self, rate: float, burst: float, max_tracked: int = MAX_TRACKED_ADDRESSES):
-        self.rate = rate
-        self.burst = burst
-        self.max_tracked = max_tracked
-        self.buckets: dict[str, TokenBucket] = {}
+        self.limiter = KeyedRateLimiter(rate, burst, max_tracked) if rate > 0 else None
+
+    def __len__(self) -> int:
+        return 0 if self.limiter is None else len(self.limiter)
 
     def allow(self, key: str, now: float) -> float:
         """0.0 when a handshake from ``key`` may go ahead, else seconds until it may."""
-        if self.rate <= 0:
+        if self.limiter is None:
             return 0.0
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            if len(self.buckets) >= self.max_tracked:
-                self.prune(now)
-                while len(self.buckets) >= self.max_tracked:
-                    del self.buckets[next(iter(self.buckets))]
-            bucket = self.buckets[key] = TokenBucket(self.rate, self.burst, now)
-        if bucket.take(1, now):
-            return 0.0
-        return bucket.retry_after(1)
+        wait = self.limiter.check(key, now)
+        return 0.0 if wait is None else wait
 
     def prune(self, now: float) -> None:
-        """Forget addresses whose bucket is full again: they cost nothing to recreate."""
-        full = [
-            key
-            for key, b in self.buckets.items()
-            if b.last is None or b.tokens + (now - b.last) * b.rate >= b.burst
-        ]
-        for key in full:
-            del self.buckets[key]
+        """Forget addresses whose bucket is full again (the gateway's periodic sweep)."""
+        if self.limiter is not None:
+            self.limiter.prune(now)
 
 
 def connection_cap(configured: int, nofile_soft: int, headroom: int) -> int:

@@ -1,7 +1,7 @@
 """Service-side rate limit and circuit breaker interceptors, on the gateway's sans-I/O parts.
 
-Both reuse ``fanout.core.interceptors`` (:class:`KeyedRateLimiter`,
-:class:`BreakerBoard`), so a service and the gateway count the same way.
+Both reuse the gateway's parts (:class:`~fanout.core.ratelimit.KeyedRateLimiter`,
+:class:`~fanout.core.interceptors.BreakerBoard`), so a service and the gateway count the same way.
 They add attributes to the request's span, never spans of their own.
 """
 
@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from fanout.core.interceptors import Admission, BreakerBoard, KeyedRateLimiter, Outcome, retry_ms
+from fanout.core.interceptors import Admission, BreakerBoard, Outcome, retry_ms
+from fanout.core.ratelimit import KeyedRateLimiter
 from fanout.service.context import (
     HANDLER_TIMEOUT,
     RATE_LIMITED,

@@ -30,7 +30,6 @@ from fanout.core.interceptors import (
     ChainInterceptor,
     Deadline,
     InterceptorChain,
-    KeyedRateLimiter,
     Outcome,
     PrincipalRateLimit,
     RequestAcl,
@@ -38,6 +37,7 @@ from fanout.core.interceptors import (
     Tracing,
     timeout_outcome,
 )
+from fanout.core.ratelimit import KeyedRateLimiter
 from fanout.core.subjects import SubjectError, matches, validate_subject
 from fanout.errors import Code
 from fanout.logs import ClientEventLog

@@ -20,7 +20,6 @@ from fanout.core.interceptors import (
     ChainInterceptor,
     Deadline,
     InterceptorChain,
-    KeyedRateLimiter,
     Outcome,
     PrincipalRateLimit,
     Rejection,
@@ -31,6 +30,7 @@ from fanout.core.interceptors import (
     retry_ms,
     timeout_outcome,
 )
+from fanout.core.ratelimit import KeyedRateLimiter
 from fanout.errors import Code
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -85,9 +85,9 @@ def test_handshake_rate_off_and_bounded_memory() -> None:
     rate = HandshakeRate(rate=1.0, burst=1.0, max_tracked=100)
     for i in range(1000):
         rate.allow(f"10.0.{i // 250}.{i % 250}", 0.0)
-    assert len(rate.buckets) <= 100
+    assert len(rate) <= 100
     rate.prune(10.0)  # every bucket is full again
-    assert rate.buckets == {}
+    assert len(rate) == 0
 
 
 def test_connection_cap_stays_below_the_fd_limit() -> None:
@@ -117,3 +117,13 @@ def test_load_shedder_hysteresis() -> None:
 def test_load_shedder_off() -> None:
     shed = LoadShedder(lag_s=0.0, rss_bytes=0)
     assert shed.update(100.0, 1 << 40) is False and not shed.shedding
+
+
+def test_handshake_rate_keeps_the_busiest_address_when_full() -> None:
+    """Eviction is least-recently-used: new addresses cannot wipe the debt of one still knocking."""
+    rate = HandshakeRate(rate=1.0, burst=1.0, max_tracked=2)
+    assert rate.allow("a", 0.0) == 0.0
+    assert rate.allow("b", 0.0) == 0.0
+    assert rate.allow("a", 0.0) > 0  # "a" is now the most recent
+    assert rate.allow("c", 0.0) == 0.0  # evicts "b", not "a"
+    assert rate.allow("a", 0.0) > 0
