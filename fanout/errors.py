@@ -74,9 +74,22 @@ CLOSE_REASON_CODE: dict[Close, Code] = {
 
 
 class FanoutError(Exception):
-    """An error with a stable code; ``message`` is safe to show to a client."""
+    """The root of the errors that answer a client: a stable ``code`` and a client-safe ``message``.
 
-    def __init__(self, code: Code, message: str) -> None:
-        super().__init__(f"{code}: {message}")
+    Subclasses add how the answer travels where there is one (``status`` for an
+    HTTP refusal, ``close_code`` for a WebSocket close); ``text`` overrides
+    ``str(exc)`` so each keeps the log text it always had.
+    """
+
+    def __init__(self, code: Code, message: str, text: str | None = None) -> None:
+        super().__init__(f"{code}: {message}" if text is None else text)
         self.code = code
         self.message = message
+
+
+def close_reason_code(close_code: int) -> Code:
+    """The error code of a close code; ``MALFORMED`` for the RFC 6455 ones not in the table."""
+    try:
+        return CLOSE_REASON_CODE[Close(close_code)]
+    except (ValueError, KeyError):
+        return Code.MALFORMED

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from fanout.errors import Code
+from fanout.errors import Code, FanoutError
 
 #: The protocol this server speaks, "major.minor": a minor version only adds. The
 #: ``welcome`` frame's ``v`` is the major, which changes only for something incompatible.
@@ -105,14 +105,12 @@ def clip(text: str, limit: int = MAX_ECHO_BYTES) -> str:
     return raw[:limit].decode("utf-8", "ignore") + CUT_MARK
 
 
-class FrameError(Exception):
+class FrameError(FanoutError):
     """A malformed client frame or batch element; answer with an ``error`` frame, keep going."""
 
     def __init__(self, message: str, id: int | None = None) -> None:
         message = clip(message)
-        super().__init__(message)
-        self.code = Code.MALFORMED
-        self.message = message
+        super().__init__(Code.MALFORMED, message, message)
         self.id = id
 
 

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 
-from fanout.errors import Close, Code
+from fanout.errors import Close, Code, FanoutError, close_reason_code
 
 OP_CONT = 0x0
 OP_TEXT = 0x1
@@ -45,7 +45,7 @@ _CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 
 _MAX_CLOSE_REASON = 123
 
 
-class HandshakeError(Exception):
+class HandshakeError(FanoutError):
     """The upgrade request is refused; ``status``, ``code``, ``message`` and ``headers``
     are the HTTP answer (:func:`response_error` writes it).
 
@@ -59,10 +59,8 @@ class HandshakeError(Exception):
         message: str,
         headers: Sequence[tuple[str, str]] = (),
     ) -> None:
-        super().__init__(f"{status} {code}: {message}")
+        super().__init__(code, message, f"{status} {code}: {message}")
         self.status = status
-        self.code = code
-        self.message = message
         self.headers = tuple(headers)
 
 
@@ -225,8 +223,10 @@ def response_error(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-class ProtocolViolation(Exception):
+class ProtocolViolation(FanoutError):
     """The peer broke RFC 6455 (or a limit); close with ``close_code`` and ``reason``.
+
+    ``code`` is the error code logs and metrics carry for that close code.
 
     ``reason`` is short ASCII, ready for ``close_frame``. ``frames`` are the
     complete frames of the same ``feed`` call that came before the violation:
@@ -234,7 +234,7 @@ class ProtocolViolation(Exception):
     """
 
     def __init__(self, close_code: int, reason: str) -> None:
-        super().__init__(f"{close_code}: {reason}")
+        super().__init__(close_reason_code(close_code), reason, f"{close_code}: {reason}")
         self.close_code = close_code
         self.reason = reason
         self.frames: list[Frame] = []
