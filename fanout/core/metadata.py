@@ -24,6 +24,8 @@ from typing import Annotated, NamedTuple
 
 import msgspec
 
+from fanout.errors import Code, FanoutError
+
 # -- header names (protocol v1.1, "Requests") --------------------------------------------------
 MSG_ID = "Fanout-Msg-Id"
 TIMESTAMP = "Fanout-Timestamp"
@@ -70,8 +72,11 @@ Ident = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 HeaderText = Annotated[str, msgspec.Meta(pattern=VALUE_PATTERN, max_length=MAX_HEADER_VALUE_CHARS)]
 
 
-class MetadataError(ValueError):
+class MetadataError(FanoutError, ValueError):
     """Metadata headers present but malformed; ``str(exc)`` is safe to return to the sender."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Code.MALFORMED, message, message)
 
 
 # -- the Structs --------------------------------------------------------------------------------

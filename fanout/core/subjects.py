@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import unicodedata
 
+from fanout.errors import Code, FanoutError
+
 __all__ = [
     "SubjectError",
     "intersects",
@@ -31,8 +33,11 @@ __all__ = [
 ]
 
 
-class SubjectError(ValueError):
+class SubjectError(FanoutError, ValueError):
     """An invalid subject or pattern; ``str(exc)`` is a short reason, safe to show a client."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Code.SUBJECT_DENIED, message, message)
 
 
 def _bad_char(text: str) -> str | None:

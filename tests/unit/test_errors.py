@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from fanout.core.auth import AuthError
+from fanout.core.metadata import MetadataError
 from fanout.core.protocol import FrameError
+from fanout.core.subjects import SubjectError
 from fanout.core.websocket import HandshakeError, ProtocolViolation
 from fanout.errors import Close, Code, FanoutError
 
@@ -46,3 +48,12 @@ def test_protocol_violation_carries_close_code_and_its_error_code() -> None:
         "1008: rate limit",
     )
     assert ProtocolViolation(1010, "extension").code == Code.MALFORMED
+
+
+def test_subject_and_metadata_errors_are_fanout_and_value_errors() -> None:
+    subject = SubjectError("empty subject")
+    metadata = MetadataError("Authorization must be 'Bearer <jwt>'")
+    assert isinstance(subject, FanoutError) and isinstance(subject, ValueError)
+    assert (subject.code, str(subject)) == (Code.SUBJECT_DENIED, "empty subject")
+    assert isinstance(metadata, FanoutError) and isinstance(metadata, ValueError)
+    assert (metadata.code, metadata.message) == (Code.MALFORMED, str(metadata))
