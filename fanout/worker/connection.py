@@ -172,8 +172,7 @@ class WsConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        queue = self.queue
-        if self.ws.state == OPEN and (len(queue) or queue.dropped):
+        if self.ws.state == OPEN and not self.queue.idle():
             self.events.writable(self)
 
     def connection_lost(self, exc: Exception | None) -> None:

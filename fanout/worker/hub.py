@@ -281,7 +281,6 @@ class Hub:
         get it in their own queues; flush now if the batch is full, else once per turn."""
         if not batch.items:
             self.active.append(batch)
-        start = len(batch.items)
         batch.append(item)
         dirty = self.dirty
         cut: list[Subscriber] = []
@@ -290,11 +289,12 @@ class Hub:
             shared = queue.shared
             if shared is batch:
                 continue
+            # ClientQueue.idle() and not backed up, inlined: this test runs per recipient
+            # per message; share() runs once per recipient per flush cycle.
             if shared is None and not (
                 conn.paused or queue.frames or queue.latest or queue.dropped
             ):
-                queue.shared = batch
-                queue.shared_from = start
+                queue.share(batch)
                 if not conn.dirty:
                     conn.dirty = True
                     dirty.append(conn)
