@@ -267,17 +267,12 @@ class WsConnection(asyncio.Protocol):
     def flush(self) -> int:
         """Write everything pending in one write; returns the number of messages written.
 
-        While the transport is backed up nothing is written, and a shared part of
-        a batch becomes this client's own (under its caps): the batch is reused
-        after this flush cycle.
+        While the transport is backed up nothing is written (the hub settles a
+        shared part of a batch before it reuses the batch).
         """
-        if self.ws.state != OPEN:
+        if self.ws.state != OPEN or self.paused:
             return 0
         queue = self.queue
-        if self.paused:
-            if queue.shared is not None:
-                self.hub.settle(self)
-            return 0
         n = len(queue)
         if n or queue.dropped:
             self.transport.write(queue.drain(_drop_notice))

@@ -451,7 +451,8 @@ class Hub:
         """Write every dirty client's pending frames, one write each.
 
         A client that shares a batch from its start writes the batch's one joined
-        bytes object: the same object for every such client.
+        bytes object: the same object for every such client. A backed-up client's
+        shared part becomes its own (:meth:`settle`): the batches are reused after this.
         """
         self.flush_scheduled = False
         dirty, self.dirty = self.dirty, []
@@ -460,16 +461,18 @@ class Hub:
             conn.dirty = False
             queue = conn.queue
             batch = queue.shared
-            if batch is not None and not conn.paused:
-                queue.shared = None
-                start = queue.shared_from
-                data = batch.joined
-                if data is None or start:
-                    data = batch.data(start)
-                conn.transport.write(data)
-                forwarded += len(batch.items) - start
-            else:
-                forwarded += conn.flush()
+            if batch is not None:
+                if not conn.paused:
+                    queue.shared = None
+                    start = queue.shared_from
+                    data = batch.joined
+                    if data is None or start:
+                        data = batch.data(start)
+                    conn.transport.write(data)
+                    forwarded += len(batch.items) - start
+                    continue
+                self.settle(conn)
+            forwarded += conn.flush()
         if self.active:
             for batch in self.active:
                 batch.clear()
