@@ -129,7 +129,7 @@ def readyz_view(states: StatesFn, quorum: float) -> Callable[[web.Request], Any]
 
 
 def build_app(states: StatesFn, quorum: float, ws_path: str, demo: bool) -> web.Application:
-    """The public port's HTTP side (behind the gate: one request per socket)."""
+    """The public port's HTTP side (behind ``Handshake``: one request per socket)."""
 
     async def healthz(request: web.Request) -> web.Response:
         health = gateway_health(states(), quorum)
@@ -158,7 +158,7 @@ async def ws_without_upgrade(request: web.Request) -> web.Response:
 
 
 async def _one_request_per_socket(request: web.Request, response: web.StreamResponse) -> None:
-    """``Connection: close`` on every answer: the gate hands aiohttp one request per socket.
+    """``Connection: close`` on every answer: ``Handshake`` hands aiohttp one request per socket.
 
     aiohttp runs this hook after it wrote its own Connection header, so both
     the header and the handler's keep-alive decision are set here.

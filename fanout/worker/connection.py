@@ -5,7 +5,8 @@ write-stall and closing-handshake deadlines), ``__slots__`` everywhere: memory
 per idle connection decides how many clients a worker holds. The WebSocket
 rules (:class:`fanout.core.wsconnection.WsProtocol`), the JSON protocol, ACL
 and outbox rules live in ``fanout.core``; this class only wires them to the
-transport, the hub and the gateway.
+transport, the hub (:class:`~fanout.worker.subscriber.Subscriptions`) and the
+callbacks it is given (:class:`Events`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from fanout import logs, metrics
 from fanout.core import protocol, websocket
@@ -26,17 +28,34 @@ from fanout.core.protocol import FrameError
 from fanout.core.ratelimit import TokenBucket
 from fanout.core.wsconnection import CLOSED, OPEN, Closing, WsProtocol
 from fanout.errors import CLOSE_REASON_CODE, Close
-
-if TYPE_CHECKING:
-    from fanout.worker.gateway import Gateway
-    from fanout.worker.hub import Hub
+from fanout.logs import ClientEventLog
+from fanout.settings import Settings
+from fanout.worker.subscriber import Replies, Subscriptions
 
 log = logging.getLogger("fanout.conn")
 
 #: Ops run per loop turn: a 1000-op frame must not hold the loop (other clients wait).
 OPS_PER_TURN = 64
 
-__all__ = ["OPEN", "Replies", "WsConnection"]
+__all__ = ["OPEN", "Events", "WsConnection"]
+
+
+@dataclass(frozen=True, slots=True)
+class Events:
+    """Where a connection hands its ops and reports what happens to it.
+
+    Built once per worker and shared by every connection (one slot each): the
+    connection imports neither the gateway nor the hub.
+    """
+
+    #: Run one client op; its reply, or None (sent later or not at all).
+    handle: Callable[[WsConnection, protocol.ClientOp | FrameError], bytes | None]
+    #: The transport drained below its low-water mark with frames pending.
+    writable: Callable[[WsConnection], None]
+    #: The closing handshake started (True) or the socket is gone (False).
+    closed: Callable[[WsConnection, bool], None]
+    #: Rate-limited log of what the gateway did to a client.
+    client_log: ClientEventLog
 
 
 class WsConnection(asyncio.Protocol):
@@ -45,7 +64,7 @@ class WsConnection(asyncio.Protocol):
         "backlog",
         "conn_id",
         "dirty",
-        "gateway",
+        "events",
         "hub",
         "last_rx",
         "opened_at",
@@ -64,17 +83,17 @@ class WsConnection(asyncio.Protocol):
 
     def __init__(
         self,
-        hub: Hub,
-        gateway: Gateway,
+        settings: Settings,
+        hub: Subscriptions,
+        events: Events,
         transport: asyncio.Transport,
         conn_id: str,
         peer: str,
         principal: Principal | None,
         acl: SubjectAcl,
     ) -> None:
-        settings = hub.settings
         self.hub = hub
-        self.gateway = gateway
+        self.events = events
         self.transport = transport
         self.conn_id = conn_id
         self.peer = peer
@@ -153,9 +172,8 @@ class WsConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        queue = self.queue
-        if self.ws.state == OPEN and (len(queue) or queue.dropped):
-            self.hub.mark_dirty(self)
+        if self.ws.state == OPEN and not self.queue.idle():
+            self.events.writable(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         ws = self.ws
@@ -164,7 +182,7 @@ class WsConnection(asyncio.Protocol):
             logs.connection_event(log, "connection closed", self, 1006, str(exc or "peer gone"))
         ws.receive_eof()
         self.backlog = None
-        self.gateway.forget(self)
+        self.events.closed(self, False)
 
     # -- inbound ops ------------------------------------------------------
     def on_text(self, payload: bytes) -> None:
@@ -185,7 +203,7 @@ class WsConnection(asyncio.Protocol):
             self._work()
             return
         group = self.replies = Replies(self)
-        handle = self.gateway.handle
+        handle = self.events.handle
         for op in ops:
             reply = handle(self, op)
             if reply is not None:
@@ -202,7 +220,7 @@ class WsConnection(asyncio.Protocol):
         if backlog is None:
             return
         budget = OPS_PER_TURN
-        handle = self.gateway.handle
+        handle = self.events.handle
         while budget and backlog:
             if self.ws.state != OPEN:
                 self.backlog = None
@@ -249,17 +267,12 @@ class WsConnection(asyncio.Protocol):
     def flush(self) -> int:
         """Write everything pending in one write; returns the number of messages written.
 
-        While the transport is backed up nothing is written, and a shared part of
-        a batch becomes this client's own (under its caps): the batch is reused
-        after this flush cycle.
+        While the transport is backed up nothing is written (the hub settles a
+        shared part of a batch before it reuses the batch).
         """
-        if self.ws.state != OPEN:
+        if self.ws.state != OPEN or self.paused:
             return 0
         queue = self.queue
-        if self.paused:
-            if queue.shared is not None:
-                self.hub.settle(self)
-            return 0
         n = len(queue)
         if n or queue.dropped:
             self.transport.write(queue.drain(_drop_notice))
@@ -301,7 +314,7 @@ class WsConnection(asyncio.Protocol):
             metrics.DISCONNECTS.labels(str(code)).inc()
             err = CLOSE_REASON_CODE.get(Close(code)) if code in Close._value2member_map_ else None
             if err is not None or code >= 4000:
-                self.gateway.client_log.log(
+                self.events.client_log.log(
                     log,
                     "closing connection",
                     conn=self.conn_id,
@@ -309,45 +322,7 @@ class WsConnection(asyncio.Protocol):
                     code=err,
                     reason=reason,
                 )
-        self.gateway.forget(self, closing=True)
-
-
-class Replies:
-    """The replies of one inbound frame, in op order, sent as one frame once complete.
-
-    A ``sub`` whose pattern is not live yet reserves its slot (:meth:`defer`);
-    the hub fills it when nats-server has confirmed the subscription.
-    """
-
-    __slots__ = ("conn", "open", "replies", "waiting")
-
-    def __init__(self, conn: WsConnection) -> None:
-        self.conn = conn
-        self.replies: list[bytes] = []
-        self.waiting = 0
-        self.open = True
-
-    def defer(self) -> int:
-        self.waiting += 1
-        self.replies.append(b"")
-        return len(self.replies) - 1
-
-    def fill(self, index: int, reply: bytes) -> None:
-        self.replies[index] = reply
-        self.waiting -= 1
-        if not (self.open or self.waiting):
-            self._send()
-
-    def done(self) -> None:
-        """Every op of the frame ran."""
-        self.open = False
-        if not self.waiting:
-            self._send()
-
-    def _send(self) -> None:
-        replies, self.replies = self.replies, []
-        if replies:
-            self.conn.send_replies(replies)
+        self.events.closed(self, True)
 
 
 def _drop_notice(subject: str, count: int) -> bytes:

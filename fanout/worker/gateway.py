@@ -34,7 +34,7 @@ from fanout.core.wsconnection import CLOSE_TIMEOUT_S
 from fanout.errors import HTTP_STATUS, Close, Code
 from fanout.logs import ClientEventLog
 from fanout.settings import Settings
-from fanout.worker.connection import OPEN, WsConnection
+from fanout.worker.connection import OPEN, Events, WsConnection
 from fanout.worker.hub import Hub
 from fanout.worker.jwks import JwksCache
 from fanout.worker.revocation import Denylist
@@ -113,6 +113,10 @@ class Gateway:
         self._prefix = f"{os.getpid():x}"
         lim = settings.ws
         self._limits = protocol.Limits(lim.max_subs, lim.max_frame_bytes, lim.inbound_rate)
+        #: The worker's open clients (the hub reads the same set).
+        self.connections: set[WsConnection] = set()
+        hub.connections = self.connections
+        self._events = Events(self.handle, hub.mark_dirty, self.forget, self.client_log)
 
     # -- handshake --------------------------------------------------------
     def client_of(self, peer: str, head: websocket.RequestHead) -> tuple[str, bool]:
@@ -166,7 +170,7 @@ class Gateway:
         WebSocket connections, closing ones, and sockets before the upgrade
         (request head pending, or a plain HTTP request being answered).
         """
-        return len(self.hub.connections) + len(self.closing) + len(self.pending_handshakes)
+        return len(self.connections) + len(self.closing) + len(self.pending_handshakes)
 
     def _refuse_principal(self, principal: Principal | None) -> None:
         cap = self.settings.server.max_connections_per_principal
@@ -231,8 +235,9 @@ class Gateway:
         offered = websocket.subprotocols(head)
         transport.write(websocket.response_101(accept, "bearer" if "bearer" in offered else None))
         conn = WsConnection(
+            self.settings,
             self.hub,
-            self,
+            self._events,
             transport,
             f"{self._prefix}-{next(self._ids):x}",
             peer,
@@ -241,7 +246,7 @@ class Gateway:
         )
         if principal is not None and self.settings.requests.forward_token:
             conn.token = token
-        self.hub.add(conn)
+        self.connections.add(conn)
         self.per_ip[limits.address_key(peer)] += 1
         if principal is not None and principal.sub:
             self.per_principal[principal.sub] += 1
@@ -273,8 +278,9 @@ class Gateway:
             self.closing[conn] = conn.closing_since
         else:
             self.closing.pop(conn, None)
-        if conn not in self.hub.connections:
+        if conn not in self.connections:
             return
+        self.connections.discard(conn)
         self.hub.remove(conn)
         metrics.CONNECTION_DURATION.observe(time.monotonic() - conn.opened_at)
         key = limits.address_key(conn.peer)
@@ -388,7 +394,7 @@ class Gateway:
             if now - since > CLOSE_TIMEOUT_S:  # the client never answered our close frame
                 del self.closing[conn]
                 conn.transport.abort()
-        for conn in list(self.hub.connections):
+        for conn in list(self.connections):
             if conn.paused and now - conn.paused_since > stall:
                 self.hub.cut_slow_consumer(conn, "write stalled")
                 continue
@@ -416,7 +422,7 @@ class Gateway:
         """One ping sweep for the worker: ping the quiet, close the dead."""
         ws = self.settings.ws
         ping = websocket.ping_frame()
-        for conn in list(self.hub.connections):
+        for conn in list(self.connections):
             idle = now - conn.last_rx
             if idle > ws.idle_timeout_s:
                 conn.close(Close.GOING_AWAY, "idle timeout")
@@ -424,5 +430,5 @@ class Gateway:
                 conn.send_control(ping)
 
     def close_all(self, code: int, reason: str) -> None:
-        for conn in list(self.hub.connections):
+        for conn in list(self.connections):
             conn.close(code, reason)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 from fanout import metrics
@@ -25,9 +26,9 @@ from fanout.errors import Close, Code
 from fanout.settings import Settings
 from fanout.worker.history import HistoryReader
 from fanout.worker.recovery import JS_TIMEOUT_S, Channel, Recovery, Resuming
+from fanout.worker.subscriber import Replies, Subscriber
 
 if TYPE_CHECKING:
-    from fanout.worker.connection import Replies, WsConnection
     from fanout.worker.nats_link import NatsLink
 
 log = logging.getLogger("fanout.hub")
@@ -39,12 +40,14 @@ class Hub:
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
         self.settings = settings
         self.loop = loop
-        self.router: SubjectRouter[WsConnection] = SubjectRouter()
+        self.router: SubjectRouter[Subscriber] = SubjectRouter()
         self.batches: dict[str, outbox.Batch] = {}
         self.active: list[outbox.Batch] = []
-        self.connections: set[WsConnection] = set()
+        #: Every open client of the worker: the gateway's set, which it admits to and
+        #: removes from (read here for status frames and counts).
+        self.connections: AbstractSet[Subscriber] = frozenset()
         self.link: NatsLink | None = None
-        self.dirty: list[WsConnection] = []
+        self.dirty: list[Subscriber] = []
         self.flush_scheduled = False
         self.write_delay_s = settings.outbox.write_delay_ms / 1000.0
         self.max_batch = settings.outbox.max_batch
@@ -85,7 +88,7 @@ class Hub:
         return self.recovery.key_of(pattern) if self.recovery.streams else pattern
 
     def subscribe(
-        self, conn: WsConnection, pattern: str, op_id: int, resume: Resume | Reason | None = None
+        self, conn: Subscriber, pattern: str, op_id: int, resume: Resume | Reason | None = None
     ) -> bytes | None:
         """Add a subscription; its ack when it is live now, else None (sent later).
 
@@ -121,7 +124,7 @@ class Hub:
             waiters.append(waiter)
 
     def _subscribe_history(
-        self, conn: WsConnection, pattern: str, key: str, op_id: int, resume: Resume | Reason | None
+        self, conn: Subscriber, pattern: str, key: str, op_id: int, resume: Resume | Reason | None
     ) -> bytes | None:
         """A recoverable pattern: subscribed under ``key``; recovery answers once it is live."""
         self.subscription_count += 1
@@ -149,7 +152,7 @@ class Hub:
             self._wait(key, (replies, r.slot, protocol.ack(op_id), r))
         return None
 
-    def unsubscribe(self, conn: WsConnection, pattern: str) -> None:
+    def unsubscribe(self, conn: Subscriber, pattern: str) -> None:
         """Nothing more for ``pattern`` reaches ``conn`` after this (its sub ack goes first)."""
         self.subscription_count -= 1
         key = self.key_of(pattern)
@@ -165,7 +168,7 @@ class Hub:
                 self.link.unwant(key)
         self.settle(conn)
 
-    def release_acks(self, conn: WsConnection) -> None:
+    def release_acks(self, conn: Subscriber) -> None:
         """``conn`` is closing: its acks waiting for a pattern (or for recovery's answer)
         go now, before its close frame."""
         if not (self.waiting or self.recovery.channels):
@@ -177,7 +180,7 @@ class Hub:
             if key != pattern:
                 self.recovery.forget(conn, key)
 
-    def _release(self, conn: WsConnection, key: str) -> None:
+    def _release(self, conn: Subscriber, key: str) -> None:
         """Plain acks of ``conn`` waiting for ``key`` go now (recovery fills its own)."""
         waiters = self.waiting.get(key)
         if waiters is not None:
@@ -188,11 +191,8 @@ class Hub:
                     if r is None:
                         replies.fill(index, ack)
 
-    def add(self, conn: WsConnection) -> None:
-        self.connections.add(conn)
-
-    def remove(self, conn: WsConnection) -> None:
-        self.connections.discard(conn)
+    def remove(self, conn: Subscriber) -> None:
+        """``conn`` is closing or gone: its subscriptions go, its shared batch part too."""
         conn.queue.shared = None
         for pattern in list(conn.subs):
             self.subscription_count -= 1
@@ -242,7 +242,7 @@ class Hub:
                     self.recovery.answer(r, None, [], history.UNAVAILABLE if r.asked else None)
         self.waiting.clear()
 
-    def settle(self, conn: WsConnection) -> bool:
+    def settle(self, conn: Subscriber) -> bool:
         """A client's shared part of a batch becomes its own (its subscriptions changed,
         it got another subscription's frame, or it backed up); False when that cut it."""
         queue = conn.queue
@@ -281,20 +281,20 @@ class Hub:
         get it in their own queues; flush now if the batch is full, else once per turn."""
         if not batch.items:
             self.active.append(batch)
-        start = len(batch.items)
         batch.append(item)
         dirty = self.dirty
-        cut: list[WsConnection] = []
+        cut: list[Subscriber] = []
         for conn in self.router.subscribers(pattern):
             queue = conn.queue
             shared = queue.shared
             if shared is batch:
                 continue
+            # ClientQueue.idle() and not backed up, inlined: this test runs per recipient
+            # per message; share() runs once per recipient per flush cycle.
             if shared is None and not (
                 conn.paused or queue.frames or queue.latest or queue.dropped
             ):
-                queue.shared = batch
-                queue.shared_from = start
+                queue.share(batch)
                 if not conn.dirty:
                     conn.dirty = True
                     dirty.append(conn)
@@ -332,8 +332,8 @@ class Hub:
         if routes is None:
             return
         item: outbox.Pending | None = None
-        seen: set[WsConnection] = set()
-        cut: list[WsConnection] = []
+        seen: set[Subscriber] = set()
+        cut: list[Subscriber] = []
         for matching in routes:
             batch = self.batches.get(matching.pattern)
             if batch is None:
@@ -391,14 +391,14 @@ class Hub:
 
     def _hold_or_enqueue(
         self,
-        targets: list[tuple[Channel, dict[WsConnection, Seam[outbox.Pending]]]],
+        targets: list[tuple[Channel, dict[Subscriber, Seam[outbox.Pending]]]],
         seq: int,
         item: outbox.Pending,
     ) -> None:
         """The general path of a recoverable message: each client of the matching keys once,
         held while its replay is prepared, else through its own queue."""
-        seen: set[WsConnection] | None = set() if len(targets) > 1 else None
-        cut: list[WsConnection] = []
+        seen: set[Subscriber] | None = set() if len(targets) > 1 else None
+        cut: list[Subscriber] = []
         for channel, holding in targets:
             for conn in self.router.subscribers(channel.key):
                 if seen is not None:
@@ -416,7 +416,7 @@ class Hub:
             self.cut_slow_consumer(conn, "outbox full")
         self.schedule_flush()
 
-    def enqueue(self, conn: WsConnection, item: outbox.Pending, policy: int) -> bool:
+    def enqueue(self, conn: Subscriber, item: outbox.Pending, policy: int) -> bool:
         """The general path: into the client's own queue. True when the client must be cut."""
         queue = conn.queue
         paused = conn.paused
@@ -438,7 +438,7 @@ class Hub:
             self.forwarded += conn.flush()
         return False
 
-    def mark_dirty(self, conn: WsConnection) -> None:
+    def mark_dirty(self, conn: Subscriber) -> None:
         """Flush ``conn`` in the next flush (its transport drained below the low-water mark)."""
         if not conn.dirty:
             conn.dirty = True
@@ -451,7 +451,8 @@ class Hub:
         """Write every dirty client's pending frames, one write each.
 
         A client that shares a batch from its start writes the batch's one joined
-        bytes object: the same object for every such client.
+        bytes object: the same object for every such client. A backed-up client's
+        shared part becomes its own (:meth:`settle`): the batches are reused after this.
         """
         self.flush_scheduled = False
         dirty, self.dirty = self.dirty, []
@@ -460,23 +461,25 @@ class Hub:
             conn.dirty = False
             queue = conn.queue
             batch = queue.shared
-            if batch is not None and not conn.paused:
-                queue.shared = None
-                start = queue.shared_from
-                data = batch.joined
-                if data is None or start:
-                    data = batch.data(start)
-                conn.transport.write(data)
-                forwarded += len(batch.items) - start
-            else:
-                forwarded += conn.flush()
+            if batch is not None:
+                if not conn.paused:
+                    queue.shared = None
+                    start = queue.shared_from
+                    data = batch.joined
+                    if data is None or start:
+                        data = batch.data(start)
+                    conn.transport.write(data)
+                    forwarded += len(batch.items) - start
+                    continue
+                self.settle(conn)
+            forwarded += conn.flush()
         if self.active:
             for batch in self.active:
                 batch.clear()
             self.active.clear()
         self.forwarded += forwarded
 
-    def cut_slow_consumer(self, conn: WsConnection, reason: str) -> None:
+    def cut_slow_consumer(self, conn: Subscriber, reason: str) -> None:
         self.slow_consumers += 1
         log.warning(
             "slow consumer disconnected",

@@ -38,8 +38,8 @@ from fanout.runtime import WORKER_BOOT_ERROR
 from fanout.settings import Settings
 from fanout.worker.admin import build_admin_app
 from fanout.worker.app import build_app, states_reader
-from fanout.worker.gate import Gate
 from fanout.worker.gateway import Gateway
+from fanout.worker.handshake import Handshake
 from fanout.worker.hub import Hub
 from fanout.worker.jwks import JwksCache
 from fanout.worker.nats_auth import NatsAuthError
@@ -236,7 +236,7 @@ class Worker:
         states = states_reader(self.state_dir, self.state)
         quorum = settings.server.ready_quorum
         app = build_app(states, quorum, settings.ws.path, settings.demo.enabled)
-        # one request per socket (see gate.py): a body is never read, so never wait for one
+        # one request per socket (see handshake.py): a body is never read, so never wait for one
         runner = web.AppRunner(
             app,
             handle_signals=False,
@@ -249,7 +249,7 @@ class Worker:
         http_factory = runner.server
         assert http_factory is not None
         server = await loop.create_server(
-            lambda: Gate(gateway, http_factory),
+            lambda: Handshake(gateway, http_factory),
             sock=sock,
             ssl=ssl_ctx,
             backlog=2048,

@@ -22,17 +22,15 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fanout.core import history, outbox, protocol, subjects, websocket
 from fanout.core.history import Reads, Reason, Resume, Seam, Streams, StreamState, Window
+from fanout.core.interest import SubjectRouter
+from fanout.core.wsconnection import OPEN
 from fanout.settings import Settings
-from fanout.worker.connection import OPEN
 from fanout.worker.history import HistoryReader, Stored, Unavailable
-
-if TYPE_CHECKING:
-    from fanout.worker.connection import Replies, WsConnection
-    from fanout.worker.hub import Hub
+from fanout.worker.subscriber import Replies, Subscriber
 
 log = logging.getLogger("fanout.recovery")
 
@@ -44,7 +42,7 @@ JS_TIMEOUT_S = 2.0
 class Resuming:
     """A ``sub`` of a recoverable pattern whose ack waits for recovery to answer."""
 
-    conn: WsConnection
+    conn: Subscriber
     key: str
     op_id: int
     replies: Replies
@@ -93,9 +91,9 @@ class Channel:
         self.window: Window[outbox.Pending] = Window(h.window_messages, h.window_s)
         #: Subs whose ack waits for recovery's answer (one per client: a pattern is
         #: subscribed once per connection).
-        self.pending: dict[WsConnection, Resuming] = {}
+        self.pending: dict[Subscriber, Resuming] = {}
         #: The resuming ones' held live messages (looked up per live message).
-        self.holding: dict[WsConnection, Seam[outbox.Pending]] = {}
+        self.holding: dict[Subscriber, Seam[outbox.Pending]] = {}
         self.reads: Reads[Resuming, outbox.Pending] = Reads(h.max_replay)
         #: The highest sequence the live path has seen (or the stream had once the
         #: subscription was live): where a catch-up after a live outage reads from.
@@ -103,10 +101,20 @@ class Channel:
         self.catching_up = False
 
 
+class Deliveries(Protocol):
+    """What recovery needs of the hub: who subscribes to a key, and the general delivery path."""
+
+    router: SubjectRouter[Subscriber]
+
+    def enqueue(self, conn: Subscriber, item: outbox.Pending, policy: int) -> bool: ...
+
+    def cut_slow_consumer(self, conn: Subscriber, reason: str) -> None: ...
+
+
 class Recovery:
     """The worker's recoverable keys and the answers to resumes."""
 
-    def __init__(self, settings: Settings, hub: Hub, reader: HistoryReader) -> None:
+    def __init__(self, settings: Settings, hub: Deliveries, reader: HistoryReader) -> None:
         h = settings.history
         self.settings = settings
         self.hub = hub
@@ -142,7 +150,7 @@ class Recovery:
         if r.resume is not None:
             channel.holding[r.conn] = Seam(self.hold_limit)
 
-    def forget(self, conn: WsConnection, key: str) -> None:
+    def forget(self, conn: Subscriber, key: str) -> None:
         """``conn`` left ``key`` (unsub or gone) before its answer: plain ack, nothing held.
 
         A read in flight still answers it; :meth:`answer` then finds it gone and stops.
@@ -170,7 +178,7 @@ class Recovery:
 
     def on_live(
         self, channel: Channel, seq: int, previous: int, item: outbox.Pending
-    ) -> dict[WsConnection, Seam[outbox.Pending]]:
+    ) -> dict[Subscriber, Seam[outbox.Pending]]:
         """A live message of ``channel``: into its window; the clients to hold it for.
 
         On a single subject, ``Nats-Last-Sequence`` beyond the last one seen means live
@@ -195,14 +203,14 @@ class Recovery:
         """Hold every client of ``channel`` (not already resuming), read what it missed
         after ``after`` from the stream, then deliver it and the held live messages."""
         channel.catching_up = True
-        seams: dict[WsConnection, Seam[outbox.Pending]] = {}
+        seams: dict[Subscriber, Seam[outbox.Pending]] = {}
         for conn in self.hub.router.subscribers(channel.key):
             if conn not in channel.holding:
                 seams[conn] = channel.holding[conn] = Seam(self.hold_limit)
         self._spawn(self._catch_up(channel, after, seams))
 
     async def _catch_up(
-        self, channel: Channel, after: int, seams: dict[WsConnection, Seam[outbox.Pending]]
+        self, channel: Channel, after: int, seams: dict[Subscriber, Seam[outbox.Pending]]
     ) -> None:
         missed = 0
         try:
@@ -231,7 +239,7 @@ class Recovery:
 
     def _deliver(
         self,
-        conn: WsConnection,
+        conn: Subscriber,
         channel: Channel,
         replay: list[tuple[int, outbox.Pending]],
         seam: Seam[outbox.Pending] | None,

@@ -1,5 +1,9 @@
 """The first protocol on every accepted socket: read the request head, then hand off.
 
+Admission itself is decided in one place, :meth:`fanout.worker.gateway.Gateway.admit`;
+:class:`Handshake` only reads the head, routes the socket, and writes the
+gateway's refusal (status, ``XYW0xx`` code) when there is one.
+
 A WebSocket upgrade on the configured path is checked by the gateway and the
 socket moves to a lean :class:`WsConnection`; anything else (``/readyz``,
 ``/healthz``, the pages, a plain GET on the WebSocket path) moves to aiohttp's
@@ -15,7 +19,7 @@ timeout (``ssl_handshake_timeout``) before this protocol even starts.
 
 A plain HTTP socket serves exactly one request: aiohttp gets that request's
 head and nothing after it (a pipelined request never reaches its parser), the
-answer says ``Connection: close``, and the gate stays in front of aiohttp so
+answer says ``Connection: close``, and the handshake protocol stays in front of aiohttp so
 the socket keeps counting toward the connection cap and is cut by the same
 deadline if it is still open ``server.handshake_timeout_s`` after accept.
 """
@@ -36,7 +40,7 @@ from fanout.worker.gateway import Gateway, Refusal
 log = logging.getLogger("fanout.handshake")
 
 
-class Gate(asyncio.Protocol):
+class Handshake(asyncio.Protocol):
     __slots__ = (
         "buf",
         "gateway",
