@@ -5,7 +5,7 @@ write-stall and closing-handshake deadlines), ``__slots__`` everywhere: memory
 per idle connection decides how many clients a worker holds. The WebSocket
 rules (:class:`fanout.core.wsconnection.WsProtocol`), the JSON protocol, ACL
 and outbox rules live in ``fanout.core``; this class only wires them to the
-transport, the hub (:class:`~fanout.worker.subscriber.Subscriptions`) and the
+transport, the hub (:class:`~fanout.worker.subscriber.SubscriptionBroker`) and the
 callbacks it is given (:class:`Events`).
 """
 
@@ -30,7 +30,7 @@ from fanout.core.wsconnection import CLOSED, OPEN, Closing, WsProtocol
 from fanout.errors import CLOSE_REASON_CODE, Close
 from fanout.logs import ClientEventLog
 from fanout.settings import Settings
-from fanout.worker.subscriber import Replies, Subscriptions
+from fanout.worker.subscriber import Replies, SubscriptionBroker
 
 log = logging.getLogger("fanout.conn")
 
@@ -84,7 +84,7 @@ class WsConnection(asyncio.Protocol):
     def __init__(
         self,
         settings: Settings,
-        hub: Subscriptions,
+        hub: SubscriptionBroker,
         events: Events,
         transport: asyncio.Transport,
         conn_id: str,

@@ -3,7 +3,7 @@
 The hub delivers to a :class:`Subscriber`: a few fields it reads and writes on
 the hot path (the outbox, the dirty flag, the backed-up flag) and the calls it
 makes (flush, close, control frames). A connection asks the hub through
-:class:`Subscriptions`. :class:`fanout.worker.connection.WsConnection`
+:class:`SubscriptionBroker`. :class:`fanout.worker.connection.WsConnection`
 satisfies the first, :class:`fanout.worker.hub.Hub` the second; only the
 gateway, which builds both, knows the concrete classes. The import graph
 among ``fanout.worker`` modules stays acyclic (``tests/unit/test_layering.py``).
@@ -45,7 +45,7 @@ class Subscriber(Protocol):
     def send_replies(self, replies: list[bytes]) -> None: ...
 
 
-class Subscriptions(Protocol):
+class SubscriptionBroker(Protocol):
     """What a connection asks of the hub."""
 
     loop: asyncio.AbstractEventLoop
