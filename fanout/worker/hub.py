@@ -304,12 +304,8 @@ class Hub:
             self.cut_slow_consumer(conn, "outbox full")
         if len(batch.items) >= self.max_batch or batch.nbytes >= self.max_batch_bytes:
             self.flush()
-        elif not self.flush_scheduled:
-            self.flush_scheduled = True
-            if self.write_delay_s:
-                self.loop.call_later(self.write_delay_s, self.flush)
-            else:
-                self.loop.call_soon(self.flush)
+        else:
+            self.schedule_flush()
 
     def schedule_flush(self) -> None:
         if not self.flush_scheduled:
