@@ -214,15 +214,15 @@ class Supervisor:
                 case policy.Abort(reason, kill):
                     if kill is not None:
                         children.leave(self._children[kill], "reload_aborted", signal.SIGKILL)
-                    log.error("rolling restart aborted, old workers keep serving: %s", reason)
                     self._settings, self._child_settings, self._generation = roll.previous
                     self._roll = None
-                    self._publish()
+                    self._publish()  # before the log line: whoever reads it sees the old state
                     setproctitle(self._title())
+                    log.error("rolling restart aborted, old workers keep serving: %s", reason)
                 case policy.Done():
                     generation = {"generation": self._generation}
-                    log.info("rolling restart done", extra={"fields": generation})
                     self._roll = None
+                    log.info("rolling restart done", extra={"fields": generation})
 
     def _spawn_worker(self, index: int) -> Child | None:
         child = self._forker.worker(self._child_settings, index, self._generation)
