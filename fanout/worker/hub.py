@@ -154,18 +154,9 @@ class Hub:
 
     def unsubscribe(self, conn: Subscriber, pattern: str) -> None:
         """Nothing more for ``pattern`` reaches ``conn`` after this (its sub ack goes first)."""
-        self.subscription_count -= 1
         key = self.key_of(pattern)
         self._release(conn, key)
-        if key != pattern:
-            self.recovery.forget(conn, key)
-        if self.router.remove(conn, key):
-            self.batches.pop(key, None)
-            self.waiting.pop(key, None)
-            if key != pattern:
-                self.recovery.close(key)
-            if self.link is not None:
-                self.link.unwant(key)
+        self._drop(conn, pattern, key)
         self.settle(conn)
 
     def release_acks(self, conn: Subscriber) -> None:
@@ -195,18 +186,21 @@ class Hub:
         """``conn`` is closing or gone: its subscriptions go, its shared batch part too."""
         conn.queue.shared = None
         for pattern in list(conn.subs):
-            self.subscription_count -= 1
-            key = self.key_of(pattern)
-            if key != pattern:
-                self.recovery.forget(conn, key)
-            if self.router.remove(conn, key):
-                self.batches.pop(key, None)
-                self.waiting.pop(key, None)
-                if key != pattern:
-                    self.recovery.close(key)
-                if self.link is not None:
-                    self.link.unwant(key)
+            self._drop(conn, pattern, self.key_of(pattern))
         conn.subs.clear()
+
+    def _drop(self, conn: Subscriber, pattern: str, key: str) -> None:
+        """One subscription of ``conn`` goes; the NATS one (``key``) too when it was the last."""
+        self.subscription_count -= 1
+        if key != pattern:
+            self.recovery.forget(conn, key)
+        if self.router.remove(conn, key):
+            self.batches.pop(key, None)
+            self.waiting.pop(key, None)
+            if key != pattern:
+                self.recovery.close(key)
+            if self.link is not None:
+                self.link.unwant(key)
 
     # -- reports from the NATS link ------------------------------------------
     def subscribed(self, sid: int, pattern: str) -> Route:
