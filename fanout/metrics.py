@@ -106,6 +106,20 @@ CIRCUIT_STATE = Gauge(
 for _outcome in REQUEST_OUTCOMES:
     REQUESTS.labels(_outcome)
 
+#: Catch-ups of recoverable subscriptions after missed live messages (protocol v1.2), by
+#: outcome (``fanout.worker.catch_up.Outcome``), and the messages they read.
+RECOVERY_CATCHUP_OUTCOMES = ("complete", "limit", "failed")
+RECOVERY_CATCHUPS = Counter(
+    "fanout_recovery_catchups",
+    "Catch-ups from the stream after live messages were missed, by outcome",
+    ["outcome"],
+)
+RECOVERY_CAUGHT_UP = Counter(
+    "fanout_recovery_caught_up_messages", "Messages read from the stream by catch-ups"
+)
+for _outcome in RECOVERY_CATCHUP_OUTCOMES:
+    RECOVERY_CATCHUPS.labels(_outcome)
+
 #: Why a handshake was refused with 503 XYW007: the only values of the ``limit`` label.
 LIMITS = ("shedding", "handshake_rate", "worker_full", "per_ip", "per_principal")
 LIMIT_REFUSALS = Counter(

@@ -213,7 +213,13 @@ class InProc:
 
     async def start_nats(self) -> NatsLink:
         """The real link to ``nats.urls``, wired as the worker wires it."""
-        link = NatsLink(self.settings.nats, self.hub, self.hub.on_nats_status)
+        history = self.settings.history
+        link = NatsLink(
+            self.settings.nats,
+            self.hub,
+            self.hub.on_nats_status,
+            history.republish_prefix if history.streams else None,
+        )
         self.link = self.hub.link = link
         await link.start()
         self.hub.nats_up = link.connected

@@ -29,6 +29,7 @@ from fanout.core.history import Reads, Reason, Resume, Seam, Streams, StreamStat
 from fanout.core.interest import SubjectRouter
 from fanout.core.wsconnection import OPEN
 from fanout.settings import Settings
+from fanout.worker.catch_up import CatchUp
 from fanout.worker.history import HistoryReader, Stored, Unavailable
 from fanout.worker.subscriber import Replies, Subscriber
 
@@ -98,7 +99,8 @@ class Channel:
         #: The highest sequence the live path has seen (or the stream had once the
         #: subscription was live): where a catch-up after a live outage reads from.
         self.last_seq = 0
-        self.catching_up = False
+        #: The catch-up in flight (one at a time per key).
+        self.catching_up: CatchUp | None = None
 
 
 class Deliveries(Protocol):
@@ -140,7 +142,9 @@ class Recovery:
         self.channels[key] = Channel(key, pattern, stream, policy, self.settings)
 
     def close(self, key: str) -> None:
-        self.channels.pop(key, None)
+        channel = self.channels.pop(key, None)
+        if channel is not None and channel.catching_up is not None:
+            channel.catching_up.abandoned = True
 
     def begin(self, r: Resuming) -> None:
         """A sub of a recoverable key whose ack recovery gives; a resume holds its live
@@ -164,9 +168,12 @@ class Recovery:
             r.replies.fill(r.slot, protocol.ack(r.op_id))
 
     def interrupted(self) -> None:
-        """NATS went down: live messages may be missing from every window."""
+        """NATS went down: live messages may be missing from every window, and a catch-up
+        read already out may miss what is published until the link is back."""
         for channel in self.channels.values():
             channel.window.reset()
+            if channel.catching_up is not None:
+                channel.catching_up.again = True
 
     # -- live messages ----------------------------------------------------------------------
     def item(
@@ -182,11 +189,16 @@ class Recovery:
         """A live message of ``channel``: into its window; the clients to hold it for.
 
         On a single subject, ``Nats-Last-Sequence`` beyond the last one seen means live
-        messages were lost on the way (republish is at most once): catch up first.
+        messages were lost on the way (republish is at most once): catch up first, or,
+        when a catch-up is out already, make it read at least that far.
         """
         last = channel.last_seq
-        if channel.exact and last and previous > last and not channel.catching_up:
-            self.catch_up(channel, last)
+        if channel.exact and last and previous > last:
+            running = channel.catching_up
+            if running is None:
+                self.catch_up(channel, last, previous)
+            else:
+                running.need(previous)
         if seq > last:
             channel.last_seq = seq
         # wall-clock time: ``since.time`` resumes compare it with the client's RFC 3339 time
@@ -196,45 +208,37 @@ class Recovery:
     def reconnected(self) -> None:
         """NATS is back: what was published while the link was down never came live."""
         for channel in self.channels.values():
-            if channel.last_seq and not channel.catching_up:
+            if channel.last_seq and channel.catching_up is None:
                 self.catch_up(channel, channel.last_seq)
 
-    def catch_up(self, channel: Channel, after: int) -> None:
+    def catch_up(self, channel: Channel, after: int, required: int = 0) -> None:
         """Hold every client of ``channel`` (not already resuming), read what it missed
-        after ``after`` from the stream, then deliver it and the held live messages."""
-        channel.catching_up = True
-        seams: dict[Subscriber, Seam[outbox.Pending]] = {}
+        after ``after`` (at least up to ``required``), then deliver it and the held
+        live messages."""
+        run = channel.catching_up = CatchUp(channel.stream, channel.pattern, after, required)
         for conn in self.hub.router.subscribers(channel.key):
             if conn not in channel.holding:
-                seams[conn] = channel.holding[conn] = Seam(self.hold_limit)
-        self._spawn(self._catch_up(channel, after, seams))
+                run.seams[conn] = channel.holding[conn] = Seam(self.hold_limit)
+        self._spawn(self._catch_up(channel, run))
 
-    async def _catch_up(
-        self, channel: Channel, after: int, seams: dict[Subscriber, Seam[outbox.Pending]]
-    ) -> None:
-        missed = 0
-        try:
-            got, pending = await self.reader.read(
-                channel.stream, channel.pattern, after=after, limit=self.max_replay
-            )
-            missed = pending - len(got)
-        except Unavailable as exc:
-            log.warning("JetStream catch-up failed", extra={"reason": str(exc)})
-            got, missed = [], 1
-        channel.catching_up = False
+    async def _catch_up(self, channel: Channel, run: CatchUp) -> None:
+        missed = await run.read(self.reader, self.max_replay)
+        channel.catching_up = None
         if self.channels.get(channel.key) is not channel:
             return
-        items = self._items(got)
-        for conn, seam in seams.items():
+        if missed.reached > channel.last_seq:
+            channel.last_seq = missed.reached
+        items = self._items(missed.messages)
+        for conn, seam in run.seams.items():
             if channel.holding.get(conn) is not seam:
                 continue  # left meanwhile
             del channel.holding[conn]
             if conn.state != OPEN:
                 continue
-            if missed:
+            if missed.lost:
                 queue = conn.queue
-                queue.dropped[channel.pattern] = queue.dropped.get(channel.pattern, 0) + missed
-            if self._deliver(conn, channel, items, seam, after) is not None:
+                queue.dropped[channel.pattern] = queue.dropped.get(channel.pattern, 0) + missed.lost
+            if self._deliver(conn, channel, items, seam, run.after) is not None:
                 conn.flush()
 
     def _deliver(
