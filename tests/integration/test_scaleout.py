@@ -220,8 +220,9 @@ class Publisher:
 async def traffic(
     balancer: Balancer, cluster: list[EmbeddedNats]
 ) -> AsyncIterator[tuple[list[Resumer], Publisher]]:
-    """CLIENTS resuming clients through the balancer and a publisher; on exit: one last
-    message, every client reads up to it, each has the complete sequence."""
+    """CLIENTS resuming clients through the balancer and a publisher (connected to the
+    nodes in ``cluster``); on exit: one last message, every client reads up to it, each
+    has the complete sequence."""
     nc = await nats.connect([n.url for n in cluster], max_reconnect_attempts=-1)
     publisher = Publisher(nc)
     target: list[int] = []
@@ -292,23 +293,60 @@ async def test_worker_kill_9_clients_resume(
     assert any(len(c.closes) > 1 for c in clients), "nobody was on the killed worker"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 15, open: a live message republished while the worker's link moves to another"
-    " NATS node can be lost when the catch-up read races the R3 replicas (gap detection is"
-    " suppressed while a catch-up is in flight); seen once in 8 clean-clone runs",
-)
+def metric(gw: Gateway, series: str) -> float:
+    """One series of the gateway's /metrics (every worker's, summed), 0 when absent."""
+    _, body, _ = http_get(gw.admin + "/metrics")
+    lines = [line for line in body.decode().splitlines() if line.startswith(series + " ")]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+async def not_leading(nc: NatsClient, victim: str) -> None:
+    """The stream's leader is not the node ``victim``: publishes go on while it hangs."""
+    js = nc.jetstream(timeout=5)
+    async with asyncio.timeout(60):
+        while True:
+            info = await js.stream_info("MD")
+            leader = info.cluster.leader if info.cluster else None
+            if leader is not None and leader != victim:
+                return
+            if leader == victim:
+                with contextlib.suppress(nats.errors.Error):
+                    await nc.request("$JS.API.STREAM.LEADER.STEPDOWN.MD", b"", timeout=5)
+            await asyncio.sleep(0.2)
+
+
 async def test_nats_node_kill_clients_keep_everything(
     stack: tuple[list[Gateway], Balancer, list[EmbeddedNats]],
 ) -> None:
-    """The node a worker is connected to dies: the worker reconnects to another one and
-    catches up from the R3 stream what was published meanwhile; its clients stay."""
+    """The node a worker is connected to hangs, then dies: what was published through
+    the other nodes meanwhile never reached the worker live; it reconnects to another
+    node and catches up from the R3 stream (leader elections on the way); its clients
+    stay and miss nothing."""
     gateways, balancer, cluster = stack
     _, body, _ = http_get(gateways[0].admin + "/healthz")
     url = json.loads(body)["workers"][0]["natsUrl"]
     (victim,) = [n for n in cluster if n.url == url]
-    async with traffic(balancer, cluster) as (clients, _):
+    others = [n for n in cluster if n is not victim]
+    nc = await nats.connect([n.url for n in others])
+    try:
+        await not_leading(nc, f"n{cluster.index(victim)}")
+    finally:
+        await nc.close()
+    caught_up = "fanout_recovery_caught_up_messages_total"
+    complete = 'fanout_recovery_catchups_total{outcome="complete"}'
+    before = metric(gateways[0], caught_up), metric(gateways[0], complete)
+    async with traffic(balancer, others) as (clients, publisher):
         await asyncio.sleep(1.0)
+        assert victim.proc is not None
+        victim.proc.send_signal(signal.SIGSTOP)
+        frozen = len(publisher.seqs)
+        async with asyncio.timeout(30):
+            while len(publisher.seqs) < frozen + 50:
+                await asyncio.sleep(0.05)
+        missed = len(publisher.seqs) - frozen
         victim.kill()
         await asyncio.sleep(3.0)
     assert all(len(c.closes) == 1 for c in clients), "a client was disconnected"
+    # the worker on the dead node read what it missed from the stream
+    assert metric(gateways[0], complete) - before[1] >= 1
+    assert metric(gateways[0], caught_up) - before[0] >= missed - 1  # one may be in flight
