@@ -15,15 +15,15 @@ lives here and is unit tested without a server:
   and age, complete from a known sequence on (so a resume within it needs no read).
 - :class:`Seam`: live messages wait while the replay is sent, then only those
   after the last replayed one go out: no gap, no duplicate, order kept.
-- :class:`Reads`: resumes of one pattern join the read in flight when it starts
-  at or before their position; one JetStream read serves a reconnect storm.
+
+One read serving many resumes is :mod:`fanout.core.reads`.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Generic, Literal, TypeVar
 
@@ -41,7 +41,6 @@ UNAVAILABLE: Reason = "unavailable"
 FUTURE_LEEWAY_S = 60.0
 
 T = TypeVar("T")
-M = TypeVar("M")
 
 #: Headers JetStream adds to a republished message; never passed on to clients.
 _REPUBLISH_HEADERS = frozenset(
@@ -336,95 +335,3 @@ class Seam(Generic[T]):
                 top = seq
         self.held = []
         return out
-
-
-# -- one read for many resumes ----------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Read(Generic[T]):
-    """One JetStream read of a pattern: everything after ``after`` (at most ``limit``)."""
-
-    after: int
-    waiters: list[tuple[T, int]] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class Served(Generic[T, M]):
-    """A waiter's answer: its messages (sequence > its position), or the reason it gets none."""
-
-    waiter: T
-    messages: list[tuple[int, M]]
-    reason: Reason | None
-
-
-class Reads(Generic[T, M]):
-    """Resumes of one pattern by position; one read in flight at a time.
-
-    A resume at position ``p`` joins the read in flight when that read starts
-    at or before ``p`` (its result contains everything ``p`` needs); otherwise it
-    waits, and the next read starts at the lowest waiting position. 5 000
-    clients resuming the same subject cost one read, or two when some arrive
-    with older positions while the first is running.
-    """
-
-    __slots__ = ("_next", "in_flight", "max_replay")
-
-    def __init__(self, max_replay: int) -> None:
-        self.max_replay = max_replay
-        self.in_flight: Read[T] | None = None
-        self._next: list[tuple[T, int]] = []
-
-    def __bool__(self) -> bool:
-        return self.in_flight is not None or bool(self._next)
-
-    def want(self, waiter: T, after: int) -> int | None:
-        """Position to start a new read from, or None when the waiter joined or waits."""
-        read = self.in_flight
-        if read is None:
-            self.in_flight = Read(after, [(waiter, after)])
-            return after
-        if read.after <= after:
-            read.waiters.append((waiter, after))
-        else:
-            self._next.append((waiter, after))
-        return None
-
-    def cancel(self, waiter: T) -> None:
-        """A waiter left (its client closed or unsubscribed): it gets no answer."""
-        if self.in_flight is not None:
-            self.in_flight.waiters = [w for w in self.in_flight.waiters if w[0] is not waiter]
-        self._next = [w for w in self._next if w[0] is not waiter]
-
-    def done(
-        self, messages: Iterable[tuple[int, M]], truncated: bool, reason: Reason | None = None
-    ) -> tuple[list[Served[T, M]], int | None]:
-        """The read in flight finished: answers, and where the next read starts (or None).
-
-        ``messages``: sequence order, at most ``max_replay + 1`` (``truncated``: there
-        were more). ``reason`` set: the read failed, every waiter gets it.
-        """
-        read = self.in_flight
-        assert read is not None
-        self.in_flight = None
-        got = list(messages)
-        served: list[Served[T, M]] = []
-        retry: list[tuple[T, int]] = []
-        for waiter, after in read.waiters:
-            if reason is not None:
-                served.append(Served(waiter, [], reason))
-                continue
-            mine = [m for m in got if m[0] > after]
-            if len(mine) > self.max_replay or (truncated and after == read.after):
-                served.append(Served(waiter, [], LIMIT))
-            elif truncated:
-                retry.append((waiter, after))
-            else:
-                served.append(Served(waiter, mine, None))
-        pending = retry + self._next
-        self._next = []
-        if not pending:
-            return served, None
-        start = min(after for _, after in pending)
-        self.in_flight = Read(start, pending)
-        return served, start

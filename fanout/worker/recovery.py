@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fanout.core import history, outbox, protocol, subjects, websocket
-from fanout.core.history import Reads, Reason, Resume, Seam, Streams, StreamState, Window
+from fanout.core.history import Reason, Resume, Seam, Streams, StreamState, Window
 from fanout.core.interest import SubjectRouter
+from fanout.core.reads import Reads, Rounds, share_last, share_since
 from fanout.core.wsconnection import OPEN
 from fanout.settings import Settings
 from fanout.worker.catch_up import CatchUp
@@ -52,6 +53,8 @@ class Resuming:
     resume: Resume | None
     #: Decided before asking the stream (``limit`` for ``last`` > max_replay).
     reason: Reason | None = None
+    #: ``Reads.started`` of its key when its live messages began to be held.
+    held: int = 0
 
     @property
     def asked(self) -> bool:
@@ -73,6 +76,7 @@ class Channel:
         "pending",
         "policy",
         "reads",
+        "rounds",
         "stream",
         "window",
     )
@@ -96,6 +100,7 @@ class Channel:
         #: The resuming ones' held live messages (looked up per live message).
         self.holding: dict[Subscriber, Seam[outbox.Pending]] = {}
         self.reads: Reads[Resuming, outbox.Pending] = Reads(h.max_replay)
+        self.rounds: Rounds[tuple[Resuming, StreamState]] = Rounds()
         #: The highest sequence the live path has seen (or the stream had once the
         #: subscription was live): where a catch-up after a live outage reads from.
         self.last_seq = 0
@@ -153,6 +158,7 @@ class Recovery:
         channel.pending[r.conn] = r
         if r.resume is not None:
             channel.holding[r.conn] = Seam(self.hold_limit)
+            r.held = channel.reads.started
 
     def forget(self, conn: Subscriber, key: str) -> None:
         """``conn`` left ``key`` (unsub or gone) before its answer: plain ack, nothing held.
@@ -317,32 +323,20 @@ class Recovery:
             if cached is not None:
                 self.answer(r, epoch, cached, None, top)
                 return
-            start = channel.reads.want(r, resume.after)
-            if start is not None:
-                self._spawn(self._read(channel, start, epoch))
+            self._by_position(channel, r, resume.after, epoch)
             return
         cached = window.since(resume.time) if resume.time is not None else None
         if cached is None and resume.last is not None:
             cached = window.last(resume.last)
         if cached is not None:
             self.answer(r, epoch, cached, None, top)
-            return
-        try:
-            if resume.time is not None:
-                got, pending = await self.reader.read(
-                    channel.stream, channel.pattern, since=resume.time, limit=self.max_replay + 1
-                )
-                if pending > self.max_replay:
-                    self.answer(r, epoch, [], history.LIMIT, top)
-                    return
-            else:
-                assert resume.last is not None
-                got = await self.reader.last(channel.stream, channel.pattern, resume.last, state)
-        except Unavailable as exc:
-            log.warning("JetStream read failed", extra={"reason": str(exc)})
-            self.answer(r, epoch, [], history.UNAVAILABLE, top)
-            return
-        self.answer(r, epoch, self._items(got), None, top)
+        elif channel.rounds.want((r, state)):
+            self._spawn(self._rounds(channel))
+
+    def _by_position(self, channel: Channel, r: Resuming, after: int, epoch: str) -> None:
+        start = channel.reads.want(r, after, r.held)
+        if start is not None:
+            self._spawn(self._read(channel, start, epoch))
 
     def _items(self, got: list[Stored]) -> list[tuple[int, outbox.Pending]]:
         return [(m.seq, self.item(m.subject, m.seq, m.data, _without_nats(m.headers))) for m in got]
@@ -366,6 +360,64 @@ class Recovery:
             for s in served:
                 self.answer(s.waiter, epoch, s.messages, s.reason, top)
             start = next_start
+
+    async def _rounds(self, channel: Channel) -> None:
+        """Rounds of ``since.time`` / ``last`` resumes of one channel until none waits."""
+        while batch := channel.rounds.take():
+            state = max((s for _, s in batch), key=lambda s: s.last_seq)
+            resumes = [(r, r.resume) for r, _ in batch if r.resume is not None]
+            since = [(r, x.time) for r, x in resumes if x.time is not None]
+            last = [(r, x.last) for r, x in resumes if x.last is not None]
+            if since:
+                await self._since(channel, since, state)
+            if last:
+                await self._last(channel, last, state)
+
+    async def _since(
+        self, channel: Channel, waiters: list[tuple[Resuming, float]], state: StreamState
+    ) -> None:
+        """One read from the earliest time; each resume takes its share of it."""
+        epoch, top = state.epoch, state.last_seq
+        try:
+            got, pending = await self.reader.read(
+                channel.stream,
+                channel.pattern,
+                since=min(at for _, at in waiters),
+                limit=self.max_replay + 1,
+            )
+        except Unavailable as exc:
+            log.warning("JetStream read failed", extra={"reason": str(exc)})
+            for r, _ in waiters:
+                self.answer(r, epoch, [], history.UNAVAILABLE, top)
+            return
+        timed = [(m.seq, m.time, item) for m, (_, item) in zip(got, self._items(got), strict=True)]
+        for r, at in waiters:
+            share = share_since(timed, at, pending > len(got), self.max_replay)
+            if share is None:
+                channel.rounds.want((r, state))  # a round is out: this is the next one's
+            elif isinstance(share, int):
+                self._by_position(channel, r, share, epoch)
+            elif isinstance(share, str):
+                self.answer(r, epoch, [], share, top)
+            else:
+                self.answer(r, epoch, share, None, top)
+
+    async def _last(
+        self, channel: Channel, waiters: list[tuple[Resuming, int]], state: StreamState
+    ) -> None:
+        """One read of the largest count; each resume takes the last K of it."""
+        epoch, top = state.epoch, state.last_seq
+        k = max(n for _, n in waiters)
+        try:
+            got = await self.reader.last(channel.stream, channel.pattern, k, state)
+        except Unavailable as exc:
+            log.warning("JetStream read failed", extra={"reason": str(exc)})
+            for r, _ in waiters:
+                self.answer(r, epoch, [], history.UNAVAILABLE, top)
+            return
+        items = self._items(got)
+        for r, n in waiters:
+            self.answer(r, epoch, share_last(items, n), None, top)
 
     def answer(
         self,

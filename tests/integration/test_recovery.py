@@ -295,6 +295,48 @@ async def test_a_reconnect_storm_costs_one_read(gw: Gateway, nc: NatsClient) -> 
             await c.close()
 
 
+async def test_a_reconnect_storm_by_time_or_last_costs_one_read(
+    gw: Gateway, nc: NatsClient
+) -> None:
+    """40 clients resuming ``since.time`` (two different times) share one read from the
+    earliest; 40 resuming ``last`` (five different K) share one read of the largest."""
+    subject = "xy.md.storm.time"
+    await publish(nc, subject, 3)
+    early = datetime.now(UTC)
+    await asyncio.sleep(0.05)  # stored times strictly after the cut (same clock)
+    first = await publish(nc, subject, 4)
+    await asyncio.sleep(0.05)
+    late = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    second = await publish(nc, subject, 4)
+    js = nc.jetstream()
+    by_time: list[tuple[dict[str, Any], list[int]]] = [
+        ({"since": {"time": at.isoformat().replace("+00:00", "Z")}}, missed)
+        for at, missed in [(early, first + second), (late, second)] * 20
+    ]
+    by_last: list[tuple[dict[str, Any], list[int]]] = [
+        ({"last": k}, (first + second)[-k:]) for k in (1, 2, 3, 5, 8) * 8
+    ]
+    for resumes in (by_time, by_last):
+        before = (await js.account_info()).api.total
+        clients = [await connect(gw) for _ in resumes]
+        try:
+            for c, (resume, _) in zip(clients, resumes, strict=True):
+                await c.send({"op": "sub", "id": 1, "subject": subject, **resume})
+            for c, (resume, missed) in zip(clients, resumes, strict=True):
+                ack = await c.expect(lambda f: f.get("id") == 1, timeout=10)
+                assert ack["recovered"] is True, (resume, ack)
+                assert [f["seq"] for f in c.frames if f.get("op") == "msg"] == missed, resume
+        finally:
+            for c in clients:
+                await c.close()
+        api_calls = (await js.account_info()).api.total - before
+        # a few stream infos (shared by the subs that arrive together), one read
+        # (``last``: a probe and the read, each a consumer create + delete) and the two
+        # account infos: 4 and 11 here; one read per resume was 82 and 162
+        assert api_calls <= 16, (resumes[0][0], api_calls)
+
+
 async def test_a_client_that_cannot_keep_up_during_replay_is_cut(
     js_nats: EmbeddedNats, nc: NatsClient, tmp_path: Path
 ) -> None:

@@ -1,12 +1,12 @@
 """Recovery without I/O: recoverable patterns, resume validation, verdicts, the window,
-the seam rule and read coalescing (fanout.core.history)."""
+and the seam rule (fanout.core.history; read coalescing: test_reads.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from fanout.core import history
-from fanout.core.history import Reads, Resume, Seam, Streams, StreamState, Window
+from fanout.core.history import Resume, Seam, Streams, StreamState, Window
 from fanout.core.protocol import FrameError
 from fanout.errors import Code
 
@@ -240,70 +240,3 @@ def test_seam_is_bounded() -> None:
     for seq in range(3):
         seam.hold(seq, seq)
     assert seam.overflow and len(seam.held) == 2
-
-
-# -- Reads ------------------------------------------------------------------------------------
-
-
-def _msgs(*seqs: int) -> list[tuple[int, bytes]]:
-    return [(s, b"m%d" % s) for s in seqs]
-
-
-def test_one_read_serves_every_resume_at_or_after_its_start() -> None:
-    reads: Reads[str, bytes] = Reads(max_replay=100)
-    assert reads.want("a", 10) == 10
-    assert [reads.want(f"c{i}", 10 + i % 3) for i in range(5000)] == [None] * 5000
-    served, again = reads.done(_msgs(11, 12, 13), truncated=False)
-    assert again is None and not reads
-    by = {s.waiter: s for s in served}
-    assert len(by) == 5001
-    assert by["a"].messages == _msgs(11, 12, 13) and by["a"].reason is None
-    assert by["c1"].messages == _msgs(12, 13)
-    assert by["c2"].messages == _msgs(13)
-
-
-def test_an_older_position_waits_for_a_second_read() -> None:
-    reads: Reads[str, bytes] = Reads(max_replay=100)
-    assert reads.want("new", 10) == 10
-    assert reads.want("old", 5) is None
-    assert reads.want("older", 3) is None
-    served, again = reads.done(_msgs(11), truncated=False)
-    assert [s.waiter for s in served] == ["new"] and again == 3
-    served, again = reads.done(_msgs(4, 6, 11), truncated=False)
-    assert {s.waiter: s.messages for s in served} == {"old": _msgs(6, 11), "older": _msgs(4, 6, 11)}
-    assert again is None
-
-
-def test_limit_per_waiter_and_truncated_reads() -> None:
-    reads: Reads[str, bytes] = Reads(max_replay=2)
-    reads.want("far", 0)
-    reads.want("near", 3)
-    # the read from 0 stopped at max_replay + 1 messages: "far" is over the limit;
-    # "near" needs what lies beyond the read, so it gets a read of its own
-    served, again = reads.done(_msgs(1, 2, 3), truncated=True)
-    assert [(s.waiter, s.reason) for s in served] == [("far", history.LIMIT)]
-    assert again == 3
-    served, again = reads.done(_msgs(4, 5), truncated=False)
-    assert [(s.waiter, s.messages, s.reason) for s in served] == [("near", _msgs(4, 5), None)]
-    reads.want("x", 0)
-    reads.want("y", 0)
-    served, _ = reads.done(_msgs(1, 2, 3), truncated=False)
-    assert {s.reason for s in served} == {history.LIMIT}
-
-
-def test_a_failed_read_answers_every_waiter_and_a_waiter_can_leave() -> None:
-    reads: Reads[str, bytes] = Reads(max_replay=10)
-    reads.want("a", 1)
-    reads.want("b", 2)
-    reads.want("gone", 2)
-    reads.want("later", 0)
-    reads.cancel("gone")
-    served, again = reads.done([], truncated=False, reason=history.UNAVAILABLE)
-    assert [(s.waiter, s.reason) for s in served] == [
-        ("a", history.UNAVAILABLE),
-        ("b", history.UNAVAILABLE),
-    ]
-    assert again == 0
-    reads.cancel("later")
-    served, again = reads.done([], truncated=False)
-    assert served == [] and again is None
