@@ -24,8 +24,9 @@ from fanout.core.interest import SubjectRouter
 from fanout.core.overlap import Overlaps, Route
 from fanout.errors import Close, Code
 from fanout.settings import Settings
+from fanout.worker.channel import Channel, Resuming
 from fanout.worker.history import HistoryReader
-from fanout.worker.recovery import JS_TIMEOUT_S, Channel, Recovery, Resuming
+from fanout.worker.recovery import JS_TIMEOUT_S, Recovery
 from fanout.worker.subscriber import Replies, Subscriber
 
 if TYPE_CHECKING:

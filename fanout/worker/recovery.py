@@ -4,9 +4,12 @@ A client pattern covered by ``[history].streams`` is subscribed on NATS under
 its republished subject (``<prefix>.<pattern>``: the stream's ``RePublish``
 adds ``Nats-Sequence``), so the hub's key for it is that subject; everything
 else in the hub (router, NATS subscription state, overlaps, deferred acks) is
-unchanged. Per such key a :class:`Channel` keeps the in-memory window, the
-clients whose live messages are held while their replay is prepared (the seam)
-and the coalesced JetStream reads.
+unchanged. Per such key a :class:`~fanout.worker.channel.Channel` keeps the
+in-memory window, the clients whose live messages are held while their replay
+is prepared (the seam) and the coalesced JetStream reads
+(:mod:`fanout.core.reads`). Live messages missed on the way (the worker's NATS
+link was down, ``Nats-Last-Sequence`` skipped one) are caught up from the
+stream (:mod:`fanout.worker.catch_up`).
 
 A ``sub`` with ``since``/``last`` holds its live messages from the moment it is
 added; once the NATS subscription is live its answer is worked out (window,
@@ -21,91 +24,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fanout.core import history, outbox, protocol, subjects, websocket
-from fanout.core.history import Reason, Resume, Seam, Streams, StreamState, Window
+from fanout.core import history, outbox, protocol, websocket
+from fanout.core.history import Reason, Seam, Streams, StreamState
 from fanout.core.interest import SubjectRouter
-from fanout.core.reads import Reads, Rounds, share_last, share_since
+from fanout.core.reads import share_last, share_since
 from fanout.core.wsconnection import OPEN
 from fanout.settings import Settings
 from fanout.worker.catch_up import CatchUp
+from fanout.worker.channel import Channel, Resuming
 from fanout.worker.history import HistoryReader, Stored, Unavailable
-from fanout.worker.subscriber import Replies, Subscriber
+from fanout.worker.subscriber import Subscriber
 
 log = logging.getLogger("fanout.recovery")
 
 #: A JetStream API request of recovery gives up after this long (then: ``unavailable``).
 JS_TIMEOUT_S = 2.0
-
-
-@dataclass(slots=True, eq=False)
-class Resuming:
-    """A ``sub`` of a recoverable pattern whose ack waits for recovery to answer."""
-
-    conn: Subscriber
-    key: str
-    op_id: int
-    replies: Replies
-    slot: int
-    #: What to replay; None: a plain sub (the ack only carries the epoch).
-    resume: Resume | None
-    #: Decided before asking the stream (``limit`` for ``last`` > max_replay).
-    reason: Reason | None = None
-    #: ``Reads.started`` of its key when its live messages began to be held.
-    held: int = 0
-
-    @property
-    def asked(self) -> bool:
-        """The sub asked to resume: its ack says ``recovered``."""
-        return self.resume is not None or self.reason is not None
-
-
-class Channel:
-    """One recoverable key: its stream, window, held clients and reads."""
-
-    __slots__ = (
-        "batch",
-        "catching_up",
-        "exact",
-        "holding",
-        "key",
-        "last_seq",
-        "pattern",
-        "pending",
-        "policy",
-        "reads",
-        "rounds",
-        "stream",
-        "window",
-    )
-
-    def __init__(
-        self, key: str, pattern: str, stream: str, policy: int, settings: Settings
-    ) -> None:
-        h = settings.history
-        self.key = key
-        self.pattern = pattern
-        self.stream = stream
-        self.policy = policy
-        #: Shared by the clients that are idle when a live message comes (as on the plain path).
-        self.batch = outbox.Batch(policy)
-        #: One subject, no wildcard: ``Nats-Last-Sequence`` proves the window complete.
-        self.exact = not subjects.is_wildcard(pattern)
-        self.window: Window[outbox.Pending] = Window(h.window_messages, h.window_s)
-        #: Subs whose ack waits for recovery's answer (one per client: a pattern is
-        #: subscribed once per connection).
-        self.pending: dict[Subscriber, Resuming] = {}
-        #: The resuming ones' held live messages (looked up per live message).
-        self.holding: dict[Subscriber, Seam[outbox.Pending]] = {}
-        self.reads: Reads[Resuming, outbox.Pending] = Reads(h.max_replay)
-        self.rounds: Rounds[tuple[Resuming, StreamState]] = Rounds()
-        #: The highest sequence the live path has seen (or the stream had once the
-        #: subscription was live): where a catch-up after a live outage reads from.
-        self.last_seq = 0
-        #: The catch-up in flight (one at a time per key).
-        self.catching_up: CatchUp | None = None
 
 
 class Deliveries(Protocol):
