@@ -20,6 +20,7 @@ from pathlib import Path
 from setproctitle import setproctitle
 
 from fanout import runtime
+from fanout.errors import OperatorError
 from fanout.settings import ConfigError, Settings, load
 from fanout.supervisor import children, policy
 from fanout.supervisor.children import Child, ExtraTarget, Sidecar, WorkerTarget
@@ -28,7 +29,7 @@ from fanout.supervisor.signals import SignalQueue
 log = logging.getLogger("fanout.supervisor")
 
 
-class Halt(Exception):
+class Halt(OperatorError):
     """The gateway cannot run; the message is the one line the operator sees (exit 2)."""
 
 

@@ -33,7 +33,7 @@ from setproctitle import setproctitle
 from fanout import logs, metrics, runtime
 from fanout.core import limits
 from fanout.core.auth import KeySet
-from fanout.errors import Close, Code
+from fanout.errors import Close, Code, OperatorError
 from fanout.runtime import WORKER_BOOT_ERROR
 from fanout.settings import Settings
 from fanout.worker.admin import build_admin_app
@@ -50,7 +50,7 @@ from fanout.worker.revocation import Denylist, DenylistError
 log = logging.getLogger("fanout.worker")
 
 
-class BootError(Exception):
+class BootError(OperatorError):
     """The worker cannot start; the reason is shown by the supervisor."""
 
 
