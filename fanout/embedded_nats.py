@@ -21,6 +21,7 @@ from pathlib import Path
 
 import msgspec
 
+from fanout.errors import Code, OperatorError
 from fanout.settings import Settings
 
 log = logging.getLogger("fanout.supervisor")
@@ -147,13 +148,19 @@ class EmbeddedNats:
         self.cleanup()
 
 
+class LocalNatsError(OperatorError):
+    """The embedded nats-server cannot start or restart (``XYW004``); the message says why."""
+
+    CODE = Code.NATS_DOWN
+
+
 class LocalNats:
-    """The nats-server ``fanout serve`` runs beside its workers when the settings name none.
+    r"""The nats-server ``fanout serve`` runs beside its workers when the settings name none.
 
     A sidecar of the supervisor (:class:`fanout.supervisor.Sidecar`): started on
     first need (at start, or by a reload that drops ``nats.urls``), restarted
-    when it dies, stopped with the supervisor. Its errors are RuntimeErrors
-    worded for the operator's one line ``fanout: <reason>``.
+    when it dies, stopped with the supervisor. Its errors are
+    :class:`LocalNatsError`\ s worded for the operator's one line ``fanout: <reason>``.
     """
 
     def __init__(self) -> None:
@@ -168,7 +175,7 @@ class LocalNats:
             try:
                 server.start()
             except (OSError, RuntimeError) as exc:
-                raise RuntimeError(f"cannot start the embedded nats-server: {exc}") from None
+                raise LocalNatsError(f"cannot start the embedded nats-server: {exc}") from None
             self.server = server
             log.info("embedded nats-server started", extra={"fields": {"url": server.url}})
         nats_section = msgspec.structs.replace(settings.nats, urls=[self.server.url])
@@ -185,7 +192,9 @@ class LocalNats:
         try:
             server.start()
         except (OSError, RuntimeError) as exc:
-            raise RuntimeError(f"the embedded nats-server died and cannot restart: {exc}") from None
+            raise LocalNatsError(
+                f"the embedded nats-server died and cannot restart: {exc}"
+            ) from None
 
     def stop(self) -> None:
         if self.server is not None:

@@ -7,6 +7,7 @@ values (see the protocol contract); every other module refers to them by name.
 from __future__ import annotations
 
 from enum import IntEnum, StrEnum
+from typing import ClassVar
 
 
 class Code(StrEnum):
@@ -74,17 +75,34 @@ CLOSE_REASON_CODE: dict[Close, Code] = {
 
 
 class FanoutError(Exception):
-    """The root of the errors that answer a client: a stable ``code`` and a client-safe ``message``.
+    """The root of every error fanout raises: a stable ``code`` and a ``message``.
 
-    Subclasses add how the answer travels where there is one (``status`` for an
-    HTTP refusal, ``close_code`` for a WebSocket close); ``text`` overrides
-    ``str(exc)`` so each keeps the log text it always had.
+    For an error that answers a client the message is client-safe, and the
+    subclass adds how the answer travels (``status`` for an HTTP refusal,
+    ``close_code`` for a WebSocket close); an :class:`OperatorError` is read by
+    the operator only. ``text`` overrides ``str(exc)`` so each keeps the log
+    text it always had. The one exception to the rule is
+    ``fanout.service.ServiceError``: a backend service's codes are its own.
     """
 
     def __init__(self, code: Code, message: str, text: str | None = None) -> None:
         super().__init__(f"{code}: {message}" if text is None else text)
         self.code = code
         self.message = message
+
+
+class OperatorError(FanoutError):
+    """An error for the operator (a setting, a file, a port, credentials), never a client.
+
+    ``str(exc)`` is the one line shown at exit or logged: the message as given
+    unless ``text`` says more. ``CODE`` is the code it carries (what failed:
+    XYW009 the gateway itself, XYW004 NATS, XYW005 the token keys).
+    """
+
+    CODE: ClassVar[Code] = Code.INTERNAL
+
+    def __init__(self, message: str, text: str | None = None) -> None:
+        super().__init__(self.CODE, message, message if text is None else text)
 
 
 def close_reason_code(close_code: int) -> Code:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import msgspec
 
+from fanout.errors import OperatorError
 from fanout.settings import Settings
 
 SUPERVISOR_FILE = "supervisor.json"
@@ -256,7 +257,7 @@ def read_restarts(state_dir: Path) -> dict[str, int]:
     return dict(state.restarts) if state is not None else {}
 
 
-class PortTaken(Exception):
+class PortTaken(OperatorError):
     """Another ``fanout serve`` holds this host:port; the message names it and its pid."""
 
 

@@ -24,6 +24,7 @@ from msgspec import Meta
 
 from fanout.core.metadata import HEADER_NAME_PATTERN, is_reserved
 from fanout.core.subjects import SubjectError, validate_pattern
+from fanout.errors import OperatorError
 
 Policy = Literal["drop_oldest", "latest", "disconnect"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -52,8 +53,8 @@ HeaderName = Annotated[
 ]
 
 
-class ConfigError(Exception):
-    """Invalid configuration; ``field`` is the dotted path of the offending setting.
+class ConfigError(OperatorError):
+    """Invalid configuration (``XYW009``); ``field`` is the dotted path of the offending setting.
 
     ``source`` is what the user typed to set it, when known: the environment variable,
     the TOML file or the command line. It is named on the line so the fix is obvious.
@@ -61,9 +62,8 @@ class ConfigError(Exception):
 
     def __init__(self, field: str, message: str, source: str | None = None) -> None:
         where = f" (from {source})" if source else ""
-        super().__init__(f"invalid config: {field}: {message}{where}")
+        super().__init__(message, f"invalid config: {field}: {message}{where}")
         self.field = field
-        self.message = message
         self.source = source
 
 

@@ -16,11 +16,13 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from fanout.errors import OperatorError
+
 #: Columns: header, width, how a worker row (or the totals) shows it.
 Column = tuple[str, int, Callable[[dict[str, Any]], str]]
 
 
-class Unreachable(Exception):
+class Unreachable(OperatorError):
     """The admin listener did not answer; the message says where and why."""
 
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -25,12 +26,15 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nats
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from fanout.demo import create_stream
 from fanout.embedded_nats import EmbeddedNats, free_port
 from tests.helpers import wait_for
 
@@ -84,6 +88,24 @@ def nats_server() -> Iterator[EmbeddedNats]:
         yield server
 
 
+@contextlib.contextmanager
+def jetstream_nats(
+    streams: Mapping[str, str], prefix: str = "fanout.live"
+) -> Iterator[EmbeddedNats]:
+    """A nats-server with JetStream and the operator's streams (name -> subjects), each
+    republishing under ``prefix`` as ``[history]`` wants (the recovery tests' server)."""
+
+    async def create(url: str) -> None:
+        nc = await nats.connect(url)
+        for name, subjects in streams.items():
+            await create_stream(nc, name, subjects, prefix)
+        await nc.close()
+
+    with EmbeddedNats(jetstream=True) as server:
+        asyncio.run(create(server.url))
+        yield server
+
+
 @pytest.fixture(scope="module")
 def nats_module() -> Iterator[EmbeddedNats]:
     """One nats-server shared by a test module's tests (each uses its own subjects)."""
@@ -134,6 +156,44 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes, dict[str, str]
             return resp.status, resp.read(), dict(resp.headers)
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(), dict(exc.headers)
+
+
+#: One /metrics scrape: every sample's value by (name, labels).
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(gw: Gateway) -> Samples:
+    """Every sample of one /metrics scrape of ``gw``'s admin port, parsed by prometheus_client."""
+    status, body, _ = http_get(gw.admin + "/metrics")
+    assert status == 200
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    """The one sample named ``name`` with exactly ``labels``; None when there is none."""
+    return samples.get((name, frozenset(labels.items())))
+
+
+def metric(gw: Gateway, name: str, **labels: str) -> float:
+    """Sum of the samples named ``name`` whose labels include ``labels`` (0 when none)."""
+    want = labels.items()
+    return sum(v for (n, got), v in scrape(gw).items() if n == name and want <= got)
+
+
+def worker_pids(gw: Gateway) -> dict[int, int]:
+    """index -> pid of the workers ``gw``'s /healthz lists (503 lists them too)."""
+    _, body, _ = http_get(gw.admin + "/healthz")
+    return {w["index"]: w["pid"] for w in json.loads(body)["workers"]}
+
+
+def worker_pid(gw: Gateway) -> int:
+    """The pid of ``gw``'s one worker."""
+    (pid,) = worker_pids(gw).values()
+    return pid
 
 
 @dataclass
@@ -269,6 +329,25 @@ def launch_gateway(
     if start:
         gw.start(wait_ready=wait_ready)
     return gw
+
+
+@contextlib.contextmanager
+def recovery_gateway(log_dir: Path, nats_url: str, streams: str, **env: str) -> Iterator[Gateway]:
+    """One worker, no token needed, ``[history].streams`` = ``streams`` (the recovery tests'
+    gateway, integration and browser alike); stopped on exit."""
+    gw = launch_gateway(
+        log_dir,
+        "--workers",
+        "1",
+        NATS_URLS=nats_url,
+        FANOUT_WS_AUTH_REQUIRED="false",
+        FANOUT_HISTORY_STREAMS=streams,
+        **env,
+    )
+    try:
+        yield gw
+    finally:
+        gw.stop()
 
 
 @pytest.fixture

@@ -235,7 +235,7 @@ class InProc:
     async def connect(
         self, token: str | None = None, peer: str = "127.0.0.1", **headers: str
     ) -> Client:
-        """A client through the real handshake checks (``admit``); raises Refusal like Gate."""
+        """A client through the real handshake checks (``admit``): HandshakeError or AuthError."""
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [
             "GET /ws HTTP/1.1",

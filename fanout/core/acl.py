@@ -27,18 +27,12 @@ __all__ = ["SubjectAcl", "expand_templates"]
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
-class _Dropped(Exception):
-    """A placeholder could not be filled safely; the pattern is dropped."""
-
-
 def _claim_token(claims: Mapping[str, object], name: str, max_bytes: int) -> str:
+    """The claim as one subject token; SubjectError (the pattern is dropped) when it is not."""
     value = claims.get(name)
     if not isinstance(value, str) or "." in value:
-        raise _Dropped
-    try:
-        validate_subject(value, max_bytes)
-    except SubjectError:
-        raise _Dropped from None
+        raise SubjectError(f"claim {name!r} is not one subject token")
+    validate_subject(value, max_bytes)
     return value
 
 
@@ -58,7 +52,7 @@ def expand_templates(
                 lambda m: _claim_token(claims, m.group(1), max_bytes), pattern
             )
             validate_pattern(expanded, max_bytes)
-        except (_Dropped, SubjectError):
+        except SubjectError:
             continue
         out.append(expanded)
     return out

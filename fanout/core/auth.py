@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import Algorithm, get_default_algorithms
 
-from fanout.errors import Code, FanoutError
+from fanout.errors import HTTP_STATUS, Code, FanoutError
 
 PublicKey: TypeAlias = (
     rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
@@ -52,7 +52,14 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
 class AuthError(FanoutError):
-    """A rejected or missing token; ``message`` is client-safe and never holds the token."""
+    """A rejected or missing token; ``message`` is client-safe and never holds the token.
+
+    ``status`` is the HTTP answer when it refuses a handshake (401 for both its codes).
+    """
+
+    @property
+    def status(self) -> int:
+        return HTTP_STATUS[self.code]
 
 
 def _invalid(message: str) -> AuthError:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 
 from fanout.core.auth import KeySet
+from fanout.errors import Code, OperatorError
 
 #: Largest JWKS document accepted; real ones are a few KiB.
 MAX_JWKS_BYTES = 1 << 20
 
 
-class JwksError(Exception):
-    """A JWKS fetch that produced no usable key set; the message is logged."""
+class JwksError(OperatorError):
+    """A JWKS fetch that produced no usable key set; the message is logged (``XYW005``)."""
+
+    CODE = Code.TOKEN_INVALID
 
 
 def parse_jwks(body: bytes) -> KeySet:

@@ -50,6 +50,8 @@ class HandshakeError(FanoutError):
     are the HTTP answer (:func:`response_error` writes it).
 
     ``message`` never quotes the request: header values may hold a token.
+    ``limit`` names the connection limit that refused (``metrics.LIMITS``), for
+    the handshake outcome metric; empty for every other refusal.
     """
 
     def __init__(
@@ -58,10 +60,12 @@ class HandshakeError(FanoutError):
         code: Code,
         message: str,
         headers: Sequence[tuple[str, str]] = (),
+        limit: str = "",
     ) -> None:
         super().__init__(code, message, f"{status} {code}: {message}")
         self.status = status
         self.headers = tuple(headers)
+        self.limit = limit
 
 
 def _bad(message: str) -> HandshakeError:

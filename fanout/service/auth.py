@@ -2,9 +2,9 @@
 
 The token comes from the request's metadata (``Authorization: Bearer``, which
 the gateway sends only with ``requests.forward_token`` on, or any caller sets
-itself) and is verified with the gateway's own rules
-(:class:`~fanout.core.auth.TokenVerifier`: size cap, algorithm allow-list per
-key type, ``exp`` required, lifetime cap, ``iss``/``aud``), against a static
+itself) and is verified by the gateway's own flow (:class:`~fanout.tokens.TokenCheck`:
+size cap, algorithm allow-list per key type, key by ``kid`` with a JWKS
+refetch on an unknown one, ``exp`` required, lifetime cap, ``iss``/``aud``), against a static
 PEM key or a JWKS document fetched by :class:`~fanout.service.jwks.ServiceJwks`
 (the standard library's HTTP client in a thread: a service needs no aiohttp).
 The verified principal lands in ``req.context.principal``.
@@ -22,9 +22,9 @@ from typing import Any
 
 from fanout.core.auth import AuthError, KeyLookup, KeySet, Principal, TokenVerifier
 from fanout.core.metadata import MetadataError, bearer_token
-from fanout.errors import Code
 from fanout.service.context import UNAUTHORIZED, Next, Request, ServiceError
 from fanout.service.jwks import ServiceJwks
+from fanout.tokens import TokenCheck
 
 DEFAULT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
 
@@ -58,7 +58,7 @@ class JwtAuth:
     ) -> None:
         if sum(x is not None for x in (jwks_url, public_key, keys)) != 1:
             raise ValueError("give exactly one of jwks_url, public_key, keys")
-        self.verifier = TokenVerifier(
+        verifier = TokenVerifier(
             algorithms=algorithms,
             issuer=issuer,
             audience=audience,
@@ -69,17 +69,13 @@ class JwtAuth:
         )
         self.required = required
         self.jwks: ServiceJwks | None = None
-        self.keys: KeyLookup
         if jwks_url is not None:
-            self.jwks = ServiceJwks(
+            self.jwks = keys = ServiceJwks(
                 jwks_url, refetch_interval_s=jwks_refetch_interval_s, refresh_s=jwks_refresh_s
             )
-            self.keys = self.jwks
         elif public_key is not None:
-            self.keys = KeySet.from_pem(public_key)
-        else:
-            assert keys is not None
-            self.keys = keys
+            keys = KeySet.from_pem(public_key)
+        self.tokens = TokenCheck(verifier, keys)
 
     async def start(self) -> None:
         """First JWKS fetch (a failure is logged; keys come with the next refresh)."""
@@ -92,13 +88,7 @@ class JwtAuth:
 
     async def verify(self, token: str) -> Principal:
         """The token's principal; :class:`AuthError` (``XYW005``) when it does not verify."""
-        _, kid = self.verifier.header(token)
-        key = self.keys.find(kid)
-        if key is None and self.jwks is not None:
-            key = await self.jwks.find_or_refetch(kid)
-        if key is None:
-            raise AuthError(Code.TOKEN_INVALID, "unknown signing key")
-        return self.verifier.verify(token, key)
+        return await self.tokens.verify(token)
 
     async def __call__(self, req: Request, call_next: Next) -> Any:
         span = req.span

@@ -20,7 +20,8 @@ from pathlib import Path
 from setproctitle import setproctitle
 
 from fanout import runtime
-from fanout.settings import ConfigError, Settings, load
+from fanout.errors import OperatorError
+from fanout.settings import Settings, load
 from fanout.supervisor import children, policy
 from fanout.supervisor.children import Child, ExtraTarget, Sidecar, WorkerTarget
 from fanout.supervisor.signals import SignalQueue
@@ -28,8 +29,12 @@ from fanout.supervisor.signals import SignalQueue
 log = logging.getLogger("fanout.supervisor")
 
 
-class Halt(Exception):
-    """The gateway cannot run; the message is the one line the operator sees (exit 2)."""
+class Halt(OperatorError):
+    """The gateway cannot run; the message is the one line the operator sees (exit 2).
+
+    Any :class:`OperatorError` that reaches the main loop (a taken port, a
+    sidecar that cannot start) ends it the same way.
+    """
 
 
 class Supervisor:
@@ -81,8 +86,8 @@ class Supervisor:
                 self.murder_workers()
                 self.manage_roll()
                 self.manage_workers()
-                self._check_sidecar()
-        except Halt as halt:
+                self._sidecar.check()
+        except OperatorError as halt:
             print(f"fanout: {halt}", file=sys.stderr, flush=True)
             code = 2
         except Exception:
@@ -102,17 +107,12 @@ class Supervisor:
         try:
             self._locks = runtime.hold_ports(self._settings, self.state_dir)
             runtime.make_state_dir(self.state_dir)
-        except runtime.PortTaken as exc:
-            raise Halt(str(exc)) from None
         except (OSError, RuntimeError) as exc:
             raise Halt(f"cannot prepare the state directory: {exc}") from None
         self._dir_ours = True
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.state_dir)
         self._signals.install()
-        try:
-            self._child_settings = self._sidecar.settings_for_children(self._settings)
-        except RuntimeError as exc:
-            raise Halt(str(exc)) from None
+        self._child_settings = self._sidecar.settings_for_children(self._settings)
         self._publish()
         workers = {"workers": len(self._wanted)}
         log.info("supervisor started", extra={"pid": self._pid, "fields": workers})
@@ -142,17 +142,16 @@ class Supervisor:
         try:
             new = load(self._config_path, overrides=self._overrides)
             child_settings = self._sidecar.settings_for_children(new)
-        except (ConfigError, RuntimeError) as exc:
+        except OperatorError as exc:  # a ConfigError, or the sidecar's
             log.error("reload refused, keeping the old settings: %s", exc)
             return
         previous = (self._settings, self._child_settings, self._generation)
         self._settings, self._child_settings = new, child_settings
         self._generation += 1
-        if self._roll is None:
-            timeout = new.server.worker_timeout_s
-            self._roll = policy.Roll.of(self._wanted, self._generation, timeout, previous)
-        else:
-            self._roll.again(self._wanted, self._generation)
+        timeout = new.server.worker_timeout_s
+        self._roll = policy.Roll.reload(
+            self._roll, self._wanted, self._generation, timeout, previous
+        )
         self._publish()
         setproctitle(self._title())
         log.info("rolling restart", extra={"fields": {"generation": self._generation}})
@@ -280,12 +279,6 @@ class Supervisor:
 
     def _workers(self) -> dict[int, Child]:
         return {pid: c for pid, c in self._children.items() if c.index}
-
-    def _check_sidecar(self) -> None:
-        try:
-            self._sidecar.check()
-        except RuntimeError as exc:
-            raise Halt(str(exc)) from None
 
     def _title(self) -> str:
         return f"fanout supervisor :{self._settings.server.port}"

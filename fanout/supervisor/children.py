@@ -43,8 +43,9 @@ class Sidecar(Protocol):
     """A process the children depend on that the supervisor does not fork (the embedded NATS).
 
     The supervisor asks it for the settings children get (at start and on
-    every reload), checks it every tick and stops it last. RuntimeError from
-    the first two stops the gateway (exit 2) or refuses the reload; its message says why.
+    every reload), checks it every tick and stops it last. An
+    :class:`~fanout.errors.OperatorError` from the first two stops the gateway
+    (exit 2) or refuses the reload; its message says why.
     """
 
     def settings_for_children(self, settings: Settings) -> Settings: ...

@@ -274,6 +274,22 @@ class Roll(Generic[T]):
         """A reload during a roll: every index again, to the new generation; a wait goes on."""
         self.generation, self.pending = generation, deque(sorted(indexes))
 
+    @classmethod
+    def reload(
+        cls,
+        roll: Roll[T] | None,
+        indexes: Iterable[int],
+        generation: int,
+        timeout_s: float,
+        previous: T,
+    ) -> Roll[T]:
+        """The roll a reload (SIGHUP) asks for: a new one, or the one under way :meth:`again`
+        (it keeps the ``previous`` of its start: an abort restores what ran before any reload)."""
+        if roll is None:
+            return cls.of(indexes, generation, timeout_s, previous)
+        roll.again(indexes, generation)
+        return roll
+
     def advance(self, now: float, workers: Mapping[int, WorkerView]) -> list[RollAction]:
         """The next actions, given the live workers by pid (the arbiter's view right now)."""
         actions: list[RollAction] = []

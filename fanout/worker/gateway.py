@@ -2,7 +2,10 @@
 
 ``admit`` runs the handshake checks in the contract's order (Origin, limits,
 token present, token valid) and either refuses with a status + code or
-returns a live :class:`WsConnection`. Limits are: load shedding,
+returns a live :class:`WsConnection`: it raises :class:`HandshakeError` for
+its own checks and lets the token check's :class:`AuthError` through (both
+carry the HTTP ``status``; :class:`~fanout.worker.handshake.Handshake` writes
+either). Limits are: load shedding,
 the per-address handshake rate, the worker's connection cap (kept below the
 fd limit by the worker), per-address and per-principal caps; the address is
 the peer's, or the client's behind a trusted proxy. ``handle`` answers one
@@ -22,21 +25,21 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from fanout import metrics
 from fanout.core import history, limits, protocol, websocket
 from fanout.core.acl import SubjectAcl
-from fanout.core.auth import AuthError, KeySet, Principal, TokenVerifier, extract_token
+from fanout.core.auth import AuthError, KeyLookup, Principal, TokenVerifier, extract_token
 from fanout.core.protocol import FrameError
+from fanout.core.websocket import HandshakeError
 from fanout.core.wsconnection import CLOSE_TIMEOUT_S
-from fanout.errors import HTTP_STATUS, Close, Code
+from fanout.errors import Close, Code
 from fanout.logs import ClientEventLog
 from fanout.settings import Settings
+from fanout.tokens import TokenCheck
 from fanout.worker.connection import OPEN, Events, WsConnection
 from fanout.worker.hub import Hub
-from fanout.worker.jwks import JwksCache
 from fanout.worker.revocation import Denylist
 
 log = logging.getLogger("fanout.gateway")
@@ -52,16 +55,6 @@ class RequestHandler(Protocol):
     def handle(self, conn: WsConnection, op: protocol.RequestOp) -> bytes | None: ...
 
 
-@dataclass(slots=True)
-class Refusal(Exception):
-    status: int
-    code: str
-    message: str
-    headers: tuple[tuple[str, str], ...] = ()
-    #: The connection limit that refused (``LIMITS``), for the handshake outcome metric.
-    limit: str = ""
-
-
 class Gateway:
     """Everything about this worker's clients that is not the hot path."""
 
@@ -69,7 +62,7 @@ class Gateway:
         self,
         settings: Settings,
         hub: Hub,
-        keys: KeySet | JwksCache | None,
+        keys: KeyLookup | None,
         *,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -77,9 +70,8 @@ class Gateway:
         #: The wall clock token expiry is measured on (tests script it).
         self.wall = wall
         self.hub = hub
-        self.keys = keys
         jwt = settings.jwt
-        self.verifier = TokenVerifier(
+        verifier = TokenVerifier(
             algorithms=jwt.algorithms,
             issuer=jwt.issuer,
             audience=jwt.audience,
@@ -87,6 +79,7 @@ class Gateway:
             max_lifetime_s=jwt.max_lifetime_s,
             leeway_s=jwt.leeway_s,
         )
+        self.tokens = TokenCheck(verifier, keys)
         self.auth_required = settings.ws.auth_required and not settings.demo.enabled
         srv = settings.server
         #: The connection cap in force; the worker lowers it to fit the fd limit.
@@ -143,14 +136,14 @@ class Gateway:
                 scheme = forwarded[0].strip().lower()
         return len(hosts) == 1 and origin == f"{scheme}://{hosts[0]}"
 
-    def _refuse(self, limit: str, message: str, retry_after_s: float) -> Refusal:
+    def _refuse(self, limit: str, message: str, retry_after_s: float) -> HandshakeError:
         metrics.LIMIT_REFUSALS.labels(limit).inc()
-        return Refusal(
+        return HandshakeError(
             503, Code.LIMIT_EXCEEDED, message, limits.retry_after_header(retry_after_s), limit
         )
 
     def _refuse_limits(self, peer: str, *, new_handshake: bool) -> None:
-        """Refusal (503 XYW007 + Retry-After) when a limit stops ``peer`` from connecting."""
+        """HandshakeError (503 XYW007 + Retry-After) when a limit stops ``peer`` from connecting."""
         srv = self.settings.server
         if self.shedder.shedding:
             raise self._refuse("shedding", "gateway is overloaded", srv.shed_retry_after_s)
@@ -179,18 +172,13 @@ class Gateway:
             raise self._refuse("per_principal", "too many connections for this principal", 5)
 
     async def authenticate(self, token: str, source: str) -> Principal:
-        """Verify a token; AuthError with XYW005 on anything wrong (revoked ``jti`` included)."""
-        _, kid = self.verifier.header(token)
-        keys = self.keys
-        if keys is None:
-            raise AuthError(Code.TOKEN_INVALID, "no verification key configured")
-        key = keys.find(kid)
-        if key is None and isinstance(keys, JwksCache):
-            key = await keys.find_or_refetch(kid)
-        if key is None:
-            raise AuthError(Code.TOKEN_INVALID, "unknown signing key")
+        """Verify a token; AuthError with XYW005 on anything wrong (revoked ``jti`` included).
+
+        The flow is :class:`TokenCheck`'s; the gateway adds the tighter lifetime
+        of a query-string token and the denylist.
+        """
         lifetime = self.settings.jwt.query_token_max_lifetime_s if source == "query" else None
-        principal = self.verifier.verify(token, key, max_lifetime_s=lifetime)
+        principal = await self.tokens.verify(token, max_lifetime_s=lifetime)
         if principal.jti is not None and principal.jti in self.denylist:
             raise AuthError(Code.TOKEN_INVALID, "token revoked")
         return principal
@@ -202,32 +190,26 @@ class Gateway:
         peer: str,
         via_proxy: bool = False,
     ) -> WsConnection:
-        """Run every handshake check; Refusal with the contract's status and code."""
+        """Every handshake check; HandshakeError or AuthError with the status and code."""
         if not self._origin_allowed(head, via_proxy):
-            raise Refusal(403, Code.ORIGIN_DENIED, "origin not allowed")
+            raise HandshakeError(403, Code.ORIGIN_DENIED, "origin not allowed")
         self._refuse_limits(peer, new_handshake=True)
-        try:
-            accept = websocket.check_upgrade(head)
-        except websocket.HandshakeError as exc:
-            raise Refusal(exc.status, exc.code, exc.message, tuple(exc.headers)) from None
+        accept = websocket.check_upgrade(head)
         if len(head.header_values("host")) != 1:
-            raise Refusal(400, Code.MALFORMED, "exactly one Host header required")
+            raise HandshakeError(400, Code.MALFORMED, "exactly one Host header required")
         jwt = self.settings.jwt
         principal: Principal | None = None
-        try:
-            token, source = extract_token(
-                head.headers,
-                head.query,
-                cookie_name=jwt.cookie_name,
-                allow_query=jwt.allow_query_token,
-            )
-            if token is None:
-                if self.auth_required:
-                    raise AuthError(Code.UNAUTHORIZED, "a token is required")
-            elif self.keys is not None:
-                principal = await self.authenticate(token, source)
-        except AuthError as exc:
-            raise Refusal(HTTP_STATUS[Code(exc.code)], exc.code, exc.message) from None
+        token, source = extract_token(
+            head.headers,
+            head.query,
+            cookie_name=jwt.cookie_name,
+            allow_query=jwt.allow_query_token,
+        )
+        if token is None:
+            if self.auth_required:
+                raise AuthError(Code.UNAUTHORIZED, "a token is required")
+        elif self.tokens.keys is not None:
+            principal = await self.authenticate(token, source)
         self._refuse_principal(principal)
         self._refuse_limits(peer, new_handshake=False)
         if transport.is_closing():
@@ -357,7 +339,7 @@ class Gateway:
                 raise AuthError(Code.TOKEN_INVALID, "the new token names a different subject")
             if old is None:
                 self._refuse_principal(principal)
-        except (AuthError, Refusal) as exc:
+        except (AuthError, HandshakeError) as exc:
             frame = self.error(conn, op.id, exc.code, exc.message)
             conn.send_control(websocket.text_frame(frame))
             return

@@ -2,7 +2,9 @@
 
 Admission itself is decided in one place, :meth:`fanout.worker.gateway.Gateway.admit`;
 :class:`Handshake` only reads the head, routes the socket, and writes the
-gateway's refusal (status, ``XYW0xx`` code) when there is one.
+refusal when there is one: a :class:`HandshakeError` (from the head's parser or
+the gateway's checks) or the token check's :class:`AuthError`, written as they
+are raised (status, ``XYW0xx`` code), nothing converted on the way.
 
 A WebSocket upgrade on the configured path is checked by the gateway and the
 socket moves to a lean :class:`WsConnection`; anything else (``/readyz``,
@@ -34,8 +36,10 @@ from typing import cast
 
 from fanout import logs, metrics
 from fanout.core import websocket
+from fanout.core.auth import AuthError
+from fanout.core.websocket import HandshakeError
 from fanout.errors import Code
-from fanout.worker.gateway import Gateway, Refusal
+from fanout.worker.gateway import Gateway
 
 log = logging.getLogger("fanout.handshake")
 
@@ -76,8 +80,8 @@ class Handshake(asyncio.Protocol):
         max_head = self.gateway.settings.server.max_request_head_bytes
         try:
             parsed = websocket.parse_request_head(self.buf, max_head)
-        except websocket.HandshakeError as exc:
-            self.refuse(Refusal(exc.status, exc.code, exc.message))
+        except HandshakeError as exc:
+            self.refuse(exc)
             return
         if parsed is None:
             return
@@ -100,15 +104,15 @@ class Handshake(asyncio.Protocol):
     ) -> None:
         try:
             conn = await self.gateway.admit(head, transport, self.peer, self.via_proxy)
-        except Refusal as refusal:
-            self.refuse(refusal)
+        except (HandshakeError, AuthError) as exc:
+            self.refuse(exc)
             return
         except ConnectionResetError:
             return
         except Exception as exc:  # whatever raises, the client gets an answer and a close
             message = f"handshake failed: {type(exc).__name__}: {exc}"
             self.gateway.client_log.log(log, message, code=Code.INTERNAL, peer=self.peer)
-            self.refuse(Refusal(500, Code.INTERNAL, "internal error"))
+            self.refuse(HandshakeError(500, Code.INTERNAL, "internal error"))
             return
         finally:
             self.gateway.pending_handshakes.pop(self, None)
@@ -120,25 +124,23 @@ class Handshake(asyncio.Protocol):
             conn.data_received(rest)
         transport.resume_reading()
 
-    def refuse(self, refusal: Refusal) -> None:
-        metrics.HANDSHAKE_FAILURES.labels(refusal.code).inc()
-        metrics.handshake_refused(refusal.code, refusal.limit)
+    def refuse(self, exc: HandshakeError | AuthError) -> None:
+        """Count, log and answer a refusal, then close the socket."""
+        headers, limit = (exc.headers, exc.limit) if isinstance(exc, HandshakeError) else ((), "")
+        metrics.HANDSHAKE_FAILURES.labels(exc.code).inc()
+        metrics.handshake_refused(exc.code, limit)
         self.gateway.client_log.log(
             log,
             "handshake refused",
-            code=refusal.code,
-            status=refusal.status,
+            code=exc.code,
+            status=exc.status,
             peer=self.peer,
-            reason=refusal.message,
+            reason=exc.message,
         )
         self.gateway.pending_handshakes.pop(self, None)
         transport, self.transport = self.transport, None
         if transport is not None and not transport.is_closing():
-            transport.write(
-                websocket.response_error(
-                    refusal.status, refusal.code, refusal.message, refusal.headers
-                )
-            )
+            transport.write(websocket.response_error(exc.status, exc.code, exc.message, headers))
             transport.close()
 
     def eof_received(self) -> bool | None:

@@ -23,6 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
 from fanout.core.history import StreamState
+from fanout.errors import Code, OperatorError
 
 log = logging.getLogger("fanout.history")
 
@@ -34,8 +35,13 @@ INACTIVE_S = 10.0
 MAX_PROBES = 24
 
 
-class Unavailable(Exception):
-    """JetStream cannot answer now: ``recovered:false``, reason ``unavailable``."""
+class Unavailable(OperatorError):
+    """JetStream cannot answer now: ``recovered:false``, reason ``unavailable`` (``XYW004``).
+
+    The message (the server's error) goes to the log; the client sees only the reason.
+    """
+
+    CODE = Code.NATS_DOWN
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,9 @@ written from the event loop every heartbeat interval, is its heartbeat.
 What a worker reads once at start (the TLS certificate and key, the jti
 denylist, the JWT public key) is reloaded by SIGHUP to the supervisor: it
 rolls the workers one at a time and each new worker reads the files again.
-At start the worker also fits its connection cap below the file-descriptor
-limit, and every heartbeat it samples loop lag and RSS for load shedding.
+What it must have before it serves (sockets, TLS context, denylist, a
+connection cap under the file-descriptor limit) is :mod:`fanout.worker.boot`'s;
+every heartbeat it samples loop lag and RSS for load shedding.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import logging
 import os
 import resource
 import signal
-import socket
-import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,13 +30,13 @@ from aiohttp import web
 from setproctitle import setproctitle
 
 from fanout import logs, metrics, runtime
-from fanout.core import limits
 from fanout.core.auth import KeySet
 from fanout.errors import Close, Code
 from fanout.runtime import WORKER_BOOT_ERROR
 from fanout.settings import Settings
 from fanout.worker.admin import build_admin_app
 from fanout.worker.app import build_app, states_reader
+from fanout.worker.boot import BootError, fit_fd_limit, listen_socket, load_denylist, tls_context
 from fanout.worker.gateway import Gateway
 from fanout.worker.handshake import Handshake
 from fanout.worker.hub import Hub
@@ -45,73 +44,8 @@ from fanout.worker.jwks import JwksCache
 from fanout.worker.nats_auth import NatsAuthError
 from fanout.worker.nats_link import NatsLink
 from fanout.worker.request_broker import RequestBroker
-from fanout.worker.revocation import Denylist, DenylistError
 
 log = logging.getLogger("fanout.worker")
-
-
-class BootError(Exception):
-    """The worker cannot start; the reason is shown by the supervisor."""
-
-
-def listen_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise BootError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
-
-
-#: TLS 1.2 suites: forward secrecy and AEAD only (TLS 1.3 suites are all fine as they are).
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-
-
-def tls_context(settings: Settings) -> ssl.SSLContext | None:
-    """The WSS server context: TLS >= 1.2, AEAD + ECDHE suites, no compression or renegotiation."""
-    if not settings.tls.cert or not settings.tls.key:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = (
-        ssl.TLSVersion.TLSv1_3 if settings.tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
-    )
-    ctx.set_ciphers(TLS12_CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.set_alpn_protocols(["http/1.1"])
-    try:
-        ctx.load_cert_chain(settings.tls.cert, settings.tls.key)
-    except ssl.SSLError as exc:
-        raise BootError(f"tls.cert/tls.key: not a certificate and its key: {exc.reason}") from None
-    except OSError as exc:
-        raise BootError(f"tls.cert/tls.key: cannot read {exc.filename}: {exc.strerror}") from None
-    return ctx
-
-
-def fit_fd_limit(configured: int, headroom: int) -> int:
-    """Raise the soft RLIMIT_NOFILE toward the hard one if needed; the cap that fits under it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = configured + headroom
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise RLIMIT_NOFILE", extra={"reason": str(exc)})
-    nofile = -1 if soft == resource.RLIM_INFINITY else soft
-    cap = limits.connection_cap(configured, nofile, headroom)
-    if cap < configured:
-        log.warning(
-            "server.max_connections clamped below the file-descriptor limit",
-            extra={"fields": {"configured": configured, "cap": cap, "nofile": soft}},
-        )
-    return cap
 
 
 def rss_bytes() -> int:
@@ -189,12 +123,7 @@ class Worker:
         settings = self.settings
         sock = listen_socket(settings.server.host, settings.server.port)
         ssl_ctx = tls_context(settings)
-        denylist = Denylist()
-        if settings.jwt.denylist_path:
-            try:
-                denylist = Denylist.load(settings.jwt.denylist_path)
-            except DenylistError as exc:
-                raise BootError(f"jwt.denylist_path: {exc}") from None
+        denylist = load_denylist(settings.jwt.denylist_path)
         keys: KeySet | JwksCache | None = None
         if settings.jwt.public_key:
             try:

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import nats.errors
 
+from fanout.errors import Code, OperatorError
 from fanout.settings import Nats
 
 #: An NKey seed: 'S', the key type, then base32 (58 characters in all).
@@ -67,12 +68,14 @@ _CONNECTION_LOST = (
 )
 
 
-class NatsAuthError(Exception):
-    """Credentials or TLS refused, or their files unusable: retrying will not help.
+class NatsAuthError(OperatorError):
+    """Credentials or TLS refused, or their files unusable: retrying will not help (``XYW004``).
 
     The message starts with the setting to fix (``nats.tls_ca: ...``) and never
     holds a secret.
     """
+
+    CODE = Code.NATS_DOWN
 
 
 def _tls_context(cfg: Nats) -> ssl.SSLContext | None:

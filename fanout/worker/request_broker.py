@@ -60,10 +60,6 @@ _UNAVAILABLE = (
 )
 
 
-class _BadHeaders(Exception):
-    """The op's ``headers`` cannot be sent; the message names the key."""
-
-
 def _service_failed(code: str) -> bool:
     """A nats.micro error reply counts against the breaker unless it is a 4xx."""
     return not (len(code) == 3 and code.isdigit() and code[0] == "4")
@@ -128,8 +124,8 @@ class RequestBroker:
             extra, correlation, causation, traceparent, tracestate = self._client_headers(
                 op.headers
             )
-        except _BadHeaders as exc:
-            return self._refuse(conn, op.id, Code.MALFORMED, str(exc), "malformed")
+        except metadata.MetadataError as exc:
+            return self._refuse(conn, op.id, exc.code, exc.message, "malformed")
         pending = self.in_flight.get(conn, 0)
         if pending >= self.max_in_flight:
             message = f"more than {self.max_in_flight} requests in flight"
@@ -172,13 +168,16 @@ class RequestBroker:
     def _client_headers(
         self, headers: dict[str, str]
     ) -> tuple[dict[str, str], str | None, str | None, str | None, str | None]:
-        """Allow-listed extra headers, correlation id, causation id, traceparent, tracestate."""
+        """Allow-listed extra headers, correlation id, causation id, traceparent, tracestate.
+
+        MetadataError (``XYW008``, naming the key) when one of them cannot be sent.
+        """
         extra: dict[str, str] = {}
         correlation = causation = traceparent = tracestate = None
         for key, value in headers.items():
             if key in (metadata.CLIENT_CORRELATION_ID, metadata.CLIENT_CAUSATION_ID):
                 if not metadata.valid_id(value):
-                    raise _BadHeaders(f"headers.{key}: 1..128 visible ASCII characters")
+                    raise metadata.MetadataError(f"headers.{key}: 1..128 visible ASCII characters")
                 if key == metadata.CLIENT_CORRELATION_ID:
                     correlation = value
                 else:
@@ -191,7 +190,7 @@ class RequestBroker:
                 tracestate = value
             elif low in self.allowed_headers:
                 if not metadata.valid_header_value(value):
-                    raise _BadHeaders(f"headers.{key}: not a valid header value")
+                    raise metadata.MetadataError(f"headers.{key}: not a valid header value")
                 extra[self.allowed_headers[low]] = value
         return extra, correlation, causation, traceparent, tracestate
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fanout.errors import OperatorError
+
 #: A jti longer than this is not one we issued; such lines are refused, not truncated.
 MAX_JTI_BYTES = 256
 
 
-class DenylistError(Exception):
+class DenylistError(OperatorError):
     """The denylist file cannot be used; the message names the line or the OS error."""
 
 

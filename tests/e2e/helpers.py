@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
 from playwright.async_api import Page
 
-from tests.conftest import ROOT, Gateway, http_get
+from tests.conftest import ROOT, Gateway, worker_pids
 from tests.helpers import wait_for
 
 #: Records the client's events with their page time: ``window.events`` is a list of
@@ -52,12 +50,6 @@ async def demo_view(page: Page) -> dict[str, Any]:
     return view
 
 
-def worker_pids(gw: Gateway) -> dict[int, int]:
-    """index → pid of the live workers, from /healthz."""
-    _, body, _ = http_get(gw.admin + "/healthz")
-    return {w["index"]: w["pid"] for w in json.loads(body)["workers"]}
-
-
 def wait_for_new_worker(gw: Gateway, old_pid: int, timeout_s: float = 20.0) -> int:
     """The pid of worker 1 once it is no longer ``old_pid``."""
     return wait_for(
@@ -65,20 +57,6 @@ def wait_for_new_worker(gw: Gateway, old_pid: int, timeout_s: float = 20.0) -> i
         timeout_s,
         f"worker 1 to replace {old_pid}",
     )
-
-
-def counter(gw: Gateway, name: str, **labels: str) -> float:
-    """The value of one Prometheus sample from /metrics (0 when absent)."""
-    status, body, _ = http_get(gw.admin + "/metrics")
-    assert status == 200
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = re.compile(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? ([0-9.eE+-]+)$", re.M)
-    total = 0.0
-    for match in pattern.finditer(body.decode()):
-        got = ",".join(sorted((match[1] or "").split(","))) if match[1] else ""
-        if got == want:
-            total += float(match[2])
-    return total
 
 
 def _inlined_demo_page() -> str:

@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page
 
-from tests.conftest import Gateway, http_get, launch_gateway
-from tests.e2e.helpers import worker_pids
+from tests.conftest import Gateway, http_get, launch_gateway, worker_pids
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 

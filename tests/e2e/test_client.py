@@ -25,8 +25,8 @@ from playwright.async_api import TimeoutError as PageTimeout
 
 from fanout.devtoken import generate_keypair, make_token
 from fanout.embedded_nats import EmbeddedNats
-from tests.conftest import ROOT, Gateway, launch_gateway
-from tests.e2e.helpers import COUNT_SOCKETS, RECORD_EVENTS, counter, demo_view, open_demo_page
+from tests.conftest import ROOT, Gateway, launch_gateway, metric
+from tests.e2e.helpers import COUNT_SOCKETS, RECORD_EVENTS, demo_view, open_demo_page
 from tests.helpers import async_wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -352,11 +352,11 @@ async def test_fanout_js_standalone_api(page: Page, anon_gw: Gateway, nc: NatsCl
 async def test_bad_token_backs_off_instead_of_hammering(page: Page, auth_gw: Gateway) -> None:
     other_key, _ = generate_keypair("ec")
     forged = make_token(private_key_pem=other_key, sub="e2e", subjects=["xy.md.>"], ttl_s=600)
-    before = counter(auth_gw, "fanout_handshake_failures_total", code="XYW005")
+    before = metric(auth_gw, "fanout_handshake_failures_total", code="XYW005")
     await page.add_init_script(COUNT_SOCKETS)
     await open_demo_page(page, auth_gw, f"?token={forged}")
     await asyncio.sleep(WATCH_S)  # waits on: the window in which the attempts are counted
-    refused = counter(auth_gw, "fanout_handshake_failures_total", code="XYW005") - before
+    refused = metric(auth_gw, "fanout_handshake_failures_total", code="XYW005") - before
     view = await demo_view(page)
     attempts = await page.evaluate("window.socketsOpened")
     # full-jitter backoff from 500 ms doubling: ~5 attempts in 4 s; more than 10 is a
@@ -378,7 +378,7 @@ async def test_expired_token_ends_in_4005_and_authfailed(
     await page.wait_for_function(
         "() => window.events.some((e) => e.type === 'authfailed')", timeout=20_000
     )
-    refused = counter(auth_gw, "fanout_handshake_failures_total", code="XYW005")
+    refused = metric(auth_gw, "fanout_handshake_failures_total", code="XYW005")
     await asyncio.sleep(1.5)  # waits on: a client that reconnected anyway would show up here
     events = await page.evaluate("window.events.map((e) => [e.type, e.detail.code ?? null])")
     view = await demo_view(page)
@@ -389,7 +389,7 @@ async def test_expired_token_ends_in_4005_and_authfailed(
     )
     assert view["state"] == "closed" and view["client"]["lastCloseCode"] == 4005
     assert await page.evaluate("window.socketsOpened") == 1
-    assert counter(auth_gw, "fanout_handshake_failures_total", code="XYW005") == refused
+    assert metric(auth_gw, "fanout_handshake_failures_total", code="XYW005") == refused
     assert any("authentication failed (4005)" in line for line in view["log"])
     assert any("token expires at" in line for line in view["log"])  # the `expiring` notice
 

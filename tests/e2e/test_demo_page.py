@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from playwright.async_api import Page
 
-from tests.conftest import Gateway, launch_gateway
-from tests.e2e.helpers import RECORD_EVENTS, demo_view, wait_for_new_worker, worker_pids
+from tests.conftest import Gateway, launch_gateway, worker_pids
+from tests.e2e.helpers import RECORD_EVENTS, demo_view, wait_for_new_worker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 

@@ -16,10 +16,8 @@ import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 from playwright.async_api import Page
 
-from fanout.demo import create_stream
 from fanout.embedded_nats import EmbeddedNats
-from tests.conftest import Gateway, launch_gateway
-from tests.e2e.helpers import worker_pids
+from tests.conftest import Gateway, jetstream_nats, launch_gateway, recovery_gateway, worker_pids
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -45,28 +43,14 @@ CLIENT = """(subject) => {
 
 @pytest.fixture(scope="module")
 def js_nats() -> Iterator[EmbeddedNats]:
-    async def stream(url: str) -> None:
-        nc = await nats.connect(url)
-        await create_stream(nc, "MD", "xy.md.>", "fanout.live")
-        await nc.close()
-
-    with EmbeddedNats(jetstream=True) as server:
-        asyncio.run(stream(server.url))
+    with jetstream_nats({"MD": "xy.md.>"}) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def gw(js_nats: EmbeddedNats, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gateway = launch_gateway(
-        tmp_path_factory.mktemp("recover"),
-        "--workers",
-        "1",
-        NATS_URLS=js_nats.url,
-        FANOUT_WS_AUTH_REQUIRED="false",
-        FANOUT_HISTORY_STREAMS="xy.md.>=MD",
-    )
-    yield gateway
-    gateway.stop()
+    with recovery_gateway(tmp_path_factory.mktemp("recover"), js_nats.url, "xy.md.>=MD") as gateway:
+        yield gateway
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -25,7 +25,7 @@ from nats.aio.client import Client as NatsClient
 
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats
-from tests.conftest import Gateway, http_get
+from tests.conftest import Gateway, metric
 from tests.integration.wsclient import WsClient, client_frame, wait_for_interest
 
 BIG = 32 * 1024
@@ -63,19 +63,6 @@ def start(
         FANOUT_OUTBOX_WRITE_BUFFER_HIGH="65536",
         **env,
     )
-
-
-def metric(gw: Gateway, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    status, body, _ = http_get(gw.admin + "/metrics")
-    assert status == 200
-    total = 0.0
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    for line in body.decode().splitlines():
-        series = line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " ")
-        if series and all(w in line for w in want):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def wait_metric(

@@ -21,32 +21,16 @@ from typing import Any
 
 import nats
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import fanout
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats, free_port
-from tests.conftest import ROOT, Gateway, http_get
+from tests.conftest import ROOT, Gateway, http_get, sample, scrape, worker_pid
 from tests.helpers import async_wait_for, wait_for
 from tests.integration.wsclient import WsClient, raw_handshake, wait_for_interest
 
 ORIGIN = "https://app.example.com"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(gw: Gateway) -> Samples:
-    """Every sample of one /metrics scrape, keyed by name and labels."""
-    status, body, _ = http_get(gw.admin + "/metrics")
-    assert status == 200
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
 
 
 def scrape_when(gw: Gateway, check: Callable[[Samples], bool]) -> Callable[[], Samples]:
@@ -58,13 +42,6 @@ def scrape_when(gw: Gateway, check: Callable[[Samples], bool]) -> Callable[[], S
         return samples if check(samples) else {}
 
     return scraped
-
-
-def worker_pid(gw: Gateway) -> str:
-    status, body, _ = http_get(gw.admin + "/healthz")
-    assert status == 200
-    (worker,) = json.loads(body)["workers"]
-    return str(worker["pid"])
 
 
 @pytest.fixture
@@ -106,33 +83,33 @@ def test_build_info_names_what_runs(gateway: Gateway) -> None:
         "msgspec": metadata.version("msgspec"),
         "prometheus_client": metadata.version("prometheus-client"),
     }
-    assert value(samples, "fanout_build_info", **labels) == 1
+    assert sample(samples, "fanout_build_info", **labels) == 1
     assert sum(1 for name, _ in samples if name == "fanout_build_info") == 1
 
 
 async def test_each_worker_publishes_its_rss_fds_and_cpu(gateway: Gateway, token: str) -> None:
-    pid = worker_pid(gateway)
+    pid = str(worker_pid(gateway))
     before = await async_wait_for(
         scrape_when(
-            gateway, lambda s: (value(s, "fanout_worker_resident_memory_bytes", pid=pid) or 0) > 0
+            gateway, lambda s: (sample(s, "fanout_worker_resident_memory_bytes", pid=pid) or 0) > 0
         ),
         what="the worker's RSS series",
     )
-    fds = value(before, "fanout_worker_open_fds", pid=pid)
+    fds = sample(before, "fanout_worker_open_fds", pid=pid)
     assert fds is not None and fds >= 4  # stdio, the listener, the NATS socket at least
-    rss = value(before, "fanout_worker_resident_memory_bytes", pid=pid)
+    rss = sample(before, "fanout_worker_resident_memory_bytes", pid=pid)
     assert rss is not None and rss > 10 * 2**20  # a Python process with its libraries
-    cpu = value(before, "fanout_worker_cpu_seconds_total", pid=pid)
+    cpu = sample(before, "fanout_worker_cpu_seconds_total", pid=pid)
     assert cpu is not None and cpu > 0
     client = await WsClient.connect(gateway.ws, token, origin=ORIGIN)
     try:
         after = await async_wait_for(
             scrape_when(
-                gateway, lambda s: (value(s, "fanout_worker_open_fds", pid=pid) or 0) >= fds + 1
+                gateway, lambda s: (sample(s, "fanout_worker_open_fds", pid=pid) or 0) >= fds + 1
             ),
             what="one more open fd with a client connected",
         )
-        assert (value(after, "fanout_worker_cpu_seconds_total", pid=pid) or 0) >= cpu
+        assert (sample(after, "fanout_worker_cpu_seconds_total", pid=pid) or 0) >= cpu
     finally:
         await client.close()
     rows = [labels for name, labels in after if name == "fanout_worker_resident_memory_bytes"]
@@ -140,10 +117,10 @@ async def test_each_worker_publishes_its_rss_fds_and_cpu(gateway: Gateway, token
 
 
 async def test_a_replaced_workers_gauges_go_and_its_cpu_count_stays(gateway: Gateway) -> None:
-    old = worker_pid(gateway)
+    old = str(worker_pid(gateway))
     await async_wait_for(
         scrape_when(
-            gateway, lambda s: (value(s, "fanout_worker_cpu_seconds_total", pid=old) or 0) > 0
+            gateway, lambda s: (sample(s, "fanout_worker_cpu_seconds_total", pid=old) or 0) > 0
         ),
         what="the old worker's CPU series",
     )
@@ -158,10 +135,10 @@ async def test_a_replaced_workers_gauges_go_and_its_cpu_count_stays(gateway: Gat
         return len(workers) == 1 and str(workers[0]["pid"]) != old
 
     await async_wait_for(replaced, 20, "a replacement worker listening")
-    new = worker_pid(gateway)
+    new = str(worker_pid(gateway))
     samples = await async_wait_for(
         scrape_when(
-            gateway, lambda s: (value(s, "fanout_worker_resident_memory_bytes", pid=new) or 0) > 0
+            gateway, lambda s: (sample(s, "fanout_worker_resident_memory_bytes", pid=new) or 0) > 0
         ),
         what="the new worker's RSS series",
     )
@@ -210,7 +187,7 @@ async def test_handshakes_by_outcome(gateway: Gateway, token: str) -> None:
     finally:
         await client.close()
     counted = {
-        outcome: value(samples, "fanout_handshakes_total", outcome=outcome) for outcome in outcomes
+        outcome: sample(samples, "fanout_handshakes_total", outcome=outcome) for outcome in outcomes
     }
     assert counted == {
         **dict.fromkeys(outcomes, 0.0),
@@ -221,32 +198,32 @@ async def test_handshakes_by_outcome(gateway: Gateway, token: str) -> None:
         "refused_per_ip": 1.0,
     }
     # the older series are still there, unchanged in meaning
-    assert value(samples, "fanout_limit_refusals_total", limit="per_ip") == 1
-    assert value(samples, "fanout_handshake_failures_total", code="XYW006") == 1
+    assert sample(samples, "fanout_limit_refusals_total", limit="per_ip") == 1
+    assert sample(samples, "fanout_handshake_failures_total", code="XYW006") == 1
 
 
 async def test_connection_lifetime_is_observed_when_a_connection_ends(
     gateway: Gateway, token: str, nats_server: EmbeddedNats
 ) -> None:
     name = "fanout_connection_duration_seconds"
-    assert value(scrape(gateway), f"{name}_count") == 0
+    assert sample(scrape(gateway), f"{name}_count") == 0
     client = await WsClient.connect(gateway.ws, token, origin=ORIGIN)
     try:
         await client.subscribe("xy.md.life")
         nc = await nats.connect(nats_server.url)
         await wait_for_interest(nc, client, "xy.md.life")
         await nc.close()
-        assert value(scrape(gateway), f"{name}_count") == 0  # still open: nothing observed
+        assert sample(scrape(gateway), f"{name}_count") == 0  # still open: nothing observed
     finally:
         await client.close()
     samples = await async_wait_for(
-        scrape_when(gateway, lambda s: value(s, f"{name}_count") == 1),
+        scrape_when(gateway, lambda s: sample(s, f"{name}_count") == 1),
         what="one connection lifetime observed",
     )
-    total = value(samples, f"{name}_sum")
+    total = sample(samples, f"{name}_sum")
     assert total is not None and total > 0
-    assert value(samples, f"{name}_bucket", le="+Inf") == 1
-    assert value(samples, f"{name}_bucket", le="86400.0") == 1
+    assert sample(samples, f"{name}_bucket", le="+Inf") == 1
+    assert sample(samples, f"{name}_bucket", le="86400.0") == 1
 
 
 # -- the dashboard and the alerts, on a real Prometheus ---------------------------
@@ -461,7 +438,7 @@ async def test_every_dashboard_and_alert_expression_runs_on_a_real_prometheus(
         (connections,) = prometheus.series(panels["Connections"][0])
         assert float(connections["value"][1]) == 1
         rss = prometheus.series(panels["RSS per worker"][0])
-        assert [row["metric"]["pid"] for row in rss] == [worker_pid(gateway)]
+        assert [row["metric"]["pid"] for row in rss] == [str(worker_pid(gateway))]
         # every panel's every expression parses and runs
         for title, exprs in panels.items():
             for expr in exprs:

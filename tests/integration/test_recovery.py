@@ -21,7 +21,7 @@ from nats.aio.client import Client as NatsClient
 
 from fanout.demo import create_stream
 from fanout.embedded_nats import EmbeddedNats
-from tests.conftest import Gateway, http_get, launch_gateway
+from tests.conftest import Gateway, jetstream_nats, launch_gateway, metric, recovery_gateway
 from tests.helpers import async_wait_for
 from tests.integration.wsclient import Frame, WsClient, client_frame, read_close_code
 
@@ -33,32 +33,20 @@ STREAMS = "xy.md.>=MD,xy.gap.>=GAP,xy.none.>=NOSTREAM"
 @pytest.fixture(scope="module")
 def js_nats() -> Iterator[EmbeddedNats]:
     """nats-server -js with the operator's streams MD and GAP (NOSTREAM does not exist)."""
-
-    async def streams(url: str) -> None:
-        nc = await nats.connect(url)
-        await create_stream(nc, "MD", "xy.md.>", PREFIX)
-        await create_stream(nc, "GAP", "xy.gap.>", PREFIX)
-        await nc.close()
-
-    with EmbeddedNats(jetstream=True) as server:
-        asyncio.run(streams(server.url))
+    with jetstream_nats({"MD": "xy.md.>", "GAP": "xy.gap.>"}, PREFIX) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def gw(js_nats: EmbeddedNats, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gateway = launch_gateway(
+    with recovery_gateway(
         tmp_path_factory.mktemp("recovery"),
-        "--workers",
-        "1",
-        NATS_URLS=js_nats.url,
-        FANOUT_WS_AUTH_REQUIRED="false",
+        js_nats.url,
+        STREAMS,
         WS_SUBJECT_WHITELIST="xy.>",
-        FANOUT_HISTORY_STREAMS=STREAMS,
         FANOUT_HISTORY_MAX_REPLAY=str(MAX_REPLAY),
-    )
-    yield gateway
-    gateway.stop()
+    ) as gateway:
+        yield gateway
 
 
 @pytest.fixture
@@ -72,14 +60,6 @@ async def publish(nc: NatsClient, subject: str, n: int, tag: str = "m") -> list[
     """Publish through JetStream; the stream sequences, in order."""
     js = nc.jetstream()
     return [(await js.publish(subject, b'{"%s":%d}' % (tag.encode(), i))).seq for i in range(n)]
-
-
-def disconnects(gw: Gateway, code: str) -> float:
-    """``fanout_disconnects_total{close_code=code}`` of the gateway."""
-    _, body, _ = http_get(gw.admin + "/metrics")
-    prefix = f'fanout_disconnects_total{{close_code="{code}"}} '
-    lines = [line for line in body.decode().splitlines() if line.startswith(prefix)]
-    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
 
 
 async def connect(gw: Gateway) -> WsClient:
@@ -379,7 +359,9 @@ async def test_a_client_that_cannot_keep_up_during_replay_is_cut(
         slow.sendall(client_frame(0x1, op.encode()))
         # not reading: the replay backs up, the outbox overflows, the gateway cuts it
         await async_wait_for(
-            lambda: disconnects(gateway, "4003") >= 1, timeout=20, what="a 4003 close"
+            lambda: metric(gateway, "fanout_disconnects_total", close_code="4003") >= 1,
+            timeout=20,
+            what="a 4003 close",
         )
         assert await asyncio.to_thread(read_close_code, slow, 15) == 4003
         slow.close()

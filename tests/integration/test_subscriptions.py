@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_a
 from fanout.core.subjects import matches
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats
-from tests.conftest import Gateway, http_get, launch_gateway
+from tests.conftest import Gateway, http_get, launch_gateway, metric
 from tests.helpers import async_wait_for
 from tests.integration.wsclient import Frame, WsClient, wait_for_interest
 
@@ -79,19 +79,6 @@ def nats_subscriptions(server: EmbeddedNats) -> list[str]:
         if conn.get("name") == GATEWAY_NATS_NAME:
             subs += [s for s in conn.get("subscriptions_list") or [] if not s.startswith("_INBOX.")]
     return subs
-
-
-def metric(gw: Gateway, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    status, body, _ = http_get(gw.admin + "/metrics")
-    assert status == 200
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    total = 0.0
-    for line in body.decode().splitlines():
-        series = line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " ")
-        if series and all(w in line for w in want):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def settled_subscriptions(

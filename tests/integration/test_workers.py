@@ -16,7 +16,7 @@ import pytest
 
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats
-from tests.conftest import Gateway, http_get
+from tests.conftest import Gateway, http_get, worker_pids
 from tests.helpers import async_wait_for, wait_for
 from tests.integration.wsclient import Frame, WsClient, wait_for_interest
 
@@ -48,12 +48,6 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
     except OSError:
         return ""
-
-
-def worker_pids(gw: Gateway) -> dict[int, int]:
-    """index -> pid of the workers /healthz lists."""
-    _, body, _ = http_get(gw.admin + "/healthz")
-    return {w["index"]: w["pid"] for w in json.loads(body)["workers"]}
 
 
 def all_workers(gw: Gateway, count: int) -> dict[int, int]:

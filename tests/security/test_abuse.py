@@ -17,7 +17,7 @@ import re
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from tests.conftest import Gateway, http_get
+from tests.conftest import Gateway, http_get, metric
 from tests.helpers import async_wait_for
 from tests.security.hostile import (
     Neighbour,
@@ -40,12 +40,6 @@ GATEWAY_ENV = {
     "FANOUT_WS_IDLE_TIMEOUT_S": "3",
     "FANOUT_OUTBOX_WRITE_TIMEOUT_S": "2",
 }
-
-
-def metric(gw: Gateway, name: str) -> float:
-    _, body, _ = http_get(gw.admin + "/metrics")
-    found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", body.decode(), re.M)
-    return float(found.group(1)) if found else 0.0
 
 
 async def counted(gw: Gateway, series: str) -> None:

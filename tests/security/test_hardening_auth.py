@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from tests.conftest import Gateway, http_get
+from tests.conftest import Gateway, sample, scrape
 from tests.helpers import async_wait_for
 from tests.security.hostile import (
     Neighbour,
@@ -85,13 +84,6 @@ async def call(ws: Reply, op_id: int, subject: str, **kw: Any) -> dict[str, Any]
     return frame
 
 
-def metric(gw: Gateway, name: str, labels: str = "") -> float | None:
-    _, body, _ = http_get(gw.admin + "/metrics")
-    series = f"{name}{{{labels}}}" if labels else name
-    found = re.search(rf"^{re.escape(series)} ([0-9.e+]+)$", body.decode(), re.M)
-    return float(found.group(1)) if found else None
-
-
 def log_size(gw: Gateway) -> int:
     assert gw.log_path is not None
     return gw.log_path.stat().st_size
@@ -117,10 +109,8 @@ async def test_client_chosen_short_timeouts_do_not_open_the_circuit(
             assert (frame["op"], frame["code"]) == ("error", "XYW012")
         frame = await call(victim, 1, "svc.slow.get")
         assert frame == {"op": "reply", "id": 1, "data": {"ok": True}, "hdr": frame["hdr"]}
-        state = await asyncio.to_thread(
-            metric, gw, "fanout_circuit_state", 'subject_pattern="svc.>"'
-        )
-        assert state == 0.0
+        samples = await asyncio.to_thread(scrape, gw)
+        assert sample(samples, "fanout_circuit_state", subject_pattern="svc.>") == 0.0
     finally:
         attacker.close()
         victim.close()
@@ -240,7 +230,8 @@ async def test_client_close_codes_share_one_label_and_are_not_logged_as_errors(
     gw: Gateway, signer: Signer, neighbour: Neighbour
 ) -> None:
     codes = (1011, 4003, 3000, 4999)
-    client = await asyncio.to_thread(metric, gw, "fanout_disconnects_total", 'close_code="client"')
+    disconnects = "fanout_disconnects_total"
+    client = sample(await asyncio.to_thread(scrape, gw), disconnects, close_code="client")
     before = await asyncio.to_thread(log_size, gw)
     conns = []
     for code in codes:
@@ -251,11 +242,10 @@ async def test_client_close_codes_share_one_label_and_are_not_logged_as_errors(
             assert await close_code(ws.reader) == code  # echoed, as RFC 6455 asks
         finally:
             ws.close()
-    after = await asyncio.to_thread(metric, gw, "fanout_disconnects_total", 'close_code="client"')
-    assert after == (client or 0) + len(codes)
+    samples = await asyncio.to_thread(scrape, gw)
+    assert sample(samples, disconnects, close_code="client") == (client or 0) + len(codes)
     for code in (3000, 4999):
-        label = f'close_code="{code}"'
-        assert await asyncio.to_thread(metric, gw, "fanout_disconnects_total", label) is None
+        assert sample(samples, disconnects, close_code=str(code)) is None
     logged = [
         line for line in await asyncio.to_thread(log_since, gw, before) if line.get("conn") in conns
     ]

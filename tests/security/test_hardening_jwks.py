@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from jwt.algorithms import RSAAlgorithm
 
 from fanout.embedded_nats import free_port
-from tests.conftest import Gateway, http_get
+from tests.conftest import Gateway, metric
 from tests.helpers import async_wait_for
 from tests.security.hostile import Neighbour, Signer, handshake
 
@@ -92,12 +91,6 @@ def jwks_server(keypair: tuple[Path, Path]) -> Iterator[JwksServer]:
     server.start()
     yield server
     server.stop()
-
-
-def metric(gw: Gateway, name: str) -> float:
-    _, body, _ = http_get(gw.admin + "/metrics")
-    found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", body.decode(), re.M)
-    return float(found.group(1)) if found else 0.0
 
 
 @pytest.mark.parametrize(

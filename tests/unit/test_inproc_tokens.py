@@ -12,9 +12,8 @@ import jwt as pyjwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from fanout.core.auth import KeySet
+from fanout.core.auth import AuthError, KeySet
 from fanout.errors import Close
-from fanout.worker.gateway import Refusal
 from fanout.worker.revocation import Denylist
 from tests.inproc import Client, InProc, make_settings
 
@@ -185,14 +184,14 @@ async def test_revoked_jti_and_missing_token_are_refused_at_the_handshake(
 ) -> None:
     w = worker(keypair)
     w.gateway.denylist = Denylist(frozenset({"revoked-1"}))
-    with pytest.raises(Refusal) as revoked:
+    with pytest.raises(AuthError) as revoked:
         await w.connect(tok(keypair, "alice", ttl=600, jti="revoked-1"))
     assert (revoked.value.status, revoked.value.code, revoked.value.message) == (
         401,
         "XYW005",
         "token revoked",
     )
-    with pytest.raises(Refusal) as missing:
+    with pytest.raises(AuthError) as missing:
         await w.connect()
     assert (missing.value.status, missing.value.code) == (401, "XYW001")
     assert w.hub.connections == set()

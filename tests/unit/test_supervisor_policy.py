@@ -299,13 +299,23 @@ def test_an_old_worker_gone_meanwhile_is_not_retired() -> None:
     assert roll.advance(0.1, workers) == [StartNew(2)]
 
 
+def test_a_reload_starts_a_roll_or_restarts_the_one_under_way_keeping_its_previous() -> None:
+    first = Roll.reload(None, [2, 1], generation=1, timeout_s=5.0, previous="gen0")
+    assert (first.generation, list(first.pending), first.previous) == (1, [1, 2], "gen0")
+    first.pending.clear()
+    again = Roll.reload(first, [1, 2], generation=2, timeout_s=9.0, previous="gen1")
+    assert again is first
+    assert (again.generation, list(again.pending), again.previous) == (2, [1, 2], "gen0")
+    assert again.timeout_s == 5.0
+
+
 def test_a_reload_during_a_roll_rolls_every_index_again_to_the_new_generation() -> None:
     workers = {11: W(11, 1), 12: W(12, 2)}
     roll = Roll.of([1, 2], generation=1, timeout_s=5.0, previous=None)
     roll.advance(0.0, workers)
     workers[21] = W(21, 1, generation=1, ready=False)
     roll.started(21, 0.0)
-    roll.again([1, 2], generation=2)  # SIGHUP again while 21 boots
+    Roll.reload(roll, [1, 2], generation=2, timeout_s=5.0, previous=None)  # SIGHUP while 21 boots
     assert roll.phase is RollPhase.WAITING
     workers[21].ready = True
     assert roll.advance(1.0, workers) == [Retire(11), StartNew(1)]  # 21 is generation 1 < 2
