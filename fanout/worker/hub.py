@@ -21,7 +21,9 @@ from fanout import metrics
 from fanout.core import history, outbox, protocol, subjects, websocket
 from fanout.core.history import Reason, Resume, Seam
 from fanout.core.interest import SubjectRouter
+from fanout.core.mixed import Mix
 from fanout.core.overlap import Overlaps, Route
+from fanout.core.wsconnection import OPEN
 from fanout.errors import Close, Code
 from fanout.settings import Settings
 from fanout.worker.history import HistoryReader
@@ -59,6 +61,13 @@ class Hub:
         self.waiting: dict[str, list[tuple[Replies, int, bytes, Resuming | None]]] = {}
         #: Recoverable subscriptions (v1.2) live under the key ``<prefix>.<pattern>``.
         self.recovery = Recovery(settings, self, HistoryReader(self._nats_client, JS_TIMEOUT_S))
+        #: Clients holding a recoverable and a plain pattern: which copy delivers to them
+        #: (:mod:`fanout.core.mixed`); made when a client first holds both kinds.
+        self.mixes: dict[Subscriber, Mix[outbox.Pending]] = {}
+        #: How many recoverable patterns each client holds (clients with none are absent).
+        self.recoverable_held: dict[Subscriber, int] = {}
+        #: NATS key → the clients of it whose patterns cross (those take the general path).
+        self.mixing: dict[str, dict[Subscriber, None]] = {}
         self.nats_up = False
         self.forwarded = 0
         self.nats_messages = 0
@@ -110,6 +119,8 @@ class Hub:
         else:
             live = link is None or link.is_live(pattern)
         self.settle(conn)
+        if self.recoverable_held and conn in self.recoverable_held:
+            self._mix_add(conn, pattern, None)
         replies = conn.replies
         if live or not self.nats_up or replies is None:
             return ack
@@ -135,8 +146,11 @@ class Hub:
         else:
             live = link is None or link.is_live(key)
         self.settle(conn)
+        held = self.recoverable_held[conn] = self.recoverable_held.get(conn, 0) + 1
         replies = conn.replies
         if replies is None:
+            if len(conn.subs) > held:
+                self._mix_add(conn, pattern, True)
             return protocol.ack(op_id)
         slot = replies.defer()
         if isinstance(resume, str):
@@ -144,6 +158,8 @@ class Hub:
         else:
             r = Resuming(conn, key, op_id, replies, slot, resume)
         self.recovery.begin(r)
+        if len(conn.subs) > held:
+            self._mix_add(conn, pattern, r.resume is not None)
         if live:
             self.recovery.live(r)
         elif not self.nats_up:
@@ -188,12 +204,20 @@ class Hub:
         for pattern in list(conn.subs):
             self._drop(conn, pattern, self.key_of(pattern))
         conn.subs.clear()
+        self.mixes.pop(conn, None)
 
     def _drop(self, conn: Subscriber, pattern: str, key: str) -> None:
         """One subscription of ``conn`` goes; the NATS one (``key``) too when it was the last."""
         self.subscription_count -= 1
         if key != pattern:
             self.recovery.forget(conn, key)
+            held = self.recoverable_held[conn] - 1
+            if held:
+                self.recoverable_held[conn] = held
+            else:
+                del self.recoverable_held[conn]
+        if self.mixes and conn in self.mixes:
+            self._mix_remove(conn, pattern, key)
         if self.router.remove(conn, key):
             self.batches.pop(key, None)
             self.waiting.pop(key, None)
@@ -201,6 +225,75 @@ class Hub:
                 self.recovery.close(key)
             if self.link is not None:
                 self.link.unwant(key)
+
+    # -- a client holding a recoverable and a plain pattern (fanout.core.mixed) -----
+    def _mix_add(self, conn: Subscriber, pattern: str, switched: bool | None) -> None:
+        """``pattern`` was added to ``conn``, which holds both kinds: index it
+        (``switched`` None: a plain pattern; else a recoverable one, switched for a resume)."""
+        mix = self.mixes.get(conn)
+        if mix is None:
+            self.mixes[conn] = mix = Mix(self.recovery.hold_limit)
+            changed = self._mix_index(conn, mix)
+        elif switched is None:
+            changed = mix.add_plain(pattern)
+        else:
+            stream = self.recovery.streams.stream_for(pattern)
+            assert stream is not None
+            changed = mix.add_recoverable(pattern, stream, switched)
+        self._mix_crossed(conn, mix, changed)
+
+    def _mix_index(self, conn: Subscriber, mix: Mix[outbox.Pending]) -> list[str]:
+        """Every pattern of ``conn`` into its new mix (once per client: the first time it
+        holds both kinds); a recoverable one still waiting for its plain ack is joining."""
+        changed: list[str] = []
+        recoverable: list[tuple[str, str, bool]] = []
+        for pattern in conn.subs:
+            stream = self.recovery.streams.stream_for(pattern) if self.recovery.streams else None
+            if stream is None:
+                changed += mix.add_plain(pattern)
+                continue
+            channel = self.recovery.channels.get(self.recovery.key_of(pattern))
+            r = None if channel is None else channel.pending.get(conn)
+            recoverable.append((pattern, stream, r is None or r.resume is not None))
+        for pattern, stream, switched in recoverable:
+            changed += mix.add_recoverable(pattern, stream, switched)
+        return changed
+
+    def _mix_remove(self, conn: Subscriber, pattern: str, key: str) -> None:
+        """``pattern`` left ``conn``: the plain copies its recoverable pattern had the client
+        skip, still waiting for their republished copy, are delivered now."""
+        mix = self.mixes[conn]
+        if key == pattern:
+            self._mix_crossed(conn, mix, mix.remove_plain(pattern))
+            return
+        changed, released = mix.remove_recoverable(pattern)
+        self._mix_crossed(conn, mix, changed)
+        if released and conn.state == OPEN:
+            policy = self.policy_for(pattern)
+            for item in released:
+                if self.enqueue(conn, item, policy):
+                    self.cut_slow_consumer(conn, "outbox full")
+                    return
+            self.schedule_flush()
+
+    def _mix_crossed(self, conn: Subscriber, mix: Mix[outbox.Pending], changed: list[str]) -> None:
+        for pattern in changed:
+            key = self.key_of(pattern)
+            if mix.crossing(pattern):
+                self.mixing.setdefault(key, {})[conn] = None
+            else:
+                clients = self.mixing.get(key)
+                if clients is not None:
+                    clients.pop(conn, None)
+                    if not clients:
+                        del self.mixing[key]
+
+    def answered(self, conn: Subscriber, pattern: str, top: int | None) -> None:
+        """Recovery decided the ack of ``conn``'s recoverable ``pattern`` (``top``: the
+        stream's last sequence then, None if unknown): from now on it delivers."""
+        mix = self.mixes.get(conn)
+        if mix is not None:
+            mix.answered(pattern, top)
 
     # -- reports from the NATS link ------------------------------------------
     def subscribed(self, sid: int, pattern: str) -> Route:
@@ -260,7 +353,7 @@ class Hub:
         subscription that overlaps another one takes :meth:`_overlapping`.
         """
         self.nats_messages += 1
-        if route.overlap:
+        if route.overlap or (self.mixing and route.pattern in self.mixing):
             self._overlapping(route, subject, data, headers)
             return
         pattern = route.pattern
@@ -312,18 +405,21 @@ class Hub:
     def _overlapping(
         self, route: Route, subject: str, data: bytes, headers: dict[str, str] | None
     ) -> None:
-        """One copy of a message several of the worker's subscriptions match.
+        """One copy of a message several of the worker's subscriptions match, or of a
+        pattern some client holds together with a recoverable one that crosses it.
 
         Only the delivering copy (see :mod:`fanout.core.overlap`) goes on, to the
         clients of every matching pattern, each once, through their own queues
-        (never the shared batch: a client may get it via another pattern).
+        (never the shared batch: a client may get it via another pattern); a client
+        whose recoverable pattern delivers the subject skips it (:mod:`fanout.core.mixed`).
         """
-        routes = self.overlaps.select(route, subject, data)
+        routes = self.overlaps.select(route, subject, data) if route.overlap else [route]
         if routes is None:
             return
         item: outbox.Pending | None = None
         seen: set[Subscriber] = set()
         cut: list[Subscriber] = []
+        mixes = self.mixes
         for matching in routes:
             batch = self.batches.get(matching.pattern)
             if batch is None:
@@ -335,6 +431,10 @@ class Hub:
                 if item is None:
                     frame = protocol.encode_msg(subject, data, headers)
                     item = (subject, websocket.text_frame(frame))
+                if mixes:
+                    mix = mixes.get(conn)
+                    if mix is not None and not mix.plain_copy(subject, data, item):
+                        continue
                 if self.enqueue(conn, item, batch.policy):
                     cut.append(conn)
         for conn in cut:
@@ -355,6 +455,7 @@ class Hub:
             return  # published on the republish subject by someone else: not the stream's
         seq, previous = parsed
         recovery = self.recovery
+        mixed = bool(self.mixing) and route.pattern in self.mixing
         if not route.overlap:
             channel = recovery.channels.get(route.pattern)
             if channel is None:
@@ -362,10 +463,10 @@ class Hub:
             original = recovery.streams.original(subject)
             item = recovery.item(original, seq, data, history.user_headers(headers))
             holding = recovery.on_live(channel, seq, previous, item)
-            if not holding:
+            if not (holding or mixed):
                 self._share(route.pattern, channel.batch, item)
                 return
-            self._hold_or_enqueue([(channel, holding)], seq, item)
+            self._hold_or_enqueue([(channel, holding)], seq, item, data)
             return
         selected = self.overlaps.select(route, subject, data)
         if selected is None:
@@ -377,24 +478,31 @@ class Hub:
             channel = recovery.channels.get(matching.pattern)
             if channel is not None:
                 targets.append((channel, recovery.on_live(channel, seq, previous, item)))
-        self._hold_or_enqueue(targets, seq, item)
+        self._hold_or_enqueue(targets, seq, item, data)
 
     def _hold_or_enqueue(
         self,
         targets: list[tuple[Channel, dict[Subscriber, Seam[outbox.Pending]]]],
         seq: int,
         item: outbox.Pending,
+        data: bytes,
     ) -> None:
         """The general path of a recoverable message: each client of the matching keys once,
-        held while its replay is prepared, else through its own queue."""
+        held while its replay is prepared, else through its own queue; not to a client
+        a plain pattern of which delivered it (:mod:`fanout.core.mixed`)."""
         seen: set[Subscriber] | None = set() if len(targets) > 1 else None
         cut: list[Subscriber] = []
+        mixes = self.mixes
         for channel, holding in targets:
             for conn in self.router.subscribers(channel.key):
                 if seen is not None:
                     if conn in seen:
                         continue
                     seen.add(conn)
+                if mixes:
+                    mix = mixes.get(conn)
+                    if mix is not None and not mix.republished(item[0], data, seq):
+                        continue
                 seam = holding.get(conn) if holding else None
                 if seam is not None:
                     seam.hold(seq, item)

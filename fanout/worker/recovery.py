@@ -110,6 +110,8 @@ class Deliveries(Protocol):
 
     def cut_slow_consumer(self, conn: Subscriber, reason: str) -> None: ...
 
+    def answered(self, conn: Subscriber, pattern: str, top: int | None) -> None: ...
+
 
 class Recovery:
     """The worker's recoverable keys and the answers to resumes."""
@@ -391,6 +393,7 @@ class Recovery:
         if last is None:
             return
         conn.flush()
+        self.hub.answered(conn, channel.pattern, None if epoch is None else top)
         recovered = reason is None if r.asked else None
         position = None if epoch is None else max(last, top or 0)
         ack = protocol.recovery_ack(r.op_id, epoch, recovered, reason, position)

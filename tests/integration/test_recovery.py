@@ -467,3 +467,79 @@ async def test_overlapping_recoverable_subscriptions_deliver_each_message_once(
     finally:
         await client.close()
         await other.close()
+
+
+async def test_a_recoverable_and_a_plain_pattern_deliver_a_covered_subject_once(
+    gw: Gateway, nc: NatsClient
+) -> None:
+    """``xy.*.mix.a`` is plain (no stream covers all of it), ``xy.md.mix.a`` recoverable: a
+    message on ``xy.md.mix.a`` reaches the worker twice (live, and republished with its
+    sequence) but the client gets it once, from the recoverable pattern (with ``seq``)."""
+    client = await connect(gw)
+    try:
+        assert await sub(client, "xy.*.mix.a", 1) == {"op": "ack", "id": 1}
+        assert "epoch" in await sub(client, "xy.md.mix.a", 2)
+        seqs = await publish(nc, "xy.md.mix.a", 3)
+        await nc.publish("xy.other.mix.a", b'{"plain":1}')  # covered by no stream
+        await client.expect(lambda f: f.get("subject") == "xy.other.mix.a", timeout=10)
+        await publish(nc, "xy.md.mix.a", 1, "end")  # nothing of the first three comes after it
+        await client.expect(lambda f: f.get("data") == {"end": 0}, timeout=10)
+        covered = [f for f in client.frames if f.get("subject") == "xy.md.mix.a"]
+        assert [f.get("seq") for f in covered[:-1]] == seqs
+        plain = [f for f in client.frames if f.get("subject") == "xy.other.mix.a"]
+        assert len(plain) == 1 and "seq" not in plain[0]
+    finally:
+        await client.close()
+
+
+async def test_adding_and_removing_the_recoverable_pattern_loses_and_duplicates_nothing(
+    gw: Gateway, nc: NatsClient
+) -> None:
+    """A publisher never stops while the client, holding the plain ``xy.*.mix.b``, adds the
+    recoverable ``xy.md.mix.b``, removes it, adds it again, then drops the plain one:
+    every message arrives exactly once."""
+    subject = "xy.md.mix.b"
+    client = await connect(gw)
+    stop = asyncio.Event()
+    sent: list[int] = []
+
+    async def keep_publishing() -> None:
+        js = nc.jetstream()
+        while not stop.is_set() and len(sent) < 2000:
+            await js.publish(subject, b'{"n":%d}' % len(sent))
+            sent.append(len(sent))
+            await asyncio.sleep(0.001)
+
+    try:
+        await sub(client, "xy.*.mix.b", 1)
+        task = asyncio.create_task(keep_publishing())
+        steps: list[dict[str, Any]] = [
+            {"op": "sub", "subject": subject},
+            {"op": "unsub", "subject": subject},
+            {"op": "sub", "subject": subject},
+            {"op": "unsub", "subject": "xy.*.mix.b"},
+            {"op": "sub", "subject": "xy.*.mix.b"},
+            {"op": "unsub", "subject": subject},
+        ]
+
+        async def forty_more() -> None:
+            mark = len(sent)
+            await async_wait_for(lambda: len(sent) >= mark + 40, what="publishes")
+
+        for op_id, step in enumerate(steps, 10):
+            await forty_more()
+            await client.op({**step, "id": op_id}, timeout=10)
+        await forty_more()
+        stop.set()
+        await task
+        await nc.jetstream().publish(subject, b'{"end":1}')
+        await client.expect(lambda f: f.get("data") == {"end": 1}, timeout=10)
+        frames = [f for f in client.frames if f.get("subject") == subject]
+        assert [f["data"] for f in frames].count({"end": 1}) == 1
+        got = [f["data"]["n"] for f in frames if "n" in f["data"]]
+        twice = sorted({n for n in got if got.count(n) > 1})
+        assert not twice, f"duplicates: {twice}"
+        assert sorted(got) == sent, f"lost {sorted(set(sent) - set(got))}"
+    finally:
+        stop.set()
+        await client.close()
