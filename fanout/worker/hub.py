@@ -537,7 +537,12 @@ class Hub:
         return False
 
     def mark_dirty(self, conn: Subscriber) -> None:
-        """Flush ``conn`` in the next flush (its transport drained below the low-water mark)."""
+        """Flush ``conn`` in the next flush (its transport drained below the low-water mark);
+        a replay waiting for that goes on first."""
+        if self.recovery.replaying and conn in self.recovery.replaying:
+            self.recovery.writable(conn)
+        if conn.queue.idle():
+            return
         if not conn.dirty:
             conn.dirty = True
             self.dirty.append(conn)

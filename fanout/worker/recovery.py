@@ -13,6 +13,15 @@ added; once the NATS subscription is live its answer is worked out (window,
 else one coalesced read), the replay goes into the client's outbox under the
 ``disconnect`` policy (a client that cannot keep up is cut, 4003), then the
 held messages after the last replayed one, then the ack with ``recovered``.
+
+A replay is paced (:class:`Replay`): it goes into the outbox while the client's
+transport takes it, and waits for the transport to drain whenever it backs up,
+so ``max_replay`` × message size need not fit in the outbox. Live messages stay
+held meanwhile (bounded: an overflow cuts the client, 4003) and are paced the
+same way after it; the ack follows once all of it is written. A client that
+stops reading is cut by the write stall (``outbox.write_timeout_s``, 4003): the
+worker never holds more for it than the read it already has, half an outbox
+and the held live messages.
 """
 
 from __future__ import annotations
@@ -101,6 +110,25 @@ class Channel:
         self.catching_up = False
 
 
+@dataclass(slots=True, eq=False)
+class Replay:
+    """A resume's replay being written at the client's pace; its ack waits for the end."""
+
+    r: Resuming
+    channel: Channel
+    messages: list[tuple[int, outbox.Pending]]
+    epoch: str
+    top: int | None
+    #: The live messages held meanwhile (None: none were, the sub was plain).
+    seam: Seam[outbox.Pending] | None
+    #: The next message to write, and the last sequence written.
+    index: int = 0
+    last: int = 0
+    #: The replay goes under ``disconnect``; the held live messages after it under
+    #: their subscription's policy.
+    policy: int = outbox.DISCONNECT
+
+
 class Deliveries(Protocol):
     """What recovery needs of the hub: who subscribes to a key, and the general delivery path."""
 
@@ -125,6 +153,8 @@ class Recovery:
         self.max_replay = h.max_replay
         self.hold_limit = settings.outbox.max_messages
         self.channels: dict[str, Channel] = {}
+        #: Replays waiting for their client's transport to drain.
+        self.replaying: dict[Subscriber, list[Replay]] = {}
         self._fetching: dict[str, asyncio.Task[StreamState]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -382,22 +412,94 @@ class Recovery:
         channel = self.channels.get(r.key)
         if channel is None or channel.pending.get(conn) is not r:
             return
+        if conn.state != OPEN:
+            del channel.pending[conn]
+            channel.holding.pop(conn, None)
+            return
+        if reason is None and r.resume is not None and replay:
+            assert epoch is not None  # a replay comes from a stream that answered
+            seam = channel.holding.get(conn)
+            p = Replay(r, channel, replay, epoch, top, seam, last=r.resume.after or 0)
+            self.replaying.setdefault(conn, []).append(p)
+            self._pace(p)
+            return
         del channel.pending[conn]
         seam = channel.holding.pop(conn, None)
-        if conn.state != OPEN:
-            return
-        if reason is None and r.resume is not None:
-            last = self._deliver(conn, channel, replay, seam, r.resume.after or 0)
-        else:
-            last = self._deliver(conn, channel, [], seam, 0)
-        if last is None:
-            return
+        after = r.resume.after or 0 if reason is None and r.resume is not None else 0
+        last = self._deliver(conn, channel, [], seam, after)
+        if last is not None:
+            self._acked(r, channel, epoch, reason, last, top)
+
+    def _acked(
+        self,
+        r: Resuming,
+        channel: Channel,
+        epoch: str | None,
+        reason: Reason | None,
+        last: int,
+        top: int | None,
+    ) -> None:
+        conn = r.conn
         conn.flush()
         self.hub.answered(conn, channel.pattern, None if epoch is None else top)
         recovered = reason is None if r.asked else None
         position = None if epoch is None else max(last, top or 0)
         ack = protocol.recovery_ack(r.op_id, epoch, recovered, reason, position)
         r.replies.fill(r.slot, ack)
+
+    def writable(self, conn: Subscriber) -> None:
+        """``conn``'s transport drained: its replays go on."""
+        for p in list(self.replaying.get(conn, ())):
+            self._pace(p)
+
+    def _pace(self, p: Replay) -> None:
+        """Write ``p``'s replay, then the live messages held meanwhile, until the client's
+        transport backs up (then wait for :meth:`writable`); the ack once all of it is
+        written. The outbox is flushed whenever it holds half its caps."""
+        r, channel = p.r, p.channel
+        conn = r.conn
+        if (
+            self.channels.get(r.key) is not channel
+            or channel.pending.get(conn) is not r
+            or conn.state != OPEN
+        ):
+            self._paced(p)  # unsubscribed or gone meanwhile (its ack went with forget)
+            return
+        hub, queue = self.hub, conn.queue
+        while True:
+            messages = p.messages
+            while p.index < len(messages):
+                if conn.paused:
+                    return
+                seq, item = messages[p.index]
+                p.index += 1
+                if hub.enqueue(conn, item, p.policy):
+                    self._paced(p)
+                    hub.cut_slow_consumer(conn, "outbox full during replay")
+                    return
+                p.last = seq
+                if 2 * len(queue) >= queue.max_messages or 2 * queue.nbytes >= queue.max_bytes:
+                    conn.flush()
+            conn.flush()
+            if conn.paused:
+                return  # the ack follows what is written: wait for the drain
+            held = p.seam.release(p.last) if p.seam is not None else []
+            if not held:
+                break
+            p.messages, p.index, p.policy = held, 0, channel.policy
+        self._paced(p)
+        del channel.pending[conn]
+        channel.holding.pop(conn, None)
+        self._acked(r, channel, p.epoch, None, p.last, p.top)
+
+    def _paced(self, p: Replay) -> None:
+        """``p`` is over (written, or its client left or was cut)."""
+        conn = p.r.conn
+        replays = self.replaying.get(conn)
+        if replays is not None and p in replays:
+            replays.remove(p)
+            if not replays:
+                del self.replaying[conn]
 
     def no_history(self, op_id: int) -> bytes:
         """The ack of a resume on a subject no stream holds (live delivery goes on)."""

@@ -543,3 +543,120 @@ async def test_adding_and_removing_the_recoverable_pattern_loses_and_duplicates_
     finally:
         stop.set()
         await client.close()
+
+
+def paced_gateway(js_nats: EmbeddedNats, tmp_path: Path) -> Gateway:
+    """Outbox 256 KiB, transport buffer 64 KiB: a 50 × 60 KB replay (3 MB) fits in neither."""
+    return launch_gateway(
+        tmp_path,
+        "--workers",
+        "1",
+        NATS_URLS=js_nats.url,
+        FANOUT_WS_AUTH_REQUIRED="false",
+        FANOUT_HISTORY_STREAMS="xy.md.>=MD",
+        FANOUT_OUTBOX_MAX_BYTES="262144",
+        FANOUT_OUTBOX_WRITE_BUFFER_HIGH="65536",
+        FANOUT_OUTBOX_WRITE_TIMEOUT_S="3",
+    )
+
+
+async def test_a_replay_larger_than_the_outbox_is_paced_for_a_reading_client(
+    js_nats: EmbeddedNats, nc: NatsClient, tmp_path: Path
+) -> None:
+    """The replay waits for the client to read (its outbox drains) instead of overflowing
+    it; live messages published meanwhile are held, then follow: all of it, once, in order."""
+    gateway = paced_gateway(js_nats, tmp_path)
+    try:
+        subject = "xy.md.paced.a"
+        client = await connect(gateway)
+        epoch = (await sub(client, subject))["epoch"]
+        await client.close()
+        js = nc.jetstream()
+        big = b'{"pad":"' + b"x" * 60_000 + b'"}'
+        seqs = [(await js.publish(subject, big)).seq for _ in range(MAX_REPLAY)]
+        again = await connect(gateway)
+        try:
+            await again.send(
+                {
+                    "op": "sub",
+                    "id": 1,
+                    "subject": subject,
+                    "since": {"seq": seqs[0] - 1, "epoch": epoch},
+                }
+            )
+            live = await publish(nc, subject, 5, "live")
+            frames: list[Frame] = []
+
+            def complete() -> bool:
+                """The ack and the last live message came (the ack follows what was held)."""
+                return any(f.get("id") == 1 for f in frames) and any(
+                    f.get("seq") == live[-1] for f in frames
+                )
+
+            async with asyncio.timeout(30):
+                while not complete():
+                    frames.append(
+                        await again.expect(lambda f: f.get("op") == "msg" or f.get("id") == 1, 30)
+                    )
+            acks = [f for f in frames if f.get("op") == "ack"]
+            assert len(acks) == 1 and acks[0]["recovered"] is True
+            assert [f["seq"] for f in frames if f["op"] == "msg"] == seqs + live
+            assert frames.index(acks[0]) >= len(seqs)  # the ack follows the replay
+        finally:
+            await again.close()
+        assert disconnects(gateway, "4003") == 0
+    finally:
+        gateway.stop()
+
+
+async def test_a_client_that_stops_reading_during_a_paced_replay_is_cut(
+    js_nats: EmbeddedNats, nc: NatsClient, tmp_path: Path
+) -> None:
+    """The paced replay never holds more than half the outbox for it: the worker's
+    largest outbox stays small while the client reads nothing, then the write stall
+    (``outbox.write_timeout_s``) cuts it with 4003."""
+    gateway = paced_gateway(js_nats, tmp_path)
+    try:
+        subject = "xy.md.paced.b"
+        client = await connect(gateway)
+        epoch = (await sub(client, subject))["epoch"]
+        await client.close()
+        js = nc.jetstream()
+        big = b'{"pad":"' + b"x" * 60_000 + b'"}'
+        seqs = [(await js.publish(subject, big)).seq for _ in range(MAX_REPLAY)]
+        slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # set before connect
+        slow.settimeout(5)
+        slow.connect(("127.0.0.1", gateway.port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        slow.sendall(
+            (
+                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += slow.recv(1)
+        assert head.startswith(b"HTTP/1.1 101")
+        since = {"seq": seqs[0] - 1, "epoch": epoch}
+        op = json.dumps({"op": "sub", "id": 1, "subject": subject, "since": since})
+        slow.sendall(client_frame(0x1, op.encode()))
+        largest: list[float] = []
+
+        def cut() -> bool:
+            """Samples the worker's largest outbox (messages) until the 4003 close."""
+            _, body, _ = http_get(gateway.admin + "/metrics")
+            for line in body.decode().splitlines():
+                if line.startswith("fanout_send_queue_max "):
+                    largest.append(float(line.rsplit(" ", 1)[1]))
+            return disconnects(gateway, "4003") >= 1
+
+        await async_wait_for(cut, timeout=20, what="a 4003 close")
+        assert await asyncio.to_thread(read_close_code, slow, 15) == 4003
+        slow.close()
+        # at most half the outbox's 256 KiB (60 KB messages) waits for it, never the replay
+        assert max(largest) <= 3, largest
+    finally:
+        gateway.stop()
