@@ -21,12 +21,12 @@ from fanout import metrics
 from fanout.core import history, outbox, protocol, subjects, websocket
 from fanout.core.history import Reason, Resume, Seam
 from fanout.core.interest import SubjectRouter
-from fanout.core.mixed import Mix
 from fanout.core.overlap import Overlaps, Route
 from fanout.core.wsconnection import OPEN
 from fanout.errors import Close, Code
 from fanout.settings import Settings
 from fanout.worker.history import HistoryReader
+from fanout.worker.mixing import Mixes
 from fanout.worker.recovery import JS_TIMEOUT_S, Channel, Recovery, Resuming
 from fanout.worker.subscriber import Replies, Subscriber
 
@@ -61,13 +61,11 @@ class Hub:
         self.waiting: dict[str, list[tuple[Replies, int, bytes, Resuming | None]]] = {}
         #: Recoverable subscriptions (v1.2) live under the key ``<prefix>.<pattern>``.
         self.recovery = Recovery(settings, self, HistoryReader(self._nats_client, JS_TIMEOUT_S))
-        #: Clients holding a recoverable and a plain pattern: which copy delivers to them
-        #: (:mod:`fanout.core.mixed`); made when a client first holds both kinds.
-        self.mixes: dict[Subscriber, Mix[outbox.Pending]] = {}
-        #: How many recoverable patterns each client holds (clients with none are absent).
-        self.recoverable_held: dict[Subscriber, int] = {}
-        #: NATS key → the clients of it whose patterns cross (those take the general path).
-        self.mixing: dict[str, dict[Subscriber, None]] = {}
+        #: Clients holding crossing recoverable and plain patterns (:mod:`fanout.core.mixed`):
+        #: their mixes, and the NATS keys they hold (those take the general path).
+        self.mixed = Mixes(self.recovery)
+        self.mixes = self.mixed.mixes
+        self.crossing = self.mixed.crossing
         self.nats_up = False
         self.forwarded = 0
         self.nats_messages = 0
@@ -119,8 +117,7 @@ class Hub:
         else:
             live = link is None or link.is_live(pattern)
         self.settle(conn)
-        if self.recoverable_held and conn in self.recoverable_held:
-            self._mix_add(conn, pattern, None)
+        self.mixed.added_plain(conn, pattern)
         replies = conn.replies
         if live or not self.nats_up or replies is None:
             return ack
@@ -146,11 +143,9 @@ class Hub:
         else:
             live = link is None or link.is_live(key)
         self.settle(conn)
-        held = self.recoverable_held[conn] = self.recoverable_held.get(conn, 0) + 1
         replies = conn.replies
         if replies is None:
-            if len(conn.subs) > held:
-                self._mix_add(conn, pattern, True)
+            self.mixed.added_recoverable(conn, pattern, True)
             return protocol.ack(op_id)
         slot = replies.defer()
         if isinstance(resume, str):
@@ -158,8 +153,7 @@ class Hub:
         else:
             r = Resuming(conn, key, op_id, replies, slot, resume)
         self.recovery.begin(r)
-        if len(conn.subs) > held:
-            self._mix_add(conn, pattern, r.resume is not None)
+        self.mixed.added_recoverable(conn, pattern, r.resume is not None)
         if live:
             self.recovery.live(r)
         elif not self.nats_up:
@@ -204,20 +198,15 @@ class Hub:
         for pattern in list(conn.subs):
             self._drop(conn, pattern, self.key_of(pattern))
         conn.subs.clear()
-        self.mixes.pop(conn, None)
+        self.mixed.gone(conn)
 
     def _drop(self, conn: Subscriber, pattern: str, key: str) -> None:
         """One subscription of ``conn`` goes; the NATS one (``key``) too when it was the last."""
         self.subscription_count -= 1
         if key != pattern:
             self.recovery.forget(conn, key)
-            held = self.recoverable_held[conn] - 1
-            if held:
-                self.recoverable_held[conn] = held
-            else:
-                del self.recoverable_held[conn]
-        if self.mixes and conn in self.mixes:
-            self._mix_remove(conn, pattern, key)
+        if key != pattern or self.mixes:
+            self._released(conn, self.mixed.dropped(conn, pattern, key != pattern))
         if self.router.remove(conn, key):
             self.batches.pop(key, None)
             self.waiting.pop(key, None)
@@ -226,74 +215,17 @@ class Hub:
             if self.link is not None:
                 self.link.unwant(key)
 
-    # -- a client holding a recoverable and a plain pattern (fanout.core.mixed) -----
-    def _mix_add(self, conn: Subscriber, pattern: str, switched: bool | None) -> None:
-        """``pattern`` was added to ``conn``, which holds both kinds: index it
-        (``switched`` None: a plain pattern; else a recoverable one, switched for a resume)."""
-        mix = self.mixes.get(conn)
-        if mix is None:
-            self.mixes[conn] = mix = Mix(self.recovery.hold_limit)
-            changed = self._mix_index(conn, mix)
-        elif switched is None:
-            changed = mix.add_plain(pattern)
-        else:
-            stream = self.recovery.streams.stream_for(pattern)
-            assert stream is not None
-            changed = mix.add_recoverable(pattern, stream, switched)
-        self._mix_crossed(conn, mix, changed)
-
-    def _mix_index(self, conn: Subscriber, mix: Mix[outbox.Pending]) -> list[str]:
-        """Every pattern of ``conn`` into its new mix (once per client: the first time it
-        holds both kinds); a recoverable one still waiting for its plain ack is joining."""
-        changed: list[str] = []
-        recoverable: list[tuple[str, str, bool]] = []
-        for pattern in conn.subs:
-            stream = self.recovery.streams.stream_for(pattern) if self.recovery.streams else None
-            if stream is None:
-                changed += mix.add_plain(pattern)
-                continue
-            channel = self.recovery.channels.get(self.recovery.key_of(pattern))
-            r = None if channel is None else channel.pending.get(conn)
-            recoverable.append((pattern, stream, r is None or r.resume is not None))
-        for pattern, stream, switched in recoverable:
-            changed += mix.add_recoverable(pattern, stream, switched)
-        return changed
-
-    def _mix_remove(self, conn: Subscriber, pattern: str, key: str) -> None:
-        """``pattern`` left ``conn``: the plain copies its recoverable pattern had the client
-        skip, still waiting for their republished copy, are delivered now."""
-        mix = self.mixes[conn]
-        if key == pattern:
-            self._mix_crossed(conn, mix, mix.remove_plain(pattern))
-            return
-        changed, released = mix.remove_recoverable(pattern)
-        self._mix_crossed(conn, mix, changed)
-        if released and conn.state == OPEN:
-            policy = self.policy_for(pattern)
-            for item in released:
-                if self.enqueue(conn, item, policy):
+    def _released(self, conn: Subscriber, items: list[outbox.Pending]) -> None:
+        """Plain copies ``conn`` skipped for a recoverable pattern it just left: delivered now."""
+        if items and conn.state == OPEN:
+            for item in items:
+                if self.enqueue(conn, item, self.policy_for(item[0])):
                     self.cut_slow_consumer(conn, "outbox full")
                     return
             self.schedule_flush()
 
-    def _mix_crossed(self, conn: Subscriber, mix: Mix[outbox.Pending], changed: list[str]) -> None:
-        for pattern in changed:
-            key = self.key_of(pattern)
-            if mix.crossing(pattern):
-                self.mixing.setdefault(key, {})[conn] = None
-            else:
-                clients = self.mixing.get(key)
-                if clients is not None:
-                    clients.pop(conn, None)
-                    if not clients:
-                        del self.mixing[key]
-
     def answered(self, conn: Subscriber, pattern: str, top: int | None) -> None:
-        """Recovery decided the ack of ``conn``'s recoverable ``pattern`` (``top``: the
-        stream's last sequence then, None if unknown): from now on it delivers."""
-        mix = self.mixes.get(conn)
-        if mix is not None:
-            mix.answered(pattern, top)
+        self.mixed.answered(conn, pattern, top)
 
     # -- reports from the NATS link ------------------------------------------
     def subscribed(self, sid: int, pattern: str) -> Route:
@@ -353,7 +285,7 @@ class Hub:
         subscription that overlaps another one takes :meth:`_overlapping`.
         """
         self.nats_messages += 1
-        if route.overlap or (self.mixing and route.pattern in self.mixing):
+        if route.overlap or (self.crossing and route.pattern in self.crossing):
             self._overlapping(route, subject, data, headers)
             return
         pattern = route.pattern
@@ -455,7 +387,7 @@ class Hub:
             return  # published on the republish subject by someone else: not the stream's
         seq, previous = parsed
         recovery = self.recovery
-        mixed = bool(self.mixing) and route.pattern in self.mixing
+        mixed = bool(self.crossing) and route.pattern in self.crossing
         if not route.overlap:
             channel = recovery.channels.get(route.pattern)
             if channel is None:

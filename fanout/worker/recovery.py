@@ -194,6 +194,9 @@ class Recovery:
         channel.holding.pop(conn, None)
         if r is not None:
             r.replies.fill(r.slot, protocol.ack(r.op_id))
+            for p in list(self.replaying.get(conn, ())):
+                if p.r is r:
+                    self._paced(p)
 
     def interrupted(self) -> None:
         """NATS went down: live messages may be missing from every window."""

@@ -87,3 +87,16 @@ def test_another_switched_pattern_keeps_delivering_after_one_goes() -> None:
     _, released = mix.remove_recoverable(R)
     assert released == []  # xy.md.*.x delivers it
     assert mix.plain_copy(S, b"m2", "i2") is False
+
+
+def test_a_plain_pattern_removed_while_no_recoverable_one_is_held_is_forgotten() -> None:
+    """The mix outlives the recoverable pattern; a plain one dropped meanwhile must not
+    make a later recoverable pattern drop republished copies nobody delivered."""
+    mix: Mix[str] = Mix(10)
+    mix.add_plain(P)
+    mix.add_recoverable(R, "MD", switched=False)
+    mix.remove_recoverable(R)
+    mix.remove_plain(P)
+    mix.add_recoverable(R, "MD", switched=False)
+    assert not mix.crossing(R)
+    assert mix.republished(S, b"m", 1) is True
