@@ -25,10 +25,11 @@ from fanout.core.overlap import Overlaps, Route
 from fanout.core.wsconnection import OPEN
 from fanout.errors import Close, Code
 from fanout.settings import Settings
+from fanout.worker.acks import AckWaiters
 from fanout.worker.history import HistoryReader
 from fanout.worker.mixing import Mixes
 from fanout.worker.recovery import JS_TIMEOUT_S, Channel, Recovery, Resuming
-from fanout.worker.subscriber import Replies, Subscriber
+from fanout.worker.subscriber import Subscriber
 
 if TYPE_CHECKING:
     from fanout.worker.nats_link import NatsLink
@@ -56,11 +57,10 @@ class Hub:
         self.max_batch_bytes = settings.outbox.max_bytes
         self.subscription_count = 0
         self.overlaps = Overlaps()
-        #: key → the sub acks waiting for it to be live: (replies, slot, the ack, and for a
-        #: recoverable key the sub recovery answers once live).
-        self.waiting: dict[str, list[tuple[Replies, int, bytes, Resuming | None]]] = {}
         #: Recoverable subscriptions (v1.2) live under the key ``<prefix>.<pattern>``.
         self.recovery = Recovery(settings, self, HistoryReader(self._nats_client, JS_TIMEOUT_S))
+        #: The sub acks waiting for their key to be live (an ack means live).
+        self.waiting = AckWaiters(self.recovery)
         #: Clients holding crossing recoverable and plain patterns (:mod:`fanout.core.mixed`):
         #: their mixes, and the NATS keys they hold (those take the general path).
         self.mixed = Mixes(self.recovery)
@@ -121,15 +121,8 @@ class Hub:
         replies = conn.replies
         if live or not self.nats_up or replies is None:
             return ack
-        self._wait(pattern, (replies, replies.defer(), ack, None))
+        self.waiting.wait(pattern, (replies, replies.defer(), ack, None))
         return None
-
-    def _wait(self, key: str, waiter: tuple[Replies, int, bytes, Resuming | None]) -> None:
-        waiters = self.waiting.get(key)
-        if waiters is None:
-            self.waiting[key] = [waiter]
-        else:
-            waiters.append(waiter)
 
     def _subscribe_history(
         self, conn: Subscriber, pattern: str, key: str, op_id: int, resume: Resume | Reason | None
@@ -159,13 +152,13 @@ class Hub:
         elif not self.nats_up:
             self.recovery.answer(r, None, [], history.UNAVAILABLE if r.asked else None)
         else:
-            self._wait(key, (replies, r.slot, protocol.ack(op_id), r))
+            self.waiting.wait(key, (replies, r.slot, protocol.ack(op_id), r))
         return None
 
     def unsubscribe(self, conn: Subscriber, pattern: str) -> None:
         """Nothing more for ``pattern`` reaches ``conn`` after this (its sub ack goes first)."""
         key = self.key_of(pattern)
-        self._release(conn, key)
+        self.waiting.release(conn, key)
         self._drop(conn, pattern, key)
         self.settle(conn)
 
@@ -177,20 +170,9 @@ class Hub:
         for pattern in conn.subs:
             key = self.key_of(pattern)
             if self.waiting:
-                self._release(conn, key)
+                self.waiting.release(conn, key)
             if key != pattern:
                 self.recovery.forget(conn, key)
-
-    def _release(self, conn: Subscriber, key: str) -> None:
-        """Plain acks of ``conn`` waiting for ``key`` go now (recovery fills its own)."""
-        waiters = self.waiting.get(key)
-        if waiters is not None:
-            mine = [w for w in waiters if w[0].conn is conn]
-            if mine:
-                waiters[:] = [w for w in waiters if w[0].conn is not conn]
-                for replies, index, ack, r in mine:
-                    if r is None:
-                        replies.fill(index, ack)
 
     def remove(self, conn: Subscriber) -> None:
         """``conn`` is closing or gone: its subscriptions go, its shared batch part too."""
@@ -209,7 +191,7 @@ class Hub:
             self._released(conn, self.mixed.dropped(conn, pattern, key != pattern))
         if self.router.remove(conn, key):
             self.batches.pop(key, None)
-            self.waiting.pop(key, None)
+            self.waiting.drop(key)
             if key != pattern:
                 self.recovery.close(key)
             if self.link is not None:
@@ -241,25 +223,7 @@ class Hub:
         self.overlaps.clear()
 
     def became_live(self, patterns: list[str]) -> None:
-        """Release the acks that waited for these patterns (recovery answers its own)."""
-        for pattern in patterns:
-            for replies, index, ack, r in self.waiting.pop(pattern, ()):
-                if r is None:
-                    replies.fill(index, ack)
-                else:
-                    self.recovery.live(r)
-
-    def release_all(self) -> None:
-        """NATS went down: every waiting ack now (the ``status`` down frame follows);
-        a resume cannot be served (``unavailable``), live delivery starts on reconnect."""
-        self.recovery.interrupted()
-        for waiters in self.waiting.values():
-            for replies, index, ack, r in waiters:
-                if r is None:
-                    replies.fill(index, ack)
-                else:
-                    self.recovery.answer(r, None, [], history.UNAVAILABLE if r.asked else None)
-        self.waiting.clear()
+        self.waiting.live(patterns)
 
     def settle(self, conn: Subscriber) -> bool:
         """A client's shared part of a batch becomes its own (its subscriptions changed,
@@ -527,7 +491,8 @@ class Hub:
             return
         self.nats_up = up
         if not up:
-            self.release_all()
+            self.recovery.interrupted()
+            self.waiting.release_all()
         else:
             self.recovery.reconnected()
         frame = self._status_up if up else self._status_down
