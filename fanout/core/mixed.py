@@ -18,20 +18,25 @@ and before the stream's state answer that follows it:
 - *Joining* (R added, ack pending): P delivers s; each copy it delivered is
   remembered (subject, payload). R's republished copy of s is dropped when it
   matches one of them, or when it can only be a message P delivered before R
-  came (s matched a plain pattern held then).
+  came (s matched a plain pattern held then and still held).
 - *Switched*: P's copy of s is skipped (and remembered with its frame); R's
   republished copies are dropped when they are ones P delivered while joining
-  (remembered, or sequence ≤ ``top``), else delivered.
+  (remembered, or sequence ≤ ``top`` on a subject a pattern held when R came
+  matches), else delivered.
 - Removing a switched R: the copies P skipped whose republished copy has not
   come yet are delivered now (their republish would no longer reach the
-  connection); then P delivers s again. Removing P changes nothing for s.
+  connection); then P delivers s again. Removing P while R is switched changes
+  nothing for s; while R joins, R delivers what P no longer does.
 
 Memory is bounded: each remembered list keeps at most ``limit`` copies (the
 outbox's message cap); a republished copy that never comes (republish is at
 most once: recovery's catch-up reads the stream for those) is forgotten when a
-later one of its stream is matched. Residual, as in :mod:`fanout.core.overlap`:
+later one of its stream is matched. Residuals: as in :mod:`fanout.core.overlap`,
 identical messages (same subject and payload) published back to back at a
-hand-over may pair with each other's copy.
+hand-over may pair with each other's copy; and a message P delivered just
+before R came, whose republished copy arrives after P was removed while R was
+still joining (``sub`` R and ``unsub`` P within the stream's store latency),
+is delivered again by R (a duplicate rather than a loss).
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ class _Recoverable:
         self.pattern = pattern
         self.stream = stream
         self.switched = switched
-        #: While joining: plain patterns that may have delivered a copy of its subjects.
+        #: The plain patterns that crossed it when it came (their copies delivered before
+        #: are not remembered), less those removed while it was joining.
         self.plain_seen: set[str] = set()
         #: Copies the plain patterns delivered while joining, oldest first.
         self.delivered: deque[_Copy] = deque()
@@ -95,15 +101,16 @@ class Mix(Generic[T]):
         """A plain pattern added: the patterns (either kind) that now cross and did not."""
         self._plain.add(pattern, pattern)
         others = self._trie.intersecting(pattern)
-        for r in others:
-            if not r.switched:
-                r.plain_seen.add(pattern)
         return self._cross(pattern, [r.pattern for r in others], +1)
 
     def remove_plain(self, pattern: str) -> list[str]:
         """A plain pattern removed: the patterns that no longer cross."""
         self._plain.remove(pattern, pattern)
-        return self._cross(pattern, [r.pattern for r in self._trie.intersecting(pattern)], -1)
+        others = self._trie.intersecting(pattern)
+        for r in others:
+            if not r.switched:
+                r.plain_seen.discard(pattern)  # what it delivers no more, R must
+        return self._cross(pattern, [r.pattern for r in others], -1)
 
     def add_recoverable(self, pattern: str, stream: str, switched: bool) -> list[str]:
         """A recoverable pattern added (``switched``: a resume); the patterns that now cross."""
@@ -141,7 +148,6 @@ class Mix(Generic[T]):
             return
         r.switched = True
         r.top = top
-        r.plain_seen.clear()
 
     def _cross(self, pattern: str, others: list[str], step: int) -> list[str]:
         crossing = self._crossing
@@ -194,11 +200,12 @@ class Mix(Generic[T]):
         stream = None
         for r in self._trie.matching(subject):
             stream = r.stream
-            if _take((subject, data), r.delivered):
-                drop = True
-            elif r.switched:
-                drop = drop or (seq <= r.top and bool(self._plain.matching(subject)))
-            elif any(subjects.matches(p, subject) for p in r.plain_seen):
+            delivered = _take((subject, data), r.delivered)
+            # else it may be a message a plain pattern delivered before R came
+            earlier = (not r.switched or seq <= r.top) and any(
+                subjects.matches(p, subject) for p in r.plain_seen
+            )
+            if delivered or earlier:
                 drop = True
         if not drop and stream is not None:
             skipped = self._skipped.get(stream)
