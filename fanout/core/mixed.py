@@ -11,32 +11,35 @@ The rule, per connection: the **recoverable pattern delivers** s (its copy carri
 ``seq``) once it is *switched*; until then the plain pattern does. R is switched
 from the moment its ack is decided (``answered``, the stream's last sequence
 ``top`` then known), or at once for a resume (its held live messages and replay
-cover everything from the sub on). The hand-over is exact because, on one
-nats-server, a message's live copy reaches the worker before its republished one
-and before the stream's state answer that follows it:
+cover everything from the sub on). The hand-over relies on one nats-server's
+order: a message's live copy reaches the worker before its republished one, and
+one stream republishes in the order it stores.
 
-- *Joining* (R added, ack pending): P delivers s; each copy it delivered is
-  remembered (subject, payload). R's republished copy of s is dropped when it
-  matches one of them, or when it can only be a message P delivered before R
-  came (s matched a plain pattern held then and still held).
-- *Switched*: P's copy of s is skipped (and remembered with its frame); R's
-  republished copies are dropped when they are ones P delivered while joining
-  (remembered, or sequence ≤ ``top`` on a subject a pattern held when R came
-  matches), else delivered.
+- While R *joins*, P delivers s and each copy it delivered is remembered
+  (subject, payload); once R is switched, P's copy of s is *skipped* and
+  remembered with its frame.
+- R's republished copy of s, when a plain pattern that crossed R when it came
+  is still held and matches s: that pattern had every such message, so the
+  copy is delivered only if its live copy was skipped (else the plain pattern
+  delivered it, while joining or before R came).
+- Otherwise it is dropped when it is one a plain pattern delivered while R
+  joined (remembered), or, once switched, one stored before the switch on a
+  subject a pattern that crossed R when it came (removed since) matches.
 - Removing a switched R: the copies P skipped whose republished copy has not
   come yet are delivered now (their republish would no longer reach the
-  connection); then P delivers s again. Removing P while R is switched changes
-  nothing for s; while R joins, R delivers what P no longer does.
+  connection); then P delivers s again. Removing P: R delivers what P no longer
+  does.
 
 Memory is bounded: each remembered list keeps at most ``limit`` copies (the
-outbox's message cap); a republished copy that never comes (republish is at
-most once: recovery's catch-up reads the stream for those) is forgotten when a
-later one of its stream is matched. Residuals: as in :mod:`fanout.core.overlap`,
-identical messages (same subject and payload) published back to back at a
-hand-over may pair with each other's copy; and a message P delivered just
-before R came, whose republished copy arrives after P was removed while R was
-still joining (``sub`` R and ``unsub`` P within the stream's store latency),
-is delivered again by R (a duplicate rather than a loss).
+outbox's message cap; past it the oldest skipped copy is delivered at once, and
+its republished copy counts as delivered); a republished copy that never comes
+(republish is at most once: recovery's catch-up reads the stream for those) is
+forgotten when a later one of its stream is matched. Residuals: as in
+:mod:`fanout.core.overlap`, identical messages (same subject and payload)
+published back to back at a hand-over may pair with each other's copy; and a
+message P delivered before R came whose republished copy arrives after P was
+removed (``sub`` R and ``unsub`` P within the stream's store latency) may be
+delivered again by R, unless stored before R's switch (a duplicate, never a loss).
 """
 
 from __future__ import annotations
@@ -57,18 +60,21 @@ _Copy = tuple[str, bytes]
 class _Recoverable:
     """One recoverable pattern of the connection and its hand-over state."""
 
-    __slots__ = ("delivered", "pattern", "plain_seen", "stream", "switched", "top")
+    __slots__ = ("came_with", "delivered", "held_since", "pattern", "stream", "switched", "top")
 
-    def __init__(self, pattern: str, stream: str, switched: bool) -> None:
+    def __init__(self, pattern: str, stream: str, switched: bool, came_with: list[str]) -> None:
         self.pattern = pattern
         self.stream = stream
         self.switched = switched
-        #: The plain patterns that crossed it when it came (their copies delivered before
-        #: are not remembered), less those removed while it was joining.
-        self.plain_seen: set[str] = set()
+        #: The plain patterns that crossed it when it came: copies they delivered before
+        #: are not remembered (their republished copies may still be on the way).
+        self.came_with = frozenset(came_with)
+        #: Those still held: every copy they had of its subjects since is remembered.
+        self.held_since = set(came_with)
         #: Copies the plain patterns delivered while joining, oldest first.
         self.delivered: deque[_Copy] = deque()
-        #: Republished copies up to this sequence were delivered by a plain pattern.
+        #: The stream's last sequence when it switched: stored before that, a message of
+        #: a ``came_with`` pattern's subject was delivered by it.
         self.top = 0
 
 
@@ -108,16 +114,13 @@ class Mix(Generic[T]):
         self._plain.remove(pattern, pattern)
         others = self._trie.intersecting(pattern)
         for r in others:
-            if not r.switched:
-                r.plain_seen.discard(pattern)  # what it delivers no more, R must
+            r.held_since.discard(pattern)
         return self._cross(pattern, [r.pattern for r in others], -1)
 
     def add_recoverable(self, pattern: str, stream: str, switched: bool) -> list[str]:
         """A recoverable pattern added (``switched``: a resume); the patterns that now cross."""
-        r = _Recoverable(pattern, stream, switched)
         others = self._plain.intersecting(pattern)
-        if not switched:
-            r.plain_seen.update(others)
+        r = _Recoverable(pattern, stream, switched, others)
         self._recoverable[pattern] = r
         self._trie.add(pattern, r)
         return self._cross(pattern, others, +1)
@@ -177,41 +180,60 @@ class Mix(Generic[T]):
         return None
 
     # -- copies ------------------------------------------------------------------------------
-    def plain_copy(self, subject: str, data: bytes, item: T) -> bool:
-        """A plain pattern's copy of ``subject``: True to deliver it to the connection."""
+    def plain_copy(self, subject: str, data: bytes, item: T) -> T | None:
+        """A plain pattern's copy of ``subject``: what to deliver to the connection now:
+        ``item``, or None (skipped); past the bound, the oldest skipped one instead (its
+        republished copy is then dropped like one the plain pattern delivered)."""
         switched = self._switched_for(subject)
         if switched is not None:
             skipped = self._skipped.get(switched.stream)
             if skipped is None:
                 skipped = self._skipped[switched.stream] = deque()
             skipped.append((subject, data, item))
-            if len(skipped) > self.limit:
-                skipped.popleft()
-            return False
+            return skipped.popleft()[2] if len(skipped) > self.limit else None
         for r in self._trie.matching(subject):
             r.delivered.append((subject, data))
             if len(r.delivered) > self.limit:
                 r.delivered.popleft()
-        return True
+        return item
 
     def republished(self, subject: str, data: bytes, seq: int) -> bool:
-        """A recoverable pattern's copy of ``subject``: True to deliver it to the connection."""
+        """A recoverable pattern's copy of ``subject``: True to deliver it to the connection.
+
+        Dropped when a plain pattern delivered that message: remembered while joining;
+        on a subject a plain pattern held since R came matches, every message it had
+        is accounted for (delivered: joining or before R; skipped: remembered), so only
+        a skipped one is delivered; on a subject only a pattern removed since matches,
+        those stored before the switch.
+        """
         drop = False
+        skipped_taken: bool | None = None
         stream = None
         for r in self._trie.matching(subject):
             stream = r.stream
-            delivered = _take((subject, data), r.delivered)
-            # else it may be a message a plain pattern delivered before R came
-            earlier = (not r.switched or seq <= r.top) and any(
-                subjects.matches(p, subject) for p in r.plain_seen
-            )
-            if delivered or earlier:
+            if _take((subject, data), r.delivered):
                 drop = True
-        if not drop and stream is not None:
-            skipped = self._skipped.get(stream)
-            if skipped:
-                _take_skipped(subject, data, skipped)
+            elif any(subjects.matches(p, subject) for p in r.held_since):
+                if skipped_taken is None:
+                    skipped_taken = self._take_skipped(r.stream, subject, data)
+                drop = drop or not skipped_taken
+            elif r.switched and seq <= r.top:
+                drop = drop or any(subjects.matches(p, subject) for p in r.came_with)
+        if skipped_taken is None and not drop and stream is not None:
+            self._take_skipped(stream, subject, data)
         return not drop
+
+    def _take_skipped(self, stream: str, subject: str, data: bytes) -> bool:
+        """Forget the skipped copy of this message (and older ones: their republished
+        copies never came); False when it was not skipped."""
+        skipped = self._skipped.get(stream)
+        if skipped:
+            for i, (s, d, _) in enumerate(skipped):
+                if s == subject and d == data:
+                    for _ in range(i + 1):
+                        skipped.popleft()
+                    return True
+        return False
 
 
 def _take(copy: _Copy, delivered: deque[_Copy]) -> bool:
@@ -224,11 +246,3 @@ def _take(copy: _Copy, delivered: deque[_Copy]) -> bool:
                 delivered.popleft()
             return True
     return False
-
-
-def _take_skipped(subject: str, data: bytes, skipped: deque[tuple[str, bytes, T]]) -> None:
-    for i, (s, d, _) in enumerate(skipped):
-        if s == subject and d == data:
-            for _ in range(i + 1):
-                skipped.popleft()
-            return

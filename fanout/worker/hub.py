@@ -327,11 +327,15 @@ class Hub:
                 if item is None:
                     frame = protocol.encode_msg(subject, data, headers)
                     item = (subject, websocket.text_frame(frame))
-                if mixes:
-                    mix = mixes.get(conn)
-                    if mix is not None and not mix.plain_copy(subject, data, item):
-                        continue
-                if self.enqueue(conn, item, batch.policy):
+                mix = mixes.get(conn) if mixes else None
+                if mix is None:
+                    now = item
+                else:
+                    due = mix.plain_copy(subject, data, item)
+                    if due is None:
+                        continue  # its recoverable pattern delivers it
+                    now = due
+                if self.enqueue(conn, now, batch.policy):
                     cut.append(conn)
         for conn in cut:
             self.cut_slow_consumer(conn, "outbox full")

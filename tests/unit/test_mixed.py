@@ -33,13 +33,17 @@ def test_joining_then_switched_each_message_once() -> None:
     mix.add_plain(P)
     mix.add_recoverable(R, "MD", switched=False)
     assert mix.republished(S, b"m0", 1) is False  # the plain pattern delivered it before R
-    assert mix.plain_copy(S, b"m1", "i1") is True
+    assert mix.plain_copy(S, b"m1", "i1") == "i1"
     mix.answered(R, 2)
-    assert mix.plain_copy(S, b"m2", "i2") is False
+    assert mix.plain_copy(S, b"m2", "i2") is None
     assert mix.republished(S, b"m1", 2) is False  # delivered live while joining
     assert mix.republished(S, b"m2", 3) is True
-    assert mix.republished(S, b"m3", 4) is True  # its live copy (skipped) came first
-    assert mix.plain_copy("xy.zz.a.x", b"p", "ip") is True  # R does not cover it
+    assert mix.plain_copy(S, b"m4", "i4") is None
+    # m3 (sequence 4, stored after the switch) is not among the skipped: its live copy
+    # came before R, and the plain pattern, held since, delivered it
+    assert mix.republished(S, b"m3", 4) is False
+    assert mix.republished(S, b"m4", 5) is True
+    assert mix.plain_copy("xy.zz.a.x", b"p", "ip") == "ip"  # R does not cover it
 
 
 def test_a_republished_copy_that_only_the_recoverable_pattern_matches_is_delivered() -> None:
@@ -55,27 +59,26 @@ def test_the_stream_not_answering_keeps_the_plain_pattern_delivering() -> None:
     mix.add_plain(P)
     mix.add_recoverable(R, "MD", switched=False)
     mix.answered(R, None)
-    assert mix.plain_copy(S, b"m", "i") is True
+    assert mix.plain_copy(S, b"m", "i") == "i"
 
 
 def test_removing_a_switched_pattern_releases_the_skipped_copies_still_due() -> None:
     mix: Mix[str] = Mix(10)
     mix.add_recoverable(R, "MD", switched=True)  # a resume, or acked before P came
     mix.add_plain(P)
-    assert mix.plain_copy(S, b"m1", "i1") is False
-    assert mix.plain_copy(S, b"m2", "i2") is False
+    assert mix.plain_copy(S, b"m1", "i1") is None
+    assert mix.plain_copy(S, b"m2", "i2") is None
     assert mix.republished(S, b"m1", 1) is True  # m2's republished copy is still on its way
     _, released = mix.remove_recoverable(R)
     assert released == ["i2"]
-    assert mix.plain_copy(S, b"m3", "i3") is True
+    assert mix.plain_copy(S, b"m3", "i3") == "i3"
 
 
 def test_a_lost_republish_is_forgotten_at_the_next_one_and_memory_is_bounded() -> None:
     mix: Mix[str] = Mix(3)
     mix.add_recoverable(R, "MD", switched=True)
     mix.add_plain(P)
-    for i in range(5):
-        mix.plain_copy(S, b"%d" % i, f"i{i}")
+    assert [mix.plain_copy(S, b"%d" % i, f"i{i}") for i in range(5)] == [None] * 3 + ["i0", "i1"]
     assert mix.republished(S, b"4", 5) is True  # 2 and 3 never came (0, 1 past the bound)
     _, released = mix.remove_recoverable(R)
     assert released == []
@@ -86,10 +89,10 @@ def test_another_switched_pattern_keeps_delivering_after_one_goes() -> None:
     mix.add_recoverable(R, "MD", switched=True)
     mix.add_recoverable("xy.md.*.x", "MD", switched=True)
     mix.add_plain(P)
-    assert mix.plain_copy(S, b"m1", "i1") is False
+    assert mix.plain_copy(S, b"m1", "i1") is None
     _, released = mix.remove_recoverable(R)
     assert released == []  # xy.md.*.x delivers it
-    assert mix.plain_copy(S, b"m2", "i2") is False
+    assert mix.plain_copy(S, b"m2", "i2") is None
 
 
 def test_a_plain_pattern_removed_while_no_recoverable_one_is_held_is_forgotten() -> None:
@@ -109,7 +112,7 @@ def test_a_plain_pattern_removed_while_joining_hands_its_subjects_to_the_recover
     mix: Mix[str] = Mix(10)
     mix.add_plain(P)
     mix.add_recoverable(R, "MD", switched=False)
-    assert mix.plain_copy(S, b"m1", "i1") is True
+    assert mix.plain_copy(S, b"m1", "i1") == "i1"
     mix.remove_plain(P)
     assert mix.republished(S, b"m1", 1) is False  # P delivered it
     assert mix.republished(S, b"m2", 2) is True  # P was gone when it came: R delivers it
@@ -125,7 +128,7 @@ def test_a_plain_pattern_added_while_joining_drops_only_what_it_delivered() -> N
     mix.add_recoverable("xy.md.>", "MD", switched=False)
     mix.add_plain("xy.md.b.*")
     assert mix.republished("xy.md.b.y", b"m0", 1) is True
-    assert mix.plain_copy("xy.md.b.y", b"m1", "i1") is True
+    assert mix.plain_copy("xy.md.b.y", b"m1", "i1") == "i1"
     assert mix.republished("xy.md.b.y", b"m1", 2) is False
     mix.answered("xy.md.>", 2)
     assert mix.republished(S, b"m", 2) is False  # ≤ top on a subject P (held when R came) matches
@@ -174,8 +177,9 @@ def test_any_interleaving_delivers_each_message_once(ops: list[str]) -> None:
             published += 1
             if p_held:
                 must.add(published)
-                if mix.plain_copy(S, b"%d" % published, published):
-                    got.append(published)
+                now = mix.plain_copy(S, b"%d" % published, published)
+                if now is not None:
+                    got.append(now)
                     plain_since_removal.add(published)
             r_owes[published] = r_held and r_answered
         elif op == "store" and stored < published:
@@ -221,3 +225,23 @@ def test_any_interleaving_delivers_each_message_once(ops: list[str]) -> None:
     twice = sorted({i for i in got if got.count(i) > (2 if i in residual else 1)})
     assert not twice, (twice, got)
     assert must <= set(got), (sorted(must - set(got)), got)
+
+
+def test_after_the_switch_a_removed_plain_pattern_s_messages_stored_before_it_are_dropped() -> None:
+    mix: Mix[str] = Mix(10)
+    mix.add_plain(P)
+    assert mix.plain_copy(S, b"m1", "i1") == "i1"  # before R: not remembered
+    mix.add_recoverable(R, "MD", switched=False)
+    mix.answered(R, 1)  # m1 is stored
+    mix.remove_plain(P)
+    assert mix.republished(S, b"m1", 1) is False
+    assert mix.republished(S, b"m2", 2) is True  # published after P went
+
+
+def test_a_joining_and_a_switched_pattern_together_deliver_a_skipped_copy() -> None:
+    mix: Mix[str] = Mix(10)
+    mix.add_recoverable("xy.md.>", "MD", switched=True)
+    mix.add_plain(P)
+    mix.add_recoverable(R, "MD", switched=False)  # joins while xy.md.> delivers
+    assert mix.plain_copy(S, b"m1", "i1") is None
+    assert mix.republished(S, b"m1", 1) is True
