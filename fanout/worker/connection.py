@@ -50,7 +50,7 @@ class Events:
 
     #: Run one client op; its reply, or None (sent later or not at all).
     handle: Callable[[WsConnection, protocol.ClientOp | FrameError], bytes | None]
-    #: The transport drained below its low-water mark with frames pending.
+    #: The transport drained below its low-water mark (frames may be pending, or a replay).
     writable: Callable[[WsConnection], None]
     #: The closing handshake started (True) or the socket is gone (False).
     closed: Callable[[WsConnection, bool], None]
@@ -172,7 +172,7 @@ class WsConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self.ws.state == OPEN and not self.queue.idle():
+        if self.ws.state == OPEN:
             self.events.writable(self)
 
     def connection_lost(self, exc: Exception | None) -> None:

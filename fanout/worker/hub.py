@@ -22,12 +22,15 @@ from fanout.core import history, outbox, protocol, subjects, websocket
 from fanout.core.history import Reason, Resume, Seam
 from fanout.core.interest import SubjectRouter
 from fanout.core.overlap import Overlaps, Route
+from fanout.core.wsconnection import OPEN
 from fanout.errors import Close, Code
 from fanout.settings import Settings
+from fanout.worker.acks import AckWaiters
 from fanout.worker.channel import Channel, Resuming
 from fanout.worker.history import HistoryReader
+from fanout.worker.mixing import Mixes
 from fanout.worker.recovery import JS_TIMEOUT_S, Recovery
-from fanout.worker.subscriber import Replies, Subscriber
+from fanout.worker.subscriber import Subscriber
 
 if TYPE_CHECKING:
     from fanout.worker.nats_link import NatsLink
@@ -55,11 +58,15 @@ class Hub:
         self.max_batch_bytes = settings.outbox.max_bytes
         self.subscription_count = 0
         self.overlaps = Overlaps()
-        #: key → the sub acks waiting for it to be live: (replies, slot, the ack, and for a
-        #: recoverable key the sub recovery answers once live).
-        self.waiting: dict[str, list[tuple[Replies, int, bytes, Resuming | None]]] = {}
         #: Recoverable subscriptions (v1.2) live under the key ``<prefix>.<pattern>``.
         self.recovery = Recovery(settings, self, HistoryReader(self._nats_client, JS_TIMEOUT_S))
+        #: The sub acks waiting for their key to be live (an ack means live).
+        self.waiting = AckWaiters(self.recovery)
+        #: Clients holding crossing recoverable and plain patterns (:mod:`fanout.core.mixed`):
+        #: their mixes, and the NATS keys they hold (those take the general path).
+        self.mixed = Mixes(self.recovery)
+        self.mixes = self.mixed.mixes
+        self.crossing = self.mixed.crossing
         self.nats_up = False
         self.forwarded = 0
         self.nats_messages = 0
@@ -111,18 +118,12 @@ class Hub:
         else:
             live = link is None or link.is_live(pattern)
         self.settle(conn)
+        self.mixed.added_plain(conn, pattern)
         replies = conn.replies
         if live or not self.nats_up or replies is None:
             return ack
-        self._wait(pattern, (replies, replies.defer(), ack, None))
+        self.waiting.wait(pattern, (replies, replies.defer(), ack, None))
         return None
-
-    def _wait(self, key: str, waiter: tuple[Replies, int, bytes, Resuming | None]) -> None:
-        waiters = self.waiting.get(key)
-        if waiters is None:
-            self.waiting[key] = [waiter]
-        else:
-            waiters.append(waiter)
 
     def _subscribe_history(
         self, conn: Subscriber, pattern: str, key: str, op_id: int, resume: Resume | Reason | None
@@ -138,6 +139,7 @@ class Hub:
         self.settle(conn)
         replies = conn.replies
         if replies is None:
+            self.mixed.added_recoverable(conn, pattern, True)
             return protocol.ack(op_id)
         slot = replies.defer()
         if isinstance(resume, str):
@@ -145,18 +147,19 @@ class Hub:
         else:
             r = Resuming(conn, key, op_id, replies, slot, resume)
         self.recovery.begin(r)
+        self.mixed.added_recoverable(conn, pattern, r.resume is not None)
         if live:
             self.recovery.live(r)
         elif not self.nats_up:
             self.recovery.answer(r, None, [], history.UNAVAILABLE if r.asked else None)
         else:
-            self._wait(key, (replies, r.slot, protocol.ack(op_id), r))
+            self.waiting.wait(key, (replies, r.slot, protocol.ack(op_id), r))
         return None
 
     def unsubscribe(self, conn: Subscriber, pattern: str) -> None:
         """Nothing more for ``pattern`` reaches ``conn`` after this (its sub ack goes first)."""
         key = self.key_of(pattern)
-        self._release(conn, key)
+        self.waiting.release(conn, key)
         self._drop(conn, pattern, key)
         self.settle(conn)
 
@@ -168,20 +171,9 @@ class Hub:
         for pattern in conn.subs:
             key = self.key_of(pattern)
             if self.waiting:
-                self._release(conn, key)
+                self.waiting.release(conn, key)
             if key != pattern:
                 self.recovery.forget(conn, key)
-
-    def _release(self, conn: Subscriber, key: str) -> None:
-        """Plain acks of ``conn`` waiting for ``key`` go now (recovery fills its own)."""
-        waiters = self.waiting.get(key)
-        if waiters is not None:
-            mine = [w for w in waiters if w[0].conn is conn]
-            if mine:
-                waiters[:] = [w for w in waiters if w[0].conn is not conn]
-                for replies, index, ack, r in mine:
-                    if r is None:
-                        replies.fill(index, ack)
 
     def remove(self, conn: Subscriber) -> None:
         """``conn`` is closing or gone: its subscriptions go, its shared batch part too."""
@@ -189,19 +181,34 @@ class Hub:
         for pattern in list(conn.subs):
             self._drop(conn, pattern, self.key_of(pattern))
         conn.subs.clear()
+        self.mixed.gone(conn)
 
     def _drop(self, conn: Subscriber, pattern: str, key: str) -> None:
         """One subscription of ``conn`` goes; the NATS one (``key``) too when it was the last."""
         self.subscription_count -= 1
         if key != pattern:
             self.recovery.forget(conn, key)
+        if key != pattern or self.mixes:
+            self._released(conn, self.mixed.dropped(conn, pattern, key != pattern))
         if self.router.remove(conn, key):
             self.batches.pop(key, None)
-            self.waiting.pop(key, None)
+            self.waiting.drop(key)
             if key != pattern:
                 self.recovery.close(key)
             if self.link is not None:
                 self.link.unwant(key)
+
+    def _released(self, conn: Subscriber, items: list[outbox.Pending]) -> None:
+        """Plain copies ``conn`` skipped for a recoverable pattern it just left: delivered now."""
+        if items and conn.state == OPEN:
+            for item in items:
+                if self.enqueue(conn, item, self.policy_for(item[0])):
+                    self.cut_slow_consumer(conn, "outbox full")
+                    return
+            self.schedule_flush()
+
+    def answered(self, conn: Subscriber, pattern: str, top: int | None) -> None:
+        self.mixed.answered(conn, pattern, top)
 
     # -- reports from the NATS link ------------------------------------------
     def subscribed(self, sid: int, pattern: str) -> Route:
@@ -217,25 +224,7 @@ class Hub:
         self.overlaps.clear()
 
     def became_live(self, patterns: list[str]) -> None:
-        """Release the acks that waited for these patterns (recovery answers its own)."""
-        for pattern in patterns:
-            for replies, index, ack, r in self.waiting.pop(pattern, ()):
-                if r is None:
-                    replies.fill(index, ack)
-                else:
-                    self.recovery.live(r)
-
-    def release_all(self) -> None:
-        """NATS went down: every waiting ack now (the ``status`` down frame follows);
-        a resume cannot be served (``unavailable``), live delivery starts on reconnect."""
-        self.recovery.interrupted()
-        for waiters in self.waiting.values():
-            for replies, index, ack, r in waiters:
-                if r is None:
-                    replies.fill(index, ack)
-                else:
-                    self.recovery.answer(r, None, [], history.UNAVAILABLE if r.asked else None)
-        self.waiting.clear()
+        self.waiting.live(patterns)
 
     def settle(self, conn: Subscriber) -> bool:
         """A client's shared part of a batch becomes its own (its subscriptions changed,
@@ -261,7 +250,7 @@ class Hub:
         subscription that overlaps another one takes :meth:`_overlapping`.
         """
         self.nats_messages += 1
-        if route.overlap:
+        if route.overlap or (self.crossing and route.pattern in self.crossing):
             self._overlapping(route, subject, data, headers)
             return
         pattern = route.pattern
@@ -313,18 +302,21 @@ class Hub:
     def _overlapping(
         self, route: Route, subject: str, data: bytes, headers: dict[str, str] | None
     ) -> None:
-        """One copy of a message several of the worker's subscriptions match.
+        """One copy of a message several of the worker's subscriptions match, or of a
+        pattern some client holds together with a recoverable one that crosses it.
 
         Only the delivering copy (see :mod:`fanout.core.overlap`) goes on, to the
         clients of every matching pattern, each once, through their own queues
-        (never the shared batch: a client may get it via another pattern).
+        (never the shared batch: a client may get it via another pattern); a client
+        whose recoverable pattern delivers the subject skips it (:mod:`fanout.core.mixed`).
         """
-        routes = self.overlaps.select(route, subject, data)
+        routes = self.overlaps.select(route, subject, data) if route.overlap else [route]
         if routes is None:
             return
         item: outbox.Pending | None = None
         seen: set[Subscriber] = set()
         cut: list[Subscriber] = []
+        mixes = self.mixes
         for matching in routes:
             batch = self.batches.get(matching.pattern)
             if batch is None:
@@ -336,7 +328,15 @@ class Hub:
                 if item is None:
                     frame = protocol.encode_msg(subject, data, headers)
                     item = (subject, websocket.text_frame(frame))
-                if self.enqueue(conn, item, batch.policy):
+                mix = mixes.get(conn) if mixes else None
+                if mix is None:
+                    now = item
+                else:
+                    due = mix.plain_copy(subject, data, item)
+                    if due is None:
+                        continue  # its recoverable pattern delivers it
+                    now = due
+                if self.enqueue(conn, now, batch.policy):
                     cut.append(conn)
         for conn in cut:
             self.cut_slow_consumer(conn, "outbox full")
@@ -356,6 +356,7 @@ class Hub:
             return  # published on the republish subject by someone else: not the stream's
         seq, previous = parsed
         recovery = self.recovery
+        mixed = bool(self.crossing) and route.pattern in self.crossing
         if not route.overlap:
             channel = recovery.channels.get(route.pattern)
             if channel is None:
@@ -363,10 +364,10 @@ class Hub:
             original = recovery.streams.original(subject)
             item = recovery.item(original, seq, data, history.user_headers(headers))
             holding = recovery.on_live(channel, seq, previous, item)
-            if not holding:
+            if not (holding or mixed):
                 self._share(route.pattern, channel.batch, item)
                 return
-            self._hold_or_enqueue([(channel, holding)], seq, item)
+            self._hold_or_enqueue([(channel, holding)], seq, item, data)
             return
         selected = self.overlaps.select(route, subject, data)
         if selected is None:
@@ -378,24 +379,31 @@ class Hub:
             channel = recovery.channels.get(matching.pattern)
             if channel is not None:
                 targets.append((channel, recovery.on_live(channel, seq, previous, item)))
-        self._hold_or_enqueue(targets, seq, item)
+        self._hold_or_enqueue(targets, seq, item, data)
 
     def _hold_or_enqueue(
         self,
         targets: list[tuple[Channel, dict[Subscriber, Seam[outbox.Pending]]]],
         seq: int,
         item: outbox.Pending,
+        data: bytes,
     ) -> None:
         """The general path of a recoverable message: each client of the matching keys once,
-        held while its replay is prepared, else through its own queue."""
+        held while its replay is prepared, else through its own queue; not to a client
+        a plain pattern of which delivered it (:mod:`fanout.core.mixed`)."""
         seen: set[Subscriber] | None = set() if len(targets) > 1 else None
         cut: list[Subscriber] = []
+        mixes = self.mixes
         for channel, holding in targets:
             for conn in self.router.subscribers(channel.key):
                 if seen is not None:
                     if conn in seen:
                         continue
                     seen.add(conn)
+                if mixes:
+                    mix = mixes.get(conn)
+                    if mix is not None and not mix.republished(item[0], data, seq):
+                        continue
                 seam = holding.get(conn) if holding else None
                 if seam is not None:
                     seam.hold(seq, item)
@@ -430,7 +438,13 @@ class Hub:
         return False
 
     def mark_dirty(self, conn: Subscriber) -> None:
-        """Flush ``conn`` in the next flush (its transport drained below the low-water mark)."""
+        """Flush ``conn`` in the next flush (its transport drained below the low-water mark);
+        a replay waiting for that goes on first."""
+        replays = self.recovery.replays
+        if replays.waiting and conn in replays.waiting:
+            replays.writable(conn)
+        if conn.queue.idle():
+            return
         if not conn.dirty:
             conn.dirty = True
             self.dirty.append(conn)
@@ -483,7 +497,8 @@ class Hub:
             return
         self.nats_up = up
         if not up:
-            self.release_all()
+            self.recovery.interrupted()
+            self.waiting.release_all()
         else:
             self.recovery.reconnected()
         frame = self._status_up if up else self._status_down

@@ -16,6 +16,9 @@ added; once the NATS subscription is live its answer is worked out (window,
 else one coalesced read), the replay goes into the client's outbox under the
 ``disconnect`` policy (a client that cannot keep up is cut, 4003), then the
 held messages after the last replayed one, then the ack with ``recovered``.
+
+A replay is written at the client's pace (:mod:`fanout.worker.replay`), so
+``max_replay`` × message size need not fit in the outbox.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from fanout.settings import Settings
 from fanout.worker.catch_up import CatchUp
 from fanout.worker.channel import Channel, Resuming
 from fanout.worker.history import HistoryReader, Stored, Unavailable
+from fanout.worker.replay import Outlet, Replay, Replays
 from fanout.worker.subscriber import Subscriber
 
 log = logging.getLogger("fanout.recovery")
@@ -43,14 +47,13 @@ log = logging.getLogger("fanout.recovery")
 JS_TIMEOUT_S = 2.0
 
 
-class Deliveries(Protocol):
-    """What recovery needs of the hub: who subscribes to a key, and the general delivery path."""
+class Deliveries(Outlet, Protocol):
+    """What recovery needs of the hub: who subscribes to a key, the general delivery path
+    (:class:`~fanout.worker.replay.Outlet`), and word that a recoverable sub was answered."""
 
     router: SubjectRouter[Subscriber]
 
-    def enqueue(self, conn: Subscriber, item: outbox.Pending, policy: int) -> bool: ...
-
-    def cut_slow_consumer(self, conn: Subscriber, reason: str) -> None: ...
+    def answered(self, conn: Subscriber, pattern: str, top: int | None) -> None: ...
 
 
 class Recovery:
@@ -65,6 +68,8 @@ class Recovery:
         self.max_replay = h.max_replay
         self.hold_limit = settings.outbox.max_messages
         self.channels: dict[str, Channel] = {}
+        #: Replays waiting for their client's transport to drain.
+        self.replays = Replays(hub, self._current, self._replayed)
         self._fetching: dict[str, asyncio.Task[StreamState]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -107,6 +112,7 @@ class Recovery:
         channel.holding.pop(conn, None)
         if r is not None:
             r.replies.fill(r.slot, protocol.ack(r.op_id))
+            self.replays.stop(r)
 
     def interrupted(self) -> None:
         """NATS went down: live messages may be missing from every window, and a catch-up
@@ -371,21 +377,50 @@ class Recovery:
         channel = self.channels.get(r.key)
         if channel is None or channel.pending.get(conn) is not r:
             return
+        if conn.state != OPEN:
+            del channel.pending[conn]
+            channel.holding.pop(conn, None)
+            return
+        if reason is None and r.resume is not None and replay:
+            assert epoch is not None  # a replay comes from a stream that answered
+            seam = channel.holding.get(conn)
+            self.replays.start(
+                Replay(r, channel, replay, epoch, top, seam, last=r.resume.after or 0)
+            )
+            return
         del channel.pending[conn]
         seam = channel.holding.pop(conn, None)
-        if conn.state != OPEN:
-            return
-        if reason is None and r.resume is not None:
-            last = self._deliver(conn, channel, replay, seam, r.resume.after or 0)
-        else:
-            last = self._deliver(conn, channel, [], seam, 0)
-        if last is None:
-            return
+        after = r.resume.after or 0 if reason is None and r.resume is not None else 0
+        last = self._deliver(conn, channel, [], seam, after)
+        if last is not None:
+            self._acked(r, channel, epoch, reason, last, top)
+
+    def _acked(
+        self,
+        r: Resuming,
+        channel: Channel,
+        epoch: str | None,
+        reason: Reason | None,
+        last: int,
+        top: int | None,
+    ) -> None:
+        conn = r.conn
         conn.flush()
+        self.hub.answered(conn, channel.pattern, None if epoch is None else top)
         recovered = reason is None if r.asked else None
         position = None if epoch is None else max(last, top or 0)
         ack = protocol.recovery_ack(r.op_id, epoch, recovered, reason, position)
         r.replies.fill(r.slot, ack)
+
+    def _current(self, p: Replay) -> bool:
+        r = p.r
+        return self.channels.get(r.key) is p.channel and p.channel.pending.get(r.conn) is r
+
+    def _replayed(self, p: Replay) -> None:
+        r, channel = p.r, p.channel
+        del channel.pending[r.conn]
+        channel.holding.pop(r.conn, None)
+        self._acked(r, channel, p.epoch, None, p.last, p.top)
 
     def no_history(self, op_id: int) -> bytes:
         """The ack of a resume on a subject no stream holds (live delivery goes on)."""

@@ -21,7 +21,15 @@ from nats.aio.client import Client as NatsClient
 
 from fanout.demo import create_stream
 from fanout.embedded_nats import EmbeddedNats
-from tests.conftest import Gateway, jetstream_nats, launch_gateway, metric, recovery_gateway
+from tests.conftest import (
+    Gateway,
+    jetstream_nats,
+    launch_gateway,
+    metric,
+    recovery_gateway,
+    sample,
+    scrape,
+)
 from tests.helpers import async_wait_for
 from tests.integration.wsclient import Frame, WsClient, client_frame, read_close_code
 
@@ -491,3 +499,197 @@ async def test_overlapping_recoverable_subscriptions_deliver_each_message_once(
     finally:
         await client.close()
         await other.close()
+
+
+async def test_a_recoverable_and_a_plain_pattern_deliver_a_covered_subject_once(
+    gw: Gateway, nc: NatsClient
+) -> None:
+    """``xy.*.mix.a`` is plain (no stream covers all of it), ``xy.md.mix.a`` recoverable: a
+    message on ``xy.md.mix.a`` reaches the worker twice (live, and republished with its
+    sequence) but the client gets it once, from the recoverable pattern (with ``seq``)."""
+    client = await connect(gw)
+    try:
+        assert await sub(client, "xy.*.mix.a", 1) == {"op": "ack", "id": 1}
+        assert "epoch" in await sub(client, "xy.md.mix.a", 2)
+        seqs = await publish(nc, "xy.md.mix.a", 3)
+        await nc.publish("xy.other.mix.a", b'{"plain":1}')  # covered by no stream
+        await client.expect(lambda f: f.get("subject") == "xy.other.mix.a", timeout=10)
+        await publish(nc, "xy.md.mix.a", 1, "end")  # nothing of the first three comes after it
+        await client.expect(lambda f: f.get("data") == {"end": 0}, timeout=10)
+        covered = [f for f in client.frames if f.get("subject") == "xy.md.mix.a"]
+        assert [f.get("seq") for f in covered[:-1]] == seqs
+        plain = [f for f in client.frames if f.get("subject") == "xy.other.mix.a"]
+        assert len(plain) == 1 and "seq" not in plain[0]
+    finally:
+        await client.close()
+
+
+async def test_adding_and_removing_the_recoverable_pattern_loses_and_duplicates_nothing(
+    gw: Gateway, nc: NatsClient
+) -> None:
+    """A publisher never stops while the client, holding the plain ``xy.*.mix.b``, adds the
+    recoverable ``xy.md.mix.b``, removes it, adds it again, then drops the plain one:
+    every message arrives exactly once."""
+    subject = "xy.md.mix.b"
+    client = await connect(gw)
+    stop = asyncio.Event()
+    sent: list[int] = []
+
+    async def keep_publishing() -> None:
+        js = nc.jetstream()
+        while not stop.is_set() and len(sent) < 2000:
+            await js.publish(subject, b'{"n":%d}' % len(sent))
+            sent.append(len(sent))
+            await asyncio.sleep(0.001)
+
+    try:
+        await sub(client, "xy.*.mix.b", 1)
+        task = asyncio.create_task(keep_publishing())
+        steps: list[dict[str, Any]] = [
+            {"op": "sub", "subject": subject},
+            {"op": "unsub", "subject": subject},
+            {"op": "sub", "subject": subject},
+            {"op": "unsub", "subject": "xy.*.mix.b"},
+            {"op": "sub", "subject": "xy.*.mix.b"},
+            {"op": "unsub", "subject": subject},
+        ]
+
+        async def forty_more() -> None:
+            mark = len(sent)
+            await async_wait_for(lambda: len(sent) >= mark + 40, what="publishes")
+
+        for op_id, step in enumerate(steps, 10):
+            await forty_more()
+            await client.op({**step, "id": op_id}, timeout=10)
+        await forty_more()
+        stop.set()
+        await task
+        await nc.jetstream().publish(subject, b'{"end":1}')
+        await client.expect(lambda f: f.get("data") == {"end": 1}, timeout=10)
+        frames = [f for f in client.frames if f.get("subject") == subject]
+        assert [f["data"] for f in frames].count({"end": 1}) == 1
+        got = [f["data"]["n"] for f in frames if "n" in f["data"]]
+        twice = sorted({n for n in got if got.count(n) > 1})
+        assert not twice, f"duplicates: {twice}"
+        assert sorted(got) == sent, f"lost {sorted(set(sent) - set(got))}"
+    finally:
+        stop.set()
+        await client.close()
+
+
+def paced_gateway(js_nats: EmbeddedNats, tmp_path: Path) -> Gateway:
+    """Outbox 256 KiB, transport buffer 64 KiB: a 50 × 60 KB replay (3 MB) fits in neither."""
+    return launch_gateway(
+        tmp_path,
+        "--workers",
+        "1",
+        NATS_URLS=js_nats.url,
+        FANOUT_WS_AUTH_REQUIRED="false",
+        FANOUT_HISTORY_STREAMS="xy.md.>=MD",
+        FANOUT_OUTBOX_MAX_BYTES="262144",
+        FANOUT_OUTBOX_WRITE_BUFFER_HIGH="65536",
+        FANOUT_OUTBOX_WRITE_TIMEOUT_S="3",
+    )
+
+
+async def test_a_replay_larger_than_the_outbox_is_paced_for_a_reading_client(
+    js_nats: EmbeddedNats, nc: NatsClient, tmp_path: Path
+) -> None:
+    """The replay waits for the client to read (its outbox drains) instead of overflowing
+    it; live messages published meanwhile are held, then follow: all of it, once, in order."""
+    gateway = paced_gateway(js_nats, tmp_path)
+    try:
+        subject = "xy.md.paced.a"
+        client = await connect(gateway)
+        epoch = (await sub(client, subject))["epoch"]
+        await client.close()
+        js = nc.jetstream()
+        big = b'{"pad":"' + b"x" * 60_000 + b'"}'
+        seqs = [(await js.publish(subject, big)).seq for _ in range(MAX_REPLAY)]
+        again = await connect(gateway)
+        try:
+            await again.send(
+                {
+                    "op": "sub",
+                    "id": 1,
+                    "subject": subject,
+                    "since": {"seq": seqs[0] - 1, "epoch": epoch},
+                }
+            )
+            live = await publish(nc, subject, 5, "live")
+            frames: list[Frame] = []
+
+            def complete() -> bool:
+                """The ack and the last live message came (the ack follows what was held)."""
+                return any(f.get("id") == 1 for f in frames) and any(
+                    f.get("seq") == live[-1] for f in frames
+                )
+
+            async with asyncio.timeout(30):
+                while not complete():
+                    frames.append(
+                        await again.expect(lambda f: f.get("op") == "msg" or f.get("id") == 1, 30)
+                    )
+            acks = [f for f in frames if f.get("op") == "ack"]
+            assert len(acks) == 1 and acks[0]["recovered"] is True
+            assert [f["seq"] for f in frames if f["op"] == "msg"] == seqs + live
+            assert frames.index(acks[0]) >= len(seqs)  # the ack follows the replay
+        finally:
+            await again.close()
+        assert metric(gateway, "fanout_disconnects_total", close_code="4003") == 0
+    finally:
+        gateway.stop()
+
+
+async def test_a_client_that_stops_reading_during_a_paced_replay_is_cut(
+    js_nats: EmbeddedNats, nc: NatsClient, tmp_path: Path
+) -> None:
+    """The paced replay never holds more than half the outbox for it: the worker's
+    largest outbox stays small while the client reads nothing, then the write stall
+    (``outbox.write_timeout_s``) cuts it with 4003."""
+    gateway = paced_gateway(js_nats, tmp_path)
+    try:
+        subject = "xy.md.paced.b"
+        client = await connect(gateway)
+        epoch = (await sub(client, subject))["epoch"]
+        await client.close()
+        js = nc.jetstream()
+        big = b'{"pad":"' + b"x" * 60_000 + b'"}'
+        seqs = [(await js.publish(subject, big)).seq for _ in range(MAX_REPLAY)]
+        slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # set before connect
+        slow.settimeout(5)
+        slow.connect(("127.0.0.1", gateway.port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        slow.sendall(
+            (
+                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += slow.recv(1)
+        assert head.startswith(b"HTTP/1.1 101")
+        since = {"seq": seqs[0] - 1, "epoch": epoch}
+        op = json.dumps({"op": "sub", "id": 1, "subject": subject, "since": since})
+        slow.sendall(client_frame(0x1, op.encode()))
+        largest: list[float] = []
+
+        def cut() -> bool:
+            """Samples the worker's largest outbox (messages) until the 4003 close."""
+            samples = scrape(gateway)
+            queued = sample(samples, "fanout_send_queue_max")
+            if queued is not None:
+                largest.append(queued)
+            cuts = sample(samples, "fanout_disconnects_total", close_code="4003")
+            return (cuts or 0.0) >= 1
+
+        await async_wait_for(cut, timeout=20, what="a 4003 close")
+        assert await asyncio.to_thread(read_close_code, slow, 15) == 4003
+        slow.close()
+        # at most half the outbox's 256 KiB (60 KB messages) waits for it, never the replay
+        assert max(largest) <= 3, largest
+    finally:
+        gateway.stop()
