@@ -119,6 +119,16 @@ RECOVERY_CAUGHT_UP = Counter(
 )
 for _outcome in RECOVERY_CATCHUP_OUTCOMES:
     RECOVERY_CATCHUPS.labels(_outcome)
+#: Recovery's tasks (``fanout.worker.recovery``): the only values of the ``task`` label.
+RECOVERY_TASKS = ("serve", "read", "rounds", "catch_up")
+RECOVERY_TASK_FAILURES = Counter(
+    "fanout_recovery_task_failures",
+    "Recovery tasks ended by an unexpected exception (logged XYW009; their resumes were "
+    "answered unavailable, the clients they held released with a dropped notice)",
+    ["task"],
+)
+for _task in RECOVERY_TASKS:
+    RECOVERY_TASK_FAILURES.labels(_task)
 
 #: Why a handshake was refused with 503 XYW007: the only values of the ``limit`` label.
 LIMITS = ("shedding", "handshake_rate", "worker_full", "per_ip", "per_principal")

@@ -94,6 +94,14 @@ class Reads(Generic[T, M]):
             self.in_flight.waiters = [w for w in self.in_flight.waiters if w[0] is not waiter]
         self._next = [w for w in self._next if w[0] is not waiter]
 
+    def abandon(self) -> list[T]:
+        """The read in flight will never finish (its task crashed): every waiter, in
+        flight or next, to be answered otherwise; the next :meth:`want` starts afresh."""
+        waiting = [w for w, _ in self.in_flight.waiters] if self.in_flight is not None else []
+        waiting += [w for w, _ in self._next]
+        self.in_flight, self._next = None, []
+        return waiting
+
     def done(
         self, messages: Iterable[tuple[int, M]], truncated: bool, reason: Reason | None = None
     ) -> tuple[list[Served[T, M]], int | None]:
@@ -129,10 +137,12 @@ class Reads(Generic[T, M]):
 class Rounds(Generic[T]):
     """Resumes of one pattern by time or count, answered a round at a time."""
 
-    __slots__ = ("busy", "waiting")
+    __slots__ = ("busy", "taken", "waiting")
 
     def __init__(self) -> None:
         self.waiting: list[T] = []
+        #: The round out (what the last :meth:`take` returned).
+        self.taken: list[T] = []
         #: A round is out: new resumes wait for the next one.
         self.busy = False
 
@@ -147,9 +157,17 @@ class Rounds(Generic[T]):
     def take(self) -> list[T]:
         """The next round's resumes; empty: no more rounds until the next :meth:`want`."""
         batch, self.waiting = self.waiting, []
+        self.taken = batch
         if not batch:
             self.busy = False
         return batch
+
+    def abandon(self) -> list[T]:
+        """The rounds will never finish (their task crashed): the round out and the
+        waiting resumes, to be answered otherwise; the next :meth:`want` starts afresh."""
+        left = self.taken + self.waiting
+        self.taken, self.waiting, self.busy = [], [], False
+        return left
 
 
 def share_since(

@@ -24,18 +24,21 @@ A replay is written at the client's pace (:mod:`fanout.worker.replay`), so
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
+from fanout import metrics
 from fanout.core import history, outbox, protocol, websocket
 from fanout.core.history import Reason, Seam, Streams, StreamState
 from fanout.core.interest import SubjectRouter
 from fanout.core.reads import share_last, share_since
 from fanout.core.wsconnection import OPEN
+from fanout.errors import Code
 from fanout.settings import Settings
-from fanout.worker.catch_up import CatchUp
+from fanout.worker.catch_up import CatchUp, Missed
 from fanout.worker.channel import Channel, Resuming
 from fanout.worker.history import HistoryReader, Stored, Unavailable
 from fanout.worker.replay import Outlet, Replay, Replays
@@ -166,11 +169,21 @@ class Recovery:
         for conn in self.hub.router.subscribers(channel.key):
             if conn not in channel.holding:
                 run.seams[conn] = channel.holding[conn] = Seam(self.hold_limit)
-        self._spawn(self._catch_up(channel, run))
+        crashed = Missed([], after, 1, "failed")
+        self._spawn(
+            self._catch_up(channel, run),
+            "catch_up",
+            channel,
+            lambda: self._caught_up(channel, run, crashed),
+        )
 
     async def _catch_up(self, channel: Channel, run: CatchUp) -> None:
-        missed = await run.read(self.reader, self.max_replay)
-        channel.catching_up = None
+        self._caught_up(channel, run, await run.read(self.reader, self.max_replay))
+
+    def _caught_up(self, channel: Channel, run: CatchUp, missed: Missed) -> None:
+        """Deliver what ``run`` read, then what it held (``missed.lost``: a ``dropped`` notice)."""
+        if channel.catching_up is run:
+            channel.catching_up = None
         if self.channels.get(channel.key) is not channel:
             return
         if missed.reached > channel.last_seq:
@@ -218,12 +231,44 @@ class Recovery:
     # -- answers ------------------------------------------------------------------------------
     def live(self, r: Resuming) -> None:
         """The NATS subscription of ``r.key`` is live: work out ``r``'s answer."""
-        self._spawn(self._serve(r))
+        self._spawn(self._serve(r), "serve", self.channels[r.key], lambda: self._unavailable([r]))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(
+        self,
+        coro: Coroutine[Any, Any, None],
+        name: str,
+        channel: Channel,
+        rescue: Callable[[], None],
+    ) -> None:
+        """Run ``coro``; should it crash (a bug: JetStream failing is ``Unavailable``,
+        handled inside), ``rescue`` answers whoever waited on it."""
+        task = asyncio.get_running_loop().create_task(coro, name=f"recovery {name}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(functools.partial(self._ended, name, channel.pattern, rescue))
+
+    def _ended(
+        self, name: str, pattern: str, rescue: Callable[[], None], task: asyncio.Task[None]
+    ) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        log.error(
+            "recovery task failed; what waited on it is answered unavailable",
+            exc_info=exc,
+            extra={
+                "code": Code.INTERNAL,
+                "reason": f"{type(exc).__name__}: {exc}",
+                "fields": {"task": name, "pattern": pattern},
+            },
+        )
+        metrics.RECOVERY_TASK_FAILURES.labels(name).inc()
+        rescue()
+
+    def _unavailable(self, waiting: Iterable[Resuming]) -> None:
+        """Answer resumes whose work crashed ``unavailable`` (a replay under way goes on)."""
+        for r in waiting:
+            if not self.replays.running(r):
+                self.answer(r, None, [], history.UNAVAILABLE if r.asked else None)
 
     async def state(self, stream: str) -> StreamState:
         """The stream's state, fresh; concurrent askers share one request."""
@@ -272,12 +317,27 @@ class Recovery:
         if cached is not None:
             self.answer(r, epoch, cached, None, top)
         elif channel.rounds.want((r, state)):
-            self._spawn(self._rounds(channel))
+            self._spawn_rounds(channel)
+
+    def _spawn_rounds(self, channel: Channel) -> None:
+        rounds = channel.rounds
+        self._spawn(
+            self._rounds(channel),
+            "rounds",
+            channel,
+            lambda: self._unavailable(r for r, _ in rounds.abandon()),
+        )
 
     def _by_position(self, channel: Channel, r: Resuming, after: int, epoch: str) -> None:
         start = channel.reads.want(r, after, r.held)
         if start is not None:
-            self._spawn(self._read(channel, start, epoch))
+            reads = channel.reads
+            self._spawn(
+                self._read(channel, start, epoch),
+                "read",
+                channel,
+                lambda: self._unavailable(reads.abandon()),
+            )
 
     def _items(self, got: list[Stored]) -> list[tuple[int, outbox.Pending]]:
         return [(m.seq, self.item(m.subject, m.seq, m.data, _without_nats(m.headers))) for m in got]

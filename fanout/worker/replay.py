@@ -75,6 +75,10 @@ class Replays:
             if p.r is r:
                 self._paced(p)
 
+    def running(self, r: Resuming) -> bool:
+        """``r``'s replay is being written (its answer is under way)."""
+        return any(p.r is r for p in self.waiting.get(r.conn, ()))
+
     def writable(self, conn: Subscriber) -> None:
         """``conn``'s transport drained: its replays go on."""
         for p in list(self.waiting.get(conn, ())):

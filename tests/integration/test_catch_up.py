@@ -14,6 +14,7 @@ the real one, told to misbehave at its first reads.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -23,8 +24,10 @@ import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 from prometheus_client import REGISTRY
 
+from fanout.core.history import StreamState
 from fanout.demo import create_stream
 from fanout.embedded_nats import EmbeddedNats
+from fanout.errors import Code
 from fanout.worker import catch_up
 from fanout.worker.history import HistoryReader, Stored, Unavailable
 from fanout.worker.recovery import JS_TIMEOUT_S
@@ -232,5 +235,156 @@ async def test_a_catch_up_that_cannot_read_says_dropped(
         # one notice per catch-up that gave up (the live message showed the hole again)
         assert seen.dropped() and {f["subject"] for f in seen.dropped()} == {subject}
         assert reader.reads >= 2
+    finally:
+        await w.stop()
+
+
+class Crashing(HistoryReader):
+    """The real reader; once ``armed`` names one of its calls, that call raises a
+    RuntimeError (a bug, not :class:`Unavailable`) the first time, then works again."""
+
+    def __init__(self, w: InProc) -> None:
+        super().__init__(lambda: None if w.link is None else w.link.nc, JS_TIMEOUT_S)
+        self.armed = ""
+
+    def _crash(self, call: str) -> None:
+        if self.armed == call:
+            self.armed = ""
+            raise RuntimeError(f"a bug in {call} (test)")
+
+    async def state(self, stream: str) -> StreamState:
+        self._crash("state")
+        return await super().state(stream)
+
+    async def read(
+        self,
+        stream: str,
+        pattern: str,
+        *,
+        after: int | None = None,
+        since: float | None = None,
+        limit: int,
+    ) -> tuple[list[Stored], int]:
+        self._crash("read")
+        return await super().read(stream, pattern, after=after, since=since, limit=limit)
+
+    async def last(self, stream: str, pattern: str, k: int, state: StreamState) -> list[Stored]:
+        self._crash("last")
+        return await super().last(stream, pattern, k, state)
+
+
+async def acked(client: Client, op_id: int) -> dict[str, Any]:
+    """The ack of ``op_id``, with every ``msg`` that came before it (``replayed``)."""
+    frames: list[dict[str, Any]] = []
+
+    def found() -> dict[str, Any] | None:
+        frames.extend(client.received())
+        return next((f for f in frames if f.get("id") == op_id), None)
+
+    ack = await async_wait_for(found, what=f"the ack of {op_id}")
+    ack["replayed"] = [f["seq"] for f in frames if f.get("op") == "msg"]
+    return ack
+
+
+@pytest.mark.parametrize(
+    ("call", "resume", "task"),
+    [
+        ("state", "since", "serve"),
+        ("read", "since", "read"),
+        ("last", "last", "rounds"),
+        ("read", "time", "rounds"),
+    ],
+)
+async def test_a_recovery_task_that_crashes_still_answers_its_resumes(
+    relay: Relay,
+    nc: NatsClient,
+    caplog: pytest.LogCaptureFixture,
+    call: str,
+    resume: str,
+    task: str,
+) -> None:
+    """A bug in the work behind a resume (the stream's state, a coalesced read by position,
+    a round by count or time) must not leave the client waiting for an ack forever: it gets
+    ``recovered:false, reason:"unavailable"``, the crash is logged with XYW009 and counted,
+    and the next resume of the subject is served as if nothing happened."""
+    w = InProc(
+        make_settings(
+            **{
+                "ws.auth_required": False,
+                "nats.urls": [relay.url],
+                "history.streams": {"xy.md.>": "MD"},
+            }
+        )
+    )
+    reader = Crashing(w)
+    w.hub.recovery.reader = reader
+    await w.start_nats()
+    try:
+        subject = f"xy.md.crash.{call}.{resume}"
+        stored = await publish(nc, subject, 3)
+        first = await w.connect()
+        first.send({"op": "sub", "id": 1, "subject": subject})
+        epoch = (await acked(first, 1))["epoch"]
+        since: dict[str, Any] = {
+            "since": {"since": {"seq": stored[0] - 1, "epoch": epoch}},
+            "last": {"last": 3},
+            "time": {"since": {"time": "2000-01-01T00:00:00Z"}},
+        }[resume]
+        failed = counted("fanout_recovery_task_failures_total", task=task)
+        reader.armed = call
+        crashed = await w.connect()
+        with caplog.at_level(logging.ERROR, logger="fanout.recovery"):
+            crashed.send({"op": "sub", "id": 2, "subject": subject, **since})
+            ack = await acked(crashed, 2)
+        assert (ack["op"], ack.get("recovered"), ack.get("reason")) == (
+            "ack",
+            False,
+            "unavailable",
+        ), ack
+        assert ack["replayed"] == []
+        logged = [r for r in caplog.records if getattr(r, "code", None) == Code.INTERNAL]
+        assert len(logged) == 1
+        assert logged[0].fields["pattern"] == subject  # type: ignore[attr-defined]
+        assert counted("fanout_recovery_task_failures_total", task=task) - failed == 1
+        again = await w.connect()
+        again.send({"op": "sub", "id": 3, "subject": subject, **since})
+        ack = await acked(again, 3)
+        assert (ack["recovered"], ack["replayed"]) == (True, stored)
+    finally:
+        await w.stop()
+
+
+async def test_a_catch_up_that_crashes_releases_its_clients_with_a_dropped_notice(
+    relay: Relay, nc: NatsClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in a catch-up's read must not hold its clients' live messages forever: they
+    get a ``dropped`` notice (loss is never silent), then live delivery goes on, and the
+    next live message's ``Nats-Last-Sequence`` starts a catch-up that reads the hole."""
+    w = InProc(
+        make_settings(
+            **{
+                "ws.auth_required": False,
+                "nats.urls": [relay.url],
+                "nats.reconnect_wait_s": 0.1,
+                "history.streams": {"xy.md.>": "MD"},
+            }
+        )
+    )
+    reader = Crashing(w)
+    w.hub.recovery.reader = reader
+    await w.start_nats()
+    try:
+        subject = "xy.md.crash.catch_up"
+        seen, before = await subscribed(w, nc, subject)
+        failed = counted("fanout_recovery_task_failures_total", task="catch_up")
+        reader.armed = "read"
+        with caplog.at_level(logging.ERROR, logger="fanout.recovery"):
+            during = await link_down_while(w, relay, nc, subject)
+            after = await publish(nc, subject, 1)
+            # the next live message shows the hole again: a new catch-up fills it
+            assert await seen.until(after[-1]) == before + during + after
+        assert [f["subject"] for f in seen.dropped()] == [subject]
+        assert [getattr(r, "code", None) for r in caplog.records] == [Code.INTERNAL]
+        assert counted("fanout_recovery_task_failures_total", task="catch_up") - failed == 1
     finally:
         await w.stop()

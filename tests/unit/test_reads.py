@@ -107,6 +107,22 @@ def _timed(*seqs: int) -> list[tuple[int, float, bytes]]:
     return [(s, 100.0 + s, b"m%d" % s) for s in seqs]
 
 
+def test_abandoned_reads_and_rounds_give_back_every_waiter_and_start_afresh() -> None:
+    """A crashed read or round task: its waiters are answered otherwise, the next resume
+    starts a new read (or round) instead of waiting for one that never ends."""
+    reads: Reads[str, bytes] = Reads(max_replay=100)
+    assert reads.want("a", 10, held=0) == 10
+    assert reads.want("b", 5, held=0) is None
+    assert reads.abandon() == ["a", "b"] and not reads
+    assert reads.want("c", 7, held=0) == 7
+    rounds: Rounds[str] = Rounds()
+    assert rounds.want("x")
+    assert rounds.take() == ["x"]
+    assert not rounds.want("y")
+    assert rounds.abandon() == ["x", "y"]
+    assert rounds.want("z") and rounds.take() == ["z"]
+
+
 def test_each_time_resume_takes_its_share_of_the_read_from_the_earliest() -> None:
     read = _timed(1, 2, 3, 4)
     assert share_since(read, 101.0, False, 10) == _msgs(1, 2, 3, 4)
