@@ -6,10 +6,13 @@ adds ``Nats-Sequence``), so the hub's key for it is that subject; everything
 else in the hub (router, NATS subscription state, overlaps, deferred acks) is
 unchanged. Per such key a :class:`~fanout.worker.channel.Channel` keeps the
 in-memory window, the clients whose live messages are held while their replay
-is prepared (the seam) and the coalesced JetStream reads
-(:mod:`fanout.core.reads`). Live messages missed on the way (the worker's NATS
-link was down, ``Nats-Last-Sequence`` skipped one) are caught up from the
-stream (:mod:`fanout.worker.catch_up`).
+is prepared (the seam) and the state of its coalesced JetStream reads
+(:mod:`fanout.core.reads`), which :mod:`fanout.worker.resume_reads` runs when the
+window cannot answer. Live messages missed on the way (the worker's NATS link
+was down, ``Nats-Last-Sequence`` skipped one) are caught up from the stream
+(:mod:`fanout.worker.catch_up`). A recovery task that crashes (a bug) is logged
+(XYW009) and counted, and whoever waited on it is answered anyway
+(``unavailable``, or a ``dropped`` notice for clients a catch-up held).
 
 A ``sub`` with ``since``/``last`` holds its live messages from the moment it is
 added; once the NATS subscription is live its answer is worked out (window,
@@ -32,9 +35,8 @@ from typing import Any, Protocol
 
 from fanout import metrics
 from fanout.core import history, outbox, protocol, websocket
-from fanout.core.history import Reason, Seam, Streams, StreamState
+from fanout.core.history import Reason, Seam, Streams
 from fanout.core.interest import SubjectRouter
-from fanout.core.reads import share_last, share_since
 from fanout.core.wsconnection import OPEN
 from fanout.errors import Code
 from fanout.settings import Settings
@@ -42,6 +44,7 @@ from fanout.worker.catch_up import CatchUp, Missed
 from fanout.worker.channel import Channel, Resuming
 from fanout.worker.history import HistoryReader, Stored, Unavailable
 from fanout.worker.replay import Outlet, Replay, Replays
+from fanout.worker.resume_reads import ResumeReads
 from fanout.worker.subscriber import Subscriber
 
 log = logging.getLogger("fanout.recovery")
@@ -66,14 +69,15 @@ class Recovery:
         h = settings.history
         self.settings = settings
         self.hub = hub
-        self.reader = reader
         self.streams = Streams(h.streams, h.republish_prefix)
         self.max_replay = h.max_replay
         self.hold_limit = settings.outbox.max_messages
         self.channels: dict[str, Channel] = {}
         #: Replays waiting for their client's transport to drain.
         self.replays = Replays(hub, self._current, self._replayed)
-        self._fetching: dict[str, asyncio.Task[StreamState]] = {}
+        #: The shared JetStream reads for resumes a window cannot answer (its reader
+        #: serves catch-ups too).
+        self.jetstream = ResumeReads(reader, h.max_replay, self, self._encode)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- keys ------------------------------------------------------------------------------
@@ -133,6 +137,9 @@ class Recovery:
         frame = protocol.encode_msg_seq(subject, seq, data, headers)
         return (subject, websocket.text_frame(frame))
 
+    def _encode(self, m: Stored) -> outbox.Pending:
+        return self.item(m.subject, m.seq, m.data, _without_nats(m.headers))
+
     def on_live(
         self, channel: Channel, seq: int, previous: int, item: outbox.Pending
     ) -> dict[Subscriber, Seam[outbox.Pending]]:
@@ -170,7 +177,7 @@ class Recovery:
             if conn not in channel.holding:
                 run.seams[conn] = channel.holding[conn] = Seam(self.hold_limit)
         crashed = Missed([], after, 1, "failed")
-        self._spawn(
+        self.spawn(
             self._catch_up(channel, run),
             "catch_up",
             channel,
@@ -178,7 +185,7 @@ class Recovery:
         )
 
     async def _catch_up(self, channel: Channel, run: CatchUp) -> None:
-        self._caught_up(channel, run, await run.read(self.reader, self.max_replay))
+        self._caught_up(channel, run, await run.read(self.jetstream.reader, self.max_replay))
 
     def _caught_up(self, channel: Channel, run: CatchUp, missed: Missed) -> None:
         """Deliver what ``run`` read, then what it held (``missed.lost``: a ``dropped`` notice)."""
@@ -188,7 +195,7 @@ class Recovery:
             return
         if missed.reached > channel.last_seq:
             channel.last_seq = missed.reached
-        items = self._items(missed.messages)
+        items = self.jetstream.items(missed.messages)
         for conn, seam in run.seams.items():
             if channel.holding.get(conn) is not seam:
                 continue  # left meanwhile
@@ -231,9 +238,9 @@ class Recovery:
     # -- answers ------------------------------------------------------------------------------
     def live(self, r: Resuming) -> None:
         """The NATS subscription of ``r.key`` is live: work out ``r``'s answer."""
-        self._spawn(self._serve(r), "serve", self.channels[r.key], lambda: self._unavailable([r]))
+        self.spawn(self._serve(r), "serve", self.channels[r.key], lambda: self.unavailable([r]))
 
-    def _spawn(
+    def spawn(
         self,
         coro: Coroutine[Any, Any, None],
         name: str,
@@ -264,27 +271,18 @@ class Recovery:
         metrics.RECOVERY_TASK_FAILURES.labels(name).inc()
         rescue()
 
-    def _unavailable(self, waiting: Iterable[Resuming]) -> None:
+    def unavailable(self, waiting: Iterable[Resuming]) -> None:
         """Answer resumes whose work crashed ``unavailable`` (a replay under way goes on)."""
         for r in waiting:
             if not self.replays.running(r):
                 self.answer(r, None, [], history.UNAVAILABLE if r.asked else None)
-
-    async def state(self, stream: str) -> StreamState:
-        """The stream's state, fresh; concurrent askers share one request."""
-        task = self._fetching.get(stream)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self.reader.state(stream))
-            self._fetching[stream] = task
-            task.add_done_callback(lambda _: self._fetching.pop(stream, None))
-        return await asyncio.shield(task)
 
     async def _serve(self, r: Resuming) -> None:
         channel = self.channels.get(r.key)
         if channel is None or r.conn.state != OPEN:
             return
         try:
-            state = await self.state(channel.stream)
+            state = await self.jetstream.state(channel.stream)
         except Unavailable as exc:
             log.warning("JetStream unavailable", extra={"reason": str(exc)})
             self.answer(r, None, [], history.UNAVAILABLE if r.asked else None)
@@ -309,116 +307,15 @@ class Recovery:
             if cached is not None:
                 self.answer(r, epoch, cached, None, top)
                 return
-            self._by_position(channel, r, resume.after, epoch)
+            self.jetstream.by_position(channel, r, resume.after, epoch)
             return
         cached = window.since(resume.time) if resume.time is not None else None
         if cached is None and resume.last is not None:
             cached = window.last(resume.last)
         if cached is not None:
             self.answer(r, epoch, cached, None, top)
-        elif channel.rounds.want((r, state)):
-            self._spawn_rounds(channel)
-
-    def _spawn_rounds(self, channel: Channel) -> None:
-        rounds = channel.rounds
-        self._spawn(
-            self._rounds(channel),
-            "rounds",
-            channel,
-            lambda: self._unavailable(r for r, _ in rounds.abandon()),
-        )
-
-    def _by_position(self, channel: Channel, r: Resuming, after: int, epoch: str) -> None:
-        start = channel.reads.want(r, after, r.held)
-        if start is not None:
-            reads = channel.reads
-            self._spawn(
-                self._read(channel, start, epoch),
-                "read",
-                channel,
-                lambda: self._unavailable(reads.abandon()),
-            )
-
-    def _items(self, got: list[Stored]) -> list[tuple[int, outbox.Pending]]:
-        return [(m.seq, self.item(m.subject, m.seq, m.data, _without_nats(m.headers))) for m in got]
-
-    async def _read(self, channel: Channel, start: int | None, epoch: str) -> None:
-        """Coalesced reads of one channel until no resume waits for one."""
-        while start is not None:
-            try:
-                got, pending = await self.reader.read(
-                    channel.stream, channel.pattern, after=start, limit=self.max_replay + 1
-                )
-            except Unavailable as exc:
-                log.warning("JetStream read failed", extra={"reason": str(exc)})
-                top = None
-                served, next_start = channel.reads.done([], False, history.UNAVAILABLE)
-            else:
-                top = got[-1].seq if got else start
-                if pending <= len(got):
-                    channel.window.learn(top)
-                served, next_start = channel.reads.done(self._items(got), pending > len(got))
-            for s in served:
-                self.answer(s.waiter, epoch, s.messages, s.reason, top)
-            start = next_start
-
-    async def _rounds(self, channel: Channel) -> None:
-        """Rounds of ``since.time`` / ``last`` resumes of one channel until none waits."""
-        while batch := channel.rounds.take():
-            state = max((s for _, s in batch), key=lambda s: s.last_seq)
-            resumes = [(r, r.resume) for r, _ in batch if r.resume is not None]
-            since = [(r, x.time) for r, x in resumes if x.time is not None]
-            last = [(r, x.last) for r, x in resumes if x.last is not None]
-            if since:
-                await self._since(channel, since, state)
-            if last:
-                await self._last(channel, last, state)
-
-    async def _since(
-        self, channel: Channel, waiters: list[tuple[Resuming, float]], state: StreamState
-    ) -> None:
-        """One read from the earliest time; each resume takes its share of it."""
-        epoch, top = state.epoch, state.last_seq
-        try:
-            got, pending = await self.reader.read(
-                channel.stream,
-                channel.pattern,
-                since=min(at for _, at in waiters),
-                limit=self.max_replay + 1,
-            )
-        except Unavailable as exc:
-            log.warning("JetStream read failed", extra={"reason": str(exc)})
-            for r, _ in waiters:
-                self.answer(r, epoch, [], history.UNAVAILABLE, top)
-            return
-        timed = [(m.seq, m.time, item) for m, (_, item) in zip(got, self._items(got), strict=True)]
-        for r, at in waiters:
-            share = share_since(timed, at, pending > len(got), self.max_replay)
-            if share is None:
-                channel.rounds.want((r, state))  # a round is out: this is the next one's
-            elif isinstance(share, int):
-                self._by_position(channel, r, share, epoch)
-            elif isinstance(share, str):
-                self.answer(r, epoch, [], share, top)
-            else:
-                self.answer(r, epoch, share, None, top)
-
-    async def _last(
-        self, channel: Channel, waiters: list[tuple[Resuming, int]], state: StreamState
-    ) -> None:
-        """One read of the largest count; each resume takes the last K of it."""
-        epoch, top = state.epoch, state.last_seq
-        k = max(n for _, n in waiters)
-        try:
-            got = await self.reader.last(channel.stream, channel.pattern, k, state)
-        except Unavailable as exc:
-            log.warning("JetStream read failed", extra={"reason": str(exc)})
-            for r, _ in waiters:
-                self.answer(r, epoch, [], history.UNAVAILABLE, top)
-            return
-        items = self._items(got)
-        for r, n in waiters:
-            self.answer(r, epoch, share_last(items, n), None, top)
+        else:
+            self.jetstream.by_time_or_count(channel, r, state)
 
     def answer(
         self,

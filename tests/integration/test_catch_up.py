@@ -110,7 +110,7 @@ async def worker(relay: Relay, **misbehave: Any) -> tuple[InProc, Misbehaving]:
         )
     )
     reader = Misbehaving(w, **misbehave)
-    w.hub.recovery.reader = reader
+    w.hub.recovery.jetstream.reader = reader
     await w.start_nats()
     return w, reader
 
@@ -317,7 +317,7 @@ async def test_a_recovery_task_that_crashes_still_answers_its_resumes(
         )
     )
     reader = Crashing(w)
-    w.hub.recovery.reader = reader
+    w.hub.recovery.jetstream.reader = reader
     await w.start_nats()
     try:
         subject = f"xy.md.crash.{call}.{resume}"
@@ -371,7 +371,7 @@ async def test_a_catch_up_that_crashes_releases_its_clients_with_a_dropped_notic
         )
     )
     reader = Crashing(w)
-    w.hub.recovery.reader = reader
+    w.hub.recovery.jetstream.reader = reader
     await w.start_nats()
     try:
         subject = "xy.md.crash.catch_up"
