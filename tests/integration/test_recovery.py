@@ -10,7 +10,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from tests.conftest import (
     scrape,
 )
 from tests.helpers import async_wait_for
+from tests.inproc import server_frames
 from tests.integration.wsclient import Frame, WsClient, client_frame, read_close_code
 
 PREFIX = "fanout.live"
@@ -691,5 +692,108 @@ async def test_a_client_that_stops_reading_during_a_paced_replay_is_cut(
         slow.close()
         # at most half the outbox's 256 KiB (60 KB messages) waits for it, never the replay
         assert max(largest) <= 3, largest
+    finally:
+        gateway.stop()
+
+
+def replay_size() -> int:
+    """Enough 60 KB messages that the gateway's kernel send buffer (at most
+    ``tcp_wmem``'s maximum) cannot take the whole replay: the replay must wait for the
+    client however far the buffer grows."""
+    wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    return min(1000, 2 * wmem_max // 60_000 + 20)  # 1000: the default history.max_replay
+
+
+class SlowReader:
+    """A raw WebSocket client with a tiny receive buffer that reads 4 KiB at a time, so a
+    big replay stays in the gateway (not in kernel buffers) until it reads on."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # set before connect
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            (
+                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101")
+        self.buf = b""
+
+    def send(self, op: Frame) -> None:
+        self.sock.sendall(client_frame(0x1, json.dumps(op).encode()))
+
+    def until(self, done: Callable[[Frame], bool], limit: int = 10_000) -> list[Frame]:
+        """Frames read (a batch flattened) up to and including the first ``done`` one."""
+        got: list[Frame] = []
+        for _ in range(limit):
+            frames, used = server_frames(self.buf)
+            self.buf = self.buf[used:]
+            for opcode, payload in frames:
+                assert opcode == 0x1, f"opcode {opcode}"
+                data = json.loads(payload)
+                for frame in data if isinstance(data, list) else [data]:
+                    got.append(frame)
+                    if done(frame):
+                        return got
+            chunk = self.sock.recv(4096)
+            assert chunk, "the gateway closed the connection"
+            self.buf += chunk
+        raise AssertionError(f"no such frame in {limit} reads")
+
+
+async def test_an_unsub_during_a_paced_replay_stops_it_and_the_connection_goes_on(
+    js_nats: EmbeddedNats, nc: NatsClient, tmp_path: Path
+) -> None:
+    """A client reading slowly unsubscribes in the middle of a paced replay: it gets the
+    unsub ack, nothing of the subject after it (no replay, no live), its connection stays
+    open (a ping is answered, no 4003), and the worker keeps nothing for it (its outbox
+    gauge is back to 0)."""
+    gateway = paced_gateway(js_nats, tmp_path)
+    try:
+        subject = "xy.md.paced.unsub"
+        first = await connect(gateway)
+        epoch = (await sub(first, subject))["epoch"]
+        await first.close()
+        js = nc.jetstream()
+        big = b'{"pad":"' + b"x" * 60_000 + b'"}'
+        seqs = [(await js.publish(subject, big)).seq for _ in range(replay_size())]
+        observer = await connect(gateway)  # sees the live messages published later
+        await sub(observer, subject)
+        slow = SlowReader(gateway.port)
+        assert await asyncio.to_thread(slow.until, lambda f: f["op"] == "welcome")
+        since = {"seq": seqs[0] - 1, "epoch": epoch}
+        slow.send({"op": "sub", "id": 1, "subject": subject, "since": since})
+        head = await asyncio.to_thread(slow.until, lambda f: f.get("seq") == seqs[2])
+        slow.send({"op": "unsub", "id": 2, "subject": subject})
+        rest = await asyncio.to_thread(slow.until, lambda f: f.get("id") == 2)
+        replayed = [f["seq"] for f in head + rest if f["op"] == "msg"]
+        assert replayed == seqs[: len(replayed)] and len(replayed) < len(seqs)  # mid-replay
+        assert rest[-1] == {"op": "ack", "id": 2}
+        # the resume's own ack: answered (plain) when its sub went before its replay ended
+        assert [f for f in head + rest if f.get("id") == 1] == [{"op": "ack", "id": 1}]
+        live = await publish(nc, subject, 3, "live")
+        await observer.expect(lambda f: f.get("seq") == live[-1], timeout=10)
+        slow.send({"op": "ping", "id": 3})
+        after = await asyncio.to_thread(slow.until, lambda f: f.get("id") == 3)
+        assert after == [{"op": "pong", "id": 3}]
+
+        def drained() -> bool:
+            samples = scrape(gateway)
+            return sample(samples, "xy_ws_send_queue_size") == 0 and (
+                sample(samples, "fanout_subscriptions") == 1  # the observer's
+            )
+
+        await async_wait_for(drained, what="no outbox, one subscription left")
+        assert metric(gateway, "fanout_disconnects_total", close_code="4003") == 0
+        slow.sock.close()
+        await observer.close()
     finally:
         gateway.stop()
