@@ -6,8 +6,10 @@ is shared (:mod:`fanout.core.reads`): resumes by position of one key join one
 read in flight, resumes by time or count go in rounds, and concurrent askers of
 a stream's state share one request, so a reconnect storm of 5 000 clients costs
 a few reads, not 5 000 consumers. Each resume's share goes back to recovery's
-:meth:`~Answers.answer`; a read task that crashes gives its waiters back to
-:meth:`~Answers.unavailable` (through the rescue it was spawned with).
+:meth:`~Answers.answer`. A read task that crashes (a bug) resets its key's
+shared read state and hands every resume of the key still waiting to
+:meth:`~Answers.unavailable`: also those it had taken off the shared state but
+not answered yet, so no client is left without its ack.
 """
 
 from __future__ import annotations
@@ -84,26 +86,26 @@ class ResumeReads:
 
     def by_time_or_count(self, channel: Channel, r: Resuming, state: StreamState) -> None:
         """``r`` resumes by ``since.time`` or ``last``: it joins the next round."""
-        rounds = channel.rounds
+        rounds, waiting = channel.rounds, channel.pending.values()
         if not rounds.want((r, state)):
             return
         self.answers.spawn(
             self._rounds(channel),
             "rounds",
             channel,
-            lambda: self.answers.unavailable(w for w, _ in rounds.abandon()),
+            lambda: self.answers.unavailable([*(w for w, _ in rounds.abandon()), *waiting]),
         )
 
     def by_position(self, channel: Channel, r: Resuming, after: int, epoch: str) -> None:
         """``r`` resumes after ``after``: it joins the read in flight, or waits for the next."""
         start = channel.reads.want(r, after, r.held)
         if start is not None:
-            reads = channel.reads
+            reads, waiting = channel.reads, channel.pending.values()
             self.answers.spawn(
                 self._read(channel, start, epoch),
                 "read",
                 channel,
-                lambda: self.answers.unavailable(reads.abandon()),
+                lambda: self.answers.unavailable([*reads.abandon(), *waiting]),
             )
 
     async def _read(self, channel: Channel, start: int | None, epoch: str) -> None:
