@@ -13,9 +13,10 @@ pinned by ``tests/unit/test_subscriptions.py``.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Protocol
 
-from nats.aio.client import Client
+from nats.aio.client import PING_PROTO, Client
 from nats.aio.subscription import Subscription
 from nats.errors import ConnectionReconnectingError
 
@@ -134,16 +135,28 @@ class LinkClient(Client):
             self.history_routes.pop(route.sid, None)
 
     async def confirm(self, timeout_s: float) -> None:
-        """Write every buffered command, then PING and wait for the PONG.
+        """Write every buffered command with a PING behind it, in one write; wait for the PONG.
 
-        nats-py's ``flush`` writes its PING straight to the socket, ahead of
-        commands still in its buffer: on its own it would not prove that
-        nats-server has read the SUBs before it.
+        The PONG proves nats-server has read every command before it. nats-py's
+        ``flush`` would write its PING straight to the socket, ahead of commands
+        still in its buffer, and take two trips through its flusher task. The
+        future stays in nats-py's FIFO of PONG waiters, in wire order (appended
+        and written with no await between), and is never cancelled: nats-py
+        fails setting a cancelled one when a late PONG comes.
         """
-        if not self.is_connected:
+        transport = self._transport
+        if transport is None or not self.is_connected:
             raise ConnectionReconnectingError
-        await self._flush_pending(force_flush=True)
-        await self.flush(timeout=max(1, int(timeout_s)))
+        pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        pending, self._pending = self._pending, []
+        pending.append(PING_PROTO)
+        self._pending_data_size = 0
+        self._pongs.append(pong)
+        try:
+            transport.writelines(pending)
+        except (OSError, RuntimeError) as exc:  # the socket is gone: nats-py's reader reconnects
+            raise ConnectionReconnectingError from exc
+        await asyncio.wait_for(asyncio.shield(pong), max(1.0, timeout_s))
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes

@@ -121,8 +121,8 @@ def test_reset_resubscribes_everything_wanted_and_ignores_old_turns() -> None:
 def test_nats_py_private_api_we_rely_on() -> None:
     """LinkClient overrides Client._process_msg and (un)subscribes with its own lean
     Subscription the way nats-py does (Client._sid, _subs, the SUB/UNSUB lines in
-    _pending / _pending_data_size, _flush_pending): a nats-py upgrade that changes
-    any of it must fail here, loudly."""
+    _pending / _pending_data_size, the PING and its waiter in _pongs): a nats-py
+    upgrade that changes any of it must fail here, loudly."""
     params = list(inspect.signature(Client._process_msg).parameters)
     assert params == ["self", "sid", "subject", "reply", "data", "headers"]
     assert inspect.iscoroutinefunction(Client._process_msg)
@@ -146,9 +146,13 @@ def test_nats_py_private_api_we_rely_on() -> None:
     send = inspect.getsource(Client._send_command)
     for step in ("self._pending.append(cmd)", "self._pending_data_size += len(cmd)"):
         assert step in send  # what LinkClient.send does for a slice of lines
-    assert "force_flush" in inspect.signature(Client._flush_pending).parameters
-    # why LinkClient.confirm writes the buffer first: the PING skips it
-    assert "self._transport.write(PING_PROTO)" in inspect.getsource(Client._send_ping)
+    # LinkClient.confirm writes the buffer and its PING as nats-py's flusher and
+    # _send_ping do, and nats-py resolves PONG waiters first in, first out
+    assert "self._transport.writelines(self._pending[:])" in inspect.getsource(Client._flusher)
+    ping = inspect.getsource(Client._send_ping)
+    assert "self._pongs.append(future)" in ping and "self._transport.write(PING_PROTO)" in ping
+    pong = inspect.getsource(Client._process_pong)
+    assert "future = self._pongs.pop(0)" in pong and "future.set_result(True)" in pong
     assert sub_cmd("a.b", "", 7) == b"SUB a.b  7\r\n"
     assert unsub_cmd(7, 0) == b"UNSUB 7 \r\n"
 
