@@ -302,6 +302,8 @@ def welcome(conn: str, expires_at: int | None, limits: Limits) -> bytes:
 
 
 def ack(id: int, expires_at: int | msgspec.UnsetType = msgspec.UNSET) -> bytes:
+    if expires_at is msgspec.UNSET:  # every sub and unsub: the bytes Ack(id) encodes to
+        return b'{"op":"ack","id":%d}' % id
     return _encode(Ack(id, expires_at))
 
 

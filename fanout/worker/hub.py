@@ -59,6 +59,10 @@ class Hub:
         self.waiting: dict[str, list[tuple[Replies, int, bytes, Resuming | None]]] = {}
         #: Recoverable subscriptions (v1.2) live under the key ``<prefix>.<pattern>``.
         self.recovery = Recovery(settings, self, HistoryReader(self._nats_client, JS_TIMEOUT_S))
+        #: Read on every sub and unsub: the configuration, resolved once.
+        self._recoverable = bool(self.recovery.streams)
+        self._policies = [(p, outbox.POLICIES[n]) for p, n in settings.outbox.policies.items()]
+        self._default_policy = outbox.POLICIES[settings.outbox.policy]
         self.nats_up = False
         self.forwarded = 0
         self.nats_messages = 0
@@ -73,19 +77,17 @@ class Hub:
 
     def policy_for(self, pattern: str) -> int:
         """The outbox policy for a NATS subscription: first configured pattern covering it."""
-        name = self.settings.outbox.policy
-        for configured, configured_policy in self.settings.outbox.policies.items():
+        for configured, policy in self._policies:
             if subjects.is_subset(pattern, configured):
-                name = configured_policy
-                break
-        return outbox.POLICIES[name]
+                return policy
+        return self._default_policy
 
     def _nats_client(self) -> Any:
         return None if self.link is None else self.link.nc
 
     def key_of(self, pattern: str) -> str:
         """The NATS subject for a client pattern: its republished subject when recoverable."""
-        return self.recovery.key_of(pattern) if self.recovery.streams else pattern
+        return self.recovery.key_of(pattern) if self._recoverable else pattern
 
     def subscribe(
         self, conn: Subscriber, pattern: str, op_id: int, resume: Resume | Reason | None = None

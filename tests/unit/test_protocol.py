@@ -17,6 +17,7 @@ from fanout.core.protocol import (
     CUT_MARK,
     MAX_ECHO_BYTES,
     MAX_ID,
+    Ack,
     Auth,
     ClientOp,
     FrameError,
@@ -468,6 +469,12 @@ def test_sub_with_since_or_last_decodes() -> None:
 def test_malformed_resume_fields_are_xyw008_keeping_the_id(since_or_last: bytes) -> None:
     (err,) = decode_client_frame(b'{"op":"sub","id":9,"subject":"xy.md.a",' + since_or_last + b"}")
     assert isinstance(err, FrameError) and err.code == "XYW008" and err.id == 9
+
+
+@given(st.integers(-MAX_ID, MAX_ID), st.none() | st.integers(0, 2**40))
+def test_ack_is_the_ack_struct_encoded(op_id: int, expires_at: int | None) -> None:
+    expected = msgspec.json.encode(Ack(op_id) if expires_at is None else Ack(op_id, expires_at))
+    assert (ack(op_id) if expires_at is None else ack(op_id, expires_at)) == expected
 
 
 def test_msg_with_seq_and_the_recovery_acks() -> None:
