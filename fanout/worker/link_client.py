@@ -98,7 +98,9 @@ class LinkClient(Client):
         """Subscribe ``pattern`` for the hub; its SUB line is appended to ``lines``.
 
         The route is in place before the SUB is on the wire; :meth:`send` queues
-        the lines, :meth:`confirm` writes them.
+        the lines, :meth:`confirm` writes them. Queued while reconnecting, the SUB
+        goes twice (nats-py's replay of its subscriptions, then its buffer):
+        nats-server ignores a SUB of a sid it holds.
         """
         self._sid += 1
         sid = self._sid
@@ -111,15 +113,15 @@ class LinkClient(Client):
         return sub, route
 
     def unroute(self, sub: Subscription, lines: list[bytes]) -> None:
-        """``sub.unsubscribe()``, its UNSUB line appended to ``lines``.
-
-        While reconnecting nats-py replays only the subscriptions it still holds:
-        this one is no longer among them, so no UNSUB is needed.
+        """``sub.unsubscribe()``, its UNSUB line appended to ``lines``, also while
+        reconnecting: nats-py replays only the subscriptions it still holds, then
+        sends its buffer, where this sid's SUB line may still be (its turn did not
+        reach nats-server before the connection dropped); the UNSUB after it undoes
+        it. nats-server ignores an UNSUB of a sid it does not hold.
         """
         sub._closed = True
         self._subs.pop(sub._id, None)
-        if not self.is_reconnecting:
-            lines.append(b"UNSUB %d \r\n" % sub._id)
+        lines.append(b"UNSUB %d \r\n" % sub._id)
 
     def send(self, lines: list[bytes]) -> None:
         """Queue ``lines`` as one command in nats-py's pending buffer (no flush)."""
