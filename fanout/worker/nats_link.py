@@ -158,6 +158,7 @@ class NatsLink:
         """The one driver: whenever there is work, a turn of commands and one flush."""
         while not self._stopping:
             await self._wake.wait()
+            await asyncio.sleep(0)  # the rest of a frame's ops (the next slice) joins this turn
             self._wake.clear()
             nc = self.nc
             if nc is None or nc.is_closed or not self.table.has_work:
