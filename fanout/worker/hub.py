@@ -111,7 +111,8 @@ class Hub:
             live = link is None or link.want(pattern)
         else:
             live = link is None or link.is_live(pattern)
-        self.settle(conn)
+        if conn.queue.shared is not None:
+            self.settle(conn)
         replies = conn.replies
         if live or not self.nats_up or replies is None:
             return ack
@@ -159,7 +160,8 @@ class Hub:
         key = self.key_of(pattern)
         self._release(conn, key)
         self._drop(conn, pattern, key)
-        self.settle(conn)
+        if conn.queue.shared is not None:
+            self.settle(conn)
 
     def release_acks(self, conn: Subscriber) -> None:
         """``conn`` is closing: its acks waiting for a pattern (or for recovery's answer)
