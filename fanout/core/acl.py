@@ -11,6 +11,7 @@ pattern, so a claim value can never widen what a pattern allows.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 
@@ -71,12 +72,32 @@ def _valid_only(patterns: Sequence[str], max_bytes: int) -> tuple[str, ...]:
     return tuple(patterns) if len(valid) == len(patterns) else tuple(valid)
 
 
-def _covered(pattern: str, by: tuple[str, ...]) -> bool:
-    """Some pattern of ``by`` covers ``pattern`` (a plain loop: every sub op runs this)."""
-    for allowed in by:  # noqa: SIM110 (any() over a generator costs more than the test)
-        if is_subset(pattern, allowed):
+class _Cover:
+    """Valid patterns split for the subset test every ``sub`` runs: ``'*'``-free ones are
+    a set of exact subjects and a tuple of ``a.b.`` prefixes (``a.b.>``), one C call each;
+    only patterns with a ``*`` take :func:`is_subset`. Equal to ``any(is_subset(p, of)
+    for of in patterns)`` for a valid ``p`` (which never ends with the prefixes' dot)."""
+
+    __slots__ = ("exact", "general", "prefixes")
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        self.exact = frozenset(of for of in patterns if "*" not in of and of[-1] != ">")
+        self.prefixes = tuple(of[:-1] for of in patterns if "*" not in of and of[-1] == ">")
+        self.general = tuple(of for of in patterns if "*" in of)
+
+    def covers(self, pattern: str) -> bool:
+        if pattern in self.exact or pattern.startswith(self.prefixes):
             return True
-    return False
+        for allowed in self.general:  # noqa: SIM110 (any() over a generator costs more)
+            if is_subset(pattern, allowed):
+                return True
+        return False
+
+
+@functools.lru_cache(maxsize=1024)
+def _cover(patterns: tuple[str, ...]) -> _Cover:
+    """One shared cover per list: every connection has the whitelist, most share grants."""
+    return _Cover(patterns)
 
 
 class SubjectAcl:
@@ -86,7 +107,14 @@ class SubjectAcl:
     ``grants=[]`` allows nothing. Invalid patterns in either list allow nothing.
     """
 
-    __slots__ = ("_allow_full_wildcard", "_grants", "_max_bytes", "_whitelist")
+    __slots__ = (
+        "_allow_full_wildcard",
+        "_grants",
+        "_grants_cover",
+        "_max_bytes",
+        "_whitelist",
+        "_whitelist_cover",
+    )
 
     def __init__(
         self,
@@ -98,6 +126,8 @@ class SubjectAcl:
     ) -> None:
         self._whitelist = _valid_only(whitelist, max_bytes)
         self._grants = None if grants is None else _valid_only(grants, max_bytes)
+        self._whitelist_cover = _cover(self._whitelist)
+        self._grants_cover = None if self._grants is None else _cover(self._grants)
         self._allow_full_wildcard = allow_full_wildcard
         self._max_bytes = max_bytes
 
@@ -142,10 +172,10 @@ class SubjectAcl:
             return str(exc)
         if not self._allow_full_wildcard and pattern.endswith(">"):
             return "'>' subscriptions are not enabled"
-        if not _covered(pattern, self._whitelist):
+        if not self._whitelist_cover.covers(pattern):
             return f"not allowed: {pattern}"
-        grants = self._grants
-        if grants is not None and not _covered(pattern, grants):
+        grants = self._grants_cover
+        if grants is not None and not grants.covers(pattern):
             return f"not allowed: {pattern}"
         return None
 

@@ -8,9 +8,14 @@ not on how many patterns are stored.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
+
+#: Up to this many stem lengths in use, a concrete query tries each; past it, the
+#: start of each of its own tokens (never more lookups than the subject has tokens).
+_FEW_STEM_LENGTHS = 8
 
 __all__ = ["PatternTrie"]
 
@@ -38,15 +43,30 @@ class PatternTrie(Generic[V]):
     """pattern → values (several values may share one pattern).
 
     Concrete patterns (no wildcard token, the usual subscription) are kept in a
-    dict, so a concrete query finds them with one lookup and walks only the
-    tree of wildcard patterns, which is small or empty. For wildcard queries the
+    dict, so a concrete query finds them with one lookup. For wildcard queries the
     concrete patterns are also grouped by their prefix (all tokens but the
     last) in a tree of prefixes; the group of a known prefix is found by one
     dict lookup, so adding or removing a concrete pattern walks that tree only
     when its group is the first or last of its prefix.
+
+    Wildcard patterns are kept twice: in a token tree (wildcard queries walk
+    it) and by their literal stem, the tokens before the first wildcard
+    (``a.b.`` for ``a.b.*.c``), each stem with a small token tree of what
+    follows. A concrete query (every ``sub``, every copy of a message on
+    overlapping subscriptions) looks up its own leading text at each stem
+    length in use, a slice and a dict lookup each, and walks only the trees
+    of the stems it starts with: no token-by-token walk down the common stem.
     """
 
-    __slots__ = ("_concrete", "_concrete_root", "_groups", "_size", "_wild_root")
+    __slots__ = (
+        "_concrete",
+        "_concrete_root",
+        "_groups",
+        "_size",
+        "_stem_lengths",
+        "_stems",
+        "_wild_root",
+    )
 
     def __init__(self) -> None:
         self._concrete: dict[str, list[V]] = {}
@@ -54,6 +74,10 @@ class PatternTrie(Generic[V]):
         self._groups: dict[str, dict[str, list[V]]] = {}
         self._concrete_root: _Parent[V] = _Parent()
         self._wild_root: _Node[V] = _Node()
+        #: stem (``""`` or literal tokens with their trailing dot) → tree of the rests.
+        self._stems: dict[str, _Node[V]] = {}
+        #: len(stem) → how many stems have that length.
+        self._stem_lengths: dict[int, int] = {}
         self._size = 0
 
     def __len__(self) -> int:
@@ -63,6 +87,13 @@ class PatternTrie(Generic[V]):
         self._size += 1
         if "*" in pattern or ">" in pattern:
             _leaf(self._wild_root, pattern).values.append(value)
+            stem, rest = _stem(pattern)
+            root = self._stems.get(stem)
+            if root is None:
+                root = self._stems[stem] = _Node()
+                lengths = self._stem_lengths
+                lengths[len(stem)] = lengths.get(len(stem), 0) + 1
+            _leaf(root, rest).values.append(value)
             return
         values = self._concrete.get(pattern)
         if values is None:
@@ -77,6 +108,8 @@ class PatternTrie(Generic[V]):
         """Remove one ``value`` stored under ``pattern``; empty branches are pruned."""
         if "*" in pattern or ">" in pattern:
             removed = _remove(self._wild_root, pattern, value)
+            if removed:
+                self._remove_stemmed(pattern, value)
         else:
             values = self._concrete.get(pattern)
             if values is None or value not in values:
@@ -95,12 +128,32 @@ class PatternTrie(Generic[V]):
             self._size -= 1
         return removed
 
+    def _remove_stemmed(self, pattern: str, value: V) -> None:
+        stem, rest = _stem(pattern)
+        root = self._stems[stem]
+        _remove(root, rest, value)
+        if not root.children:
+            del self._stems[stem]
+            lengths = self._stem_lengths
+            left = lengths[len(stem)] - 1
+            if left:
+                lengths[len(stem)] = left
+            else:
+                del lengths[len(stem)]
+
     def matching(self, subject: str) -> list[V]:
         """Values of every pattern that matches the concrete ``subject``."""
         found = self._concrete.get(subject)
         out: list[V] = [] if found is None else found.copy()
-        if self._wild_root.children:
-            _match(self._wild_root, subject.split("."), 0, out)
+        stems = self._stems
+        if stems:
+            lengths: Iterable[int] = self._stem_lengths
+            if len(self._stem_lengths) > _FEW_STEM_LENGTHS:
+                lengths = _token_starts(subject)
+            for length in lengths:
+                root = stems.get(subject[:length])
+                if root is not None and length < len(subject):
+                    _match(root, subject[length:].split("."), 0, out)
         return out
 
     def intersecting(self, pattern: str) -> list[V]:
@@ -112,6 +165,24 @@ class PatternTrie(Generic[V]):
         _intersect(self._wild_root, tokens, 0, out)
         _intersect_concrete(self._concrete_root, tokens, 0, out)
         return out
+
+
+def _stem(pattern: str) -> tuple[str, str]:
+    """``a.b.*.c`` → (``a.b.``, ``*.c``): the literal tokens before the first wildcard
+    token (with their trailing dot, or ``""``), and the rest."""
+    tokens = pattern.split(".")
+    k = next((i for i, token in enumerate(tokens) if token == "*" or token == ">"), len(tokens))
+    return ".".join(tokens[:k]) + "." if k else "", ".".join(tokens[k:])
+
+
+def _token_starts(subject: str) -> list[int]:
+    """Where each token of ``subject`` starts: the stem lengths it can begin with."""
+    starts = [0]
+    dot = subject.find(".")
+    while dot >= 0:
+        starts.append(dot + 1)
+        dot = subject.find(".", dot + 1)
+    return starts
 
 
 def _parent(root: _Parent[V], prefix: str) -> _Parent[V]:
@@ -206,20 +277,23 @@ def _remove(root: _Node[V], pattern: str, value: V) -> bool:
     return True
 
 
-def _match(node: _Node[V], tokens: list[str], i: int, out: list[V]) -> None:
-    if i == len(tokens):
-        out.extend(node.values)
-        return
-    children = node.children
-    tail = children.get(">")
-    if tail is not None:
-        out.extend(tail.values)
-    child = children.get(tokens[i])
-    if child is not None:
-        _match(child, tokens, i + 1, out)
-    star = children.get("*")
-    if star is not None:
-        _match(star, tokens, i + 1, out)
+def _match(node: _Node[V], tokens: list[str], start: int, out: list[V]) -> None:
+    """Wildcard patterns under ``node`` that match ``tokens[start:]``: down the literal
+    path in a loop, a recursion only where a ``*`` branches off (the usual query meets
+    one or two wildcards on its way, not a tree)."""
+    for i in range(start, len(tokens)):
+        children = node.children
+        tail = children.get(">")
+        if tail is not None:
+            out.extend(tail.values)
+        star = children.get("*")
+        if star is not None:
+            _match(star, tokens, i + 1, out)
+        child = children.get(tokens[i])
+        if child is None:
+            return
+        node = child
+    out.extend(node.values)
 
 
 def _subtree(node: _Node[V], out: list[V]) -> None:

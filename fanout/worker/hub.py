@@ -67,6 +67,10 @@ class Hub:
         self.mixed = Mixes(self.recovery)
         self.mixes = self.mixed.mixes
         self.crossing = self.mixed.crossing
+        #: Read on every sub and unsub: the configuration, resolved once.
+        self._recoverable = bool(self.recovery.streams)
+        self._policies = [(p, outbox.POLICIES[n]) for p, n in settings.outbox.policies.items()]
+        self._default_policy = outbox.POLICIES[settings.outbox.policy]
         self.nats_up = False
         self.forwarded = 0
         self.nats_messages = 0
@@ -81,19 +85,17 @@ class Hub:
 
     def policy_for(self, pattern: str) -> int:
         """The outbox policy for a NATS subscription: first configured pattern covering it."""
-        name = self.settings.outbox.policy
-        for configured, configured_policy in self.settings.outbox.policies.items():
+        for configured, policy in self._policies:
             if subjects.is_subset(pattern, configured):
-                name = configured_policy
-                break
-        return outbox.POLICIES[name]
+                return policy
+        return self._default_policy
 
     def _nats_client(self) -> Any:
         return None if self.link is None else self.link.nc
 
     def key_of(self, pattern: str) -> str:
         """The NATS subject for a client pattern: its republished subject when recoverable."""
-        return self.recovery.key_of(pattern) if self.recovery.streams else pattern
+        return self.recovery.key_of(pattern) if self._recoverable else pattern
 
     def subscribe(
         self, conn: Subscriber, pattern: str, op_id: int, resume: Resume | Reason | None = None
@@ -117,7 +119,8 @@ class Hub:
             live = link is None or link.want(pattern)
         else:
             live = link is None or link.is_live(pattern)
-        self.settle(conn)
+        if conn.queue.shared is not None:
+            self.settle(conn)
         self.mixed.added_plain(conn, pattern)
         replies = conn.replies
         if live or not self.nats_up or replies is None:
@@ -161,7 +164,8 @@ class Hub:
         key = self.key_of(pattern)
         self.waiting.release(conn, key)
         self._drop(conn, pattern, key)
-        self.settle(conn)
+        if conn.queue.shared is not None:
+            self.settle(conn)
 
     def release_acks(self, conn: Subscriber) -> None:
         """``conn`` is closing: its acks waiting for a pattern (or for recovery's answer)

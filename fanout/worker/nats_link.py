@@ -4,8 +4,9 @@ nats-py closes a client for good on most ``-ERR`` even with infinite
 reconnects, so ``closed_cb`` is treated as fatal for the link: a new client is
 built and every wanted subscription is made again. The hub says which patterns
 it wants (``want``/``unwant``); this module owns the Subscription objects and
-drives :class:`fanout.core.subscriptions.Subscriptions`. Which connect failures
-end the boot is :mod:`fanout.worker.nats_auth`'s call.
+drives :class:`fanout.core.subscriptions.Subscriptions` through the nats-py
+client of :mod:`fanout.worker.link_client`. Which connect failures end the boot
+is :mod:`fanout.worker.nats_auth`'s call.
 """
 
 from __future__ import annotations
@@ -13,18 +14,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Protocol
 
 import nats
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.protocol import command as prot_command
 
 from fanout.core.overlap import Route
 from fanout.core.subscriptions import SUB, Subscriptions, Turn
 from fanout.errors import Code
 from fanout.settings import Nats
+from fanout.worker.link_client import LinkClient, Listener
 from fanout.worker.nats_auth import (
     NatsAuthError,
     check_files,
@@ -40,140 +39,6 @@ OnStatus = Callable[[bool], None]
 
 #: SUB/UNSUB commands handled per loop turn: 3000 of them must not hold the loop.
 COMMANDS_PER_TURN = 64
-
-
-class Listener(Protocol):
-    """What the link reports to the hub (which owns routing and the waiting acks)."""
-
-    def on_nats_message(
-        self, route: Route, subject: str, data: bytes, headers: dict[str, str] | None
-    ) -> None: ...
-
-    def on_history_message(
-        self, route: Route, subject: str, data: bytes, headers: bytes
-    ) -> None: ...
-
-    def subscribed(self, sid: int, pattern: str) -> Route: ...
-
-    def unsubscribing(self, route: Route) -> None: ...
-
-    def removed(self, route: Route) -> None: ...
-
-    def became_live(self, patterns: list[str]) -> None: ...
-
-    def routes_lost(self) -> None: ...
-
-
-class _RoutedSubscription(Subscription):
-    """A Subscription whose messages never queue: LinkClient hands them to the hub.
-
-    It sets the attributes nats-py's client reads (reconnect replay, unsubscribe,
-    close, drain) and skips the queue, event and iterator ``Subscription.__init__``
-    builds; tests/unit/test_subscriptions.py pins that list against nats-py.
-    """
-
-    def __init__(self, conn: Client, sid: int, subject: str) -> None:
-        self._conn = conn
-        self._id = sid
-        self._subject = subject
-        self._queue = ""
-        self._max_msgs = 0
-        self._received = 0
-        self._cb = None
-        self._future = None
-        self._closed = False
-        self._pending_msgs_limit = 0
-        self._pending_bytes_limit = 0
-        self._pending_queue = None  # type: ignore[assignment]
-        self._pending_next_msgs_calls = {}
-        self._pending_size = 0
-        self._wait_for_msgs_task = None
-        self._message_iterator = None
-        self._jsi = None
-
-
-class LinkClient(Client):
-    """nats-py's client, delivering our subscriptions' messages synchronously, in wire order.
-
-    nats-py gives each Subscription its own queue and task, so copies of one
-    message on two overlapping subscriptions reach us in no set order; here the
-    parser's call goes straight to the hub (no Msg object, no task hop). Other
-    subscriptions (the request inbox) keep nats-py's own path. ``_process_msg``
-    is private API: tests/unit/test_subscriptions.py pins its signature.
-    """
-
-    def __init__(self, listener: Listener, history_prefix: str | None = None) -> None:
-        super().__init__()
-        self.listener = listener
-        self.routes: dict[int, Route] = {}
-        #: Routes of republished subjects (recovery, v1.2): their messages keep the raw
-        #: header block (the sequence is read from it), the others' are parsed as before.
-        self.history_routes: dict[int, Route] = {}
-        self._history_prefix = None if history_prefix is None else history_prefix + "."
-
-    async def route(self, pattern: str) -> tuple[Subscription, Route]:
-        """Subscribe ``pattern`` for the hub: what ``subscribe`` does, minus the
-        per-subscription queue, event and iterator nobody would read and the
-        flush per command (their cost and their garbage were most of a sub/unsub).
-        The route is in place before the SUB is on the wire; :meth:`confirm`
-        sends the turn's commands."""
-        if self.is_closed:
-            raise nats.errors.ConnectionClosedError
-        if self.is_draining:
-            raise nats.errors.ConnectionDrainingError
-        self._sid += 1
-        sid = self._sid
-        sub = _RoutedSubscription(self, sid, pattern)
-        prefix = self._history_prefix
-        table = self.history_routes if prefix and pattern.startswith(prefix) else self.routes
-        route = table[sid] = self.listener.subscribed(sid, pattern)
-        self._subs[sid] = sub
-        try:
-            await self._send_command(prot_command.sub_cmd(pattern, "", sid))
-        except BaseException:
-            self._subs.pop(sid, None)
-            del table[sid]
-            self.listener.removed(route)
-            raise
-        return sub, route
-
-    async def unroute(self, sub: Subscription) -> None:
-        """``sub.unsubscribe()`` without its per-command flush (the turn's flush sends it)."""
-        sub._closed = True
-        self._remove_sub(sub._id)
-        if not self.is_reconnecting:
-            await self._send_command(prot_command.unsub_cmd(sub._id, 0))
-
-    async def confirm(self, timeout_s: float) -> None:
-        """Write every buffered command, then PING and wait for the PONG.
-
-        nats-py's ``flush`` writes its PING straight to the socket, ahead of
-        commands still in its buffer: on its own it would not prove that
-        nats-server has read the SUBs before it.
-        """
-        if not self.is_connected:
-            raise nats.errors.ConnectionReconnectingError
-        await self._flush_pending(force_flush=True)
-        await self.flush(timeout=max(1, int(timeout_s)))
-
-    async def _process_msg(
-        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
-    ) -> None:
-        route = self.routes.get(sid)
-        if route is None:
-            route = self.history_routes.get(sid)
-            if route is None:
-                await super()._process_msg(sid, subject, reply, data, headers)
-                return
-            self.stats["in_msgs"] += 1
-            self.stats["in_bytes"] += len(data)
-            self.listener.on_history_message(route, subject.decode(), data, headers)
-            return
-        stats = self.stats
-        stats["in_msgs"] += 1
-        stats["in_bytes"] += len(data)
-        hdr = await self._process_headers(headers) if headers else None
-        self.listener.on_nats_message(route, subject.decode(), data, hdr)
 
 
 class NatsLink:
@@ -293,6 +158,7 @@ class NatsLink:
         """The one driver: whenever there is work, a turn of commands and one flush."""
         while not self._stopping:
             await self._wake.wait()
+            await asyncio.sleep(0)  # the rest of a frame's ops (the next slice) joins this turn
             self._wake.clear()
             nc = self.nc
             if nc is None or nc.is_closed or not self.table.has_work:
@@ -311,39 +177,32 @@ class NatsLink:
                     self._wake.set()
             else:
                 live = self.table.confirmed(turn)
+            nc.unrouted(unsubscribed)
             for route in unsubscribed:
-                nc.routes.pop(route.sid, None)
-                nc.history_routes.pop(route.sid, None)
                 self.listener.removed(route)
             if live:
                 self.listener.became_live(live)
 
     async def _apply(self, nc: LinkClient, turn: Turn) -> list[Route]:
-        """Send one turn's SUBs and UNSUBs in order; the routes unsubscribed."""
+        """Queue one turn's SUBs and UNSUBs in order, a slice per loop turn; the routes
+        unsubscribed. Bookkeeping only, no I/O: :meth:`LinkClient.confirm` writes them."""
         unsubscribed: list[Route] = []
-        table = self.table
-        for done, (op, pattern) in enumerate(turn.commands):
-            if done and not done % COMMANDS_PER_TURN:
+        subs, listener, commands = self.subs, self.listener, turn.commands
+        for start in range(0, len(commands), COMMANDS_PER_TURN):
+            if start:
                 await asyncio.sleep(0)  # thousands of commands must not hold the loop
-            if turn.epoch != table.epoch:
-                break  # the client was replaced meanwhile: the new one gets every SUB
-            if op == SUB:
-                try:
-                    routed = await nc.route(pattern)
-                except nats.errors.Error as exc:
-                    log.debug("subscribe failed", extra={"reason": str(exc)})
-                    break
-                if turn.epoch != table.epoch:
-                    break
-                self.subs[pattern] = routed
-                continue
-            sub, route = self.subs.pop(pattern)
-            self.listener.unsubscribing(route)
-            unsubscribed.append(route)
-            try:
-                await nc.unroute(sub)
-            except nats.errors.Error as exc:
-                log.debug("unsubscribe failed", extra={"reason": str(exc)})
+                if turn.epoch != self.table.epoch:
+                    break  # the client was replaced meanwhile: the new one gets every SUB
+            lines: list[bytes] = []
+            for op, pattern in commands[start : start + COMMANDS_PER_TURN]:
+                if op == SUB:
+                    subs[pattern] = nc.route(pattern, lines)
+                    continue
+                sub, route = subs.pop(pattern)
+                listener.unsubscribing(route)
+                unsubscribed.append(route)
+                nc.unroute(sub, lines)
+            nc.send(lines)
         return unsubscribed
 
     async def _on_error(self, exc: Exception) -> None:

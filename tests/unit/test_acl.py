@@ -129,6 +129,27 @@ def test_grant_wider_than_whitelist_does_not_widen() -> None:
     assert not acl.allows_subject("secret.a")
 
 
+ACL_PATTERNS = st.lists(st.sampled_from(["a", "b", "*"]), min_size=1, max_size=3).map(
+    ".".join
+) | st.lists(st.sampled_from(["a", "b", "*"]), max_size=2).map(lambda t: ".".join([*t, ">"]))
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(ACL_PATTERNS, max_size=4), st.none() | st.lists(ACL_PATTERNS, max_size=3), ACL_PATTERNS
+)
+def test_check_is_the_subset_rule(
+    whitelist: list[str], grants: list[str] | None, pattern: str
+) -> None:
+    """The split (exact set, prefix tuple, the rest) answers what is_subset over every
+    pattern answers."""
+    acl = SubjectAcl(whitelist, grants, allow_full_wildcard=True)
+    allowed = any(is_subset(pattern, of) for of in whitelist) and (
+        grants is None or any(is_subset(pattern, of) for of in grants)
+    )
+    assert (acl.check(pattern) is None) is allowed
+
+
 def test_acl_has_slots() -> None:
     acl = SubjectAcl(DEFAULT_WHITELIST, None)
     assert not hasattr(acl, "__dict__")

@@ -4,14 +4,20 @@ the link going down reaches every client as a ``status`` frame."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import nats
+import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 
+from fanout.core.subscriptions import PENDING
 from fanout.embedded_nats import EmbeddedNats
+from tests.conftest import http_get
 from tests.helpers import async_wait_for
 from tests.inproc import Client, InProc, make_settings
 
@@ -125,5 +131,110 @@ async def test_nats_going_down_reaches_every_client(nats_server: EmbeddedNats) -
                 {"op": "status", "nats": "down", "code": "XYW004"}
             ]
         assert not w.hub.nats_up
+    finally:
+        await w.stop()
+
+
+def held_subscriptions(server: EmbeddedNats) -> list[list[str]]:
+    """Per connection named like the worker's (``nats.name``): the subjects nats-server holds."""
+    status, body, _ = http_get(server.monitor_url + "/connz?subs=1")
+    assert status == 200
+    return [
+        sorted(c.get("subscriptions_list") or [])
+        for c in json.loads(body)["connections"] or []
+        if c.get("name") == "fanout"
+    ]
+
+
+@pytest.fixture
+def monitored() -> Iterator[EmbeddedNats]:
+    with EmbeddedNats(monitor=True) as server:
+        yield server
+
+
+async def test_a_client_gone_before_its_sub_is_live_gets_nothing_and_leaks_nothing(
+    monitored: EmbeddedNats,
+) -> None:
+    """The SUB is on the wire, its PONG held back (nats-server stopped with SIGSTOP), when
+    the client goes: no frame is written to it afterwards, the deferred ack is dropped,
+    and the NATS subscription goes too once nats-server answers."""
+    w = await started(monitored.url)
+    assert monitored.proc is not None
+    try:
+        client, other = await w.connect(), await w.connect()
+        client.received()
+        other.received()
+        other.send({"op": "sub", "id": 1, "subject": "xy.md.keep"})
+        assert await until_frames(other, 1, w) == [{"op": "ack", "id": 1}]
+        assert w.link is not None
+        table = w.link.table
+        os.kill(monitored.proc.pid, signal.SIGSTOP)
+        try:
+            client.send({"op": "sub", "id": 1, "subject": "xy.md.gone"})
+            await async_wait_for(lambda: table.state("xy.md.gone") == PENDING, what="the SUB sent")
+            assert "xy.md.gone" in w.hub.waiting.by_key  # the ack waits for nats-server
+            written = len(client.transport.data)
+            client.conn.connection_lost(None)  # the peer went away
+            await w.turn()
+            assert w.hub.waiting.by_key == {}  # its deferred ack is dropped, nothing to fill later
+        finally:
+            os.kill(monitored.proc.pid, signal.SIGCONT)
+        await async_wait_for(
+            lambda: (
+                table.state("xy.md.gone") is None
+                and w.link is not None
+                and not w.link.table.has_work
+            ),
+            what="the UNSUB confirmed",
+        )
+        assert len(client.transport.data) == written
+        assert w.hub.waiting.by_key == {}
+        assert held_subscriptions(monitored) == [["xy.md.keep"]]
+        assert w.link.subscriptions == 1
+    finally:
+        await w.stop()
+
+
+async def test_the_link_rebuilds_after_its_client_is_closed_for_good(
+    monitored: EmbeddedNats,
+) -> None:
+    """nats-py closes a client for good on most -ERRs (closed_cb): the link builds a new
+    one that holds every wanted pattern exactly once, and messages flow again."""
+    w = await started(monitored.url)
+    try:
+        client = await w.connect()
+        client.received()
+        patterns = ["xy.md.rb.a", "xy.md.rb.*", "xy.md.rb.b.c"]
+        client.send(*({"op": "sub", "id": i, "subject": p} for i, p in enumerate(patterns, 1)))
+        assert len(await until_frames(client, 3, w)) == 3
+        assert held_subscriptions(monitored) == [sorted(patterns)]
+        assert w.link is not None and w.link.nc is not None
+        old = w.link.nc
+        await old.close()  # what nats-py does itself after a fatal -ERR from the server
+        down = await until_frames(client, 1, w)
+        assert down == [{"op": "status", "nats": "down", "code": "XYW004"}]
+        await async_wait_for(
+            lambda: w.link is not None and w.link.nc not in (None, old), what="a new client"
+        )
+        up = await until_frames(client, 1, w)
+        assert up == [{"op": "status", "nats": "up"}]
+        await async_wait_for(
+            lambda: all(w.link is not None and w.link.is_live(p) for p in patterns),
+            what="every pattern live again",
+        )
+        assert held_subscriptions(monitored) == [sorted(patterns)]
+        assert w.link.subscriptions == 3
+        publisher = await nats.connect(monitored.url)
+        try:
+            await publisher.publish("xy.md.rb.a", b'{"n":1}')
+            await publisher.publish("xy.md.rb.b.c", b'{"n":2}')
+            await publisher.flush()
+        finally:
+            await publisher.close()
+        frames = await until_frames(client, 2, w)
+        assert [(f["subject"], f["data"]) for f in frames] == [
+            ("xy.md.rb.a", {"n": 1}),
+            ("xy.md.rb.b.c", {"n": 2}),
+        ]
     finally:
         await w.stop()

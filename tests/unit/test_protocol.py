@@ -12,10 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fanout.core import protocol
 from fanout.core.protocol import (
     CUT_MARK,
     MAX_ECHO_BYTES,
     MAX_ID,
+    Ack,
     Auth,
     ClientOp,
     FrameError,
@@ -214,6 +216,28 @@ def test_ops_round_trip(ops: list[ClientOp]) -> None:
         frame = msgspec.json.encode(ops)
     decoded = decode_client_frame(frame)
     assert [msgspec.json.encode(op) for op in decoded] == [msgspec.json.encode(op) for op in ops]
+
+
+@given(st.lists(OPS | st.builds(lambda: {"op": "nope"}) | st.just([1]), min_size=2, max_size=8))
+@settings(max_examples=150, deadline=None)
+def test_a_batch_decodes_as_its_elements_one_by_one(elements: list[object]) -> None:
+    """A batch of valid ops is decoded in one go, any other element by element: the
+    outcome is the same either way, also for a frame past the one-go size."""
+    raw = [msgspec.json.encode(e) for e in elements]
+
+    def outcome(results: list[ClientOp | FrameError]) -> list[object]:
+        return [(r.message, r.id) if isinstance(r, FrameError) else r for r in results]
+
+    def alone(element: bytes) -> ClientOp | FrameError:
+        try:
+            return protocol._op_decoder.decode(element)
+        except msgspec.ValidationError as exc:
+            return protocol._element_error(element, exc)
+
+    one_by_one = outcome([alone(r) for r in raw])
+    assert outcome(decode_client_frame(b"[" + b",".join(raw) + b"]")) == one_by_one
+    padded = b"[" + b",".join(raw) + b"]" + b" " * 130 * 8  # past 128 bytes per allowed op
+    assert outcome(decode_client_frame(padded, max_batch=8)) == one_by_one
 
 
 JSON_VALUES = st.recursive(
@@ -445,6 +469,12 @@ def test_sub_with_since_or_last_decodes() -> None:
 def test_malformed_resume_fields_are_xyw008_keeping_the_id(since_or_last: bytes) -> None:
     (err,) = decode_client_frame(b'{"op":"sub","id":9,"subject":"xy.md.a",' + since_or_last + b"}")
     assert isinstance(err, FrameError) and err.code == "XYW008" and err.id == 9
+
+
+@given(st.integers(-MAX_ID, MAX_ID), st.none() | st.integers(0, 2**40))
+def test_ack_is_the_ack_struct_encoded(op_id: int, expires_at: int | None) -> None:
+    expected = msgspec.json.encode(Ack(op_id) if expires_at is None else Ack(op_id, expires_at))
+    assert (ack(op_id) if expires_at is None else ack(op_id, expires_at)) == expected
 
 
 def test_msg_with_seq_and_the_recovery_acks() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import itertools
 import re
@@ -15,7 +16,9 @@ from nats.protocol.command import sub_cmd, unsub_cmd
 from nats.protocol.parser import Parser
 
 from fanout.core.subscriptions import DRAINING, LIVE, PENDING, SUB, UNSUB, Subscriptions
-from fanout.worker.nats_link import _RoutedSubscription
+from fanout.worker.hub import Hub
+from fanout.worker.link_client import LinkClient, _RoutedSubscription
+from tests.inproc import make_settings
 
 
 def test_want_take_confirm_makes_live() -> None:
@@ -117,9 +120,9 @@ def test_reset_resubscribes_everything_wanted_and_ignores_old_turns() -> None:
 
 def test_nats_py_private_api_we_rely_on() -> None:
     """LinkClient overrides Client._process_msg and (un)subscribes with its own lean
-    Subscription the way nats-py does (Client._sid, _subs, _send_command,
-    _remove_sub, _flush_pending): a nats-py upgrade that changes any of it must
-    fail here, loudly."""
+    Subscription the way nats-py does (Client._sid, _subs, the SUB/UNSUB lines in
+    _pending / _pending_data_size, the PING and its waiter in _pongs): a nats-py
+    upgrade that changes any of it must fail here, loudly."""
     params = list(inspect.signature(Client._process_msg).parameters)
     assert params == ["self", "sid", "subject", "reply", "data", "headers"]
     assert inspect.iscoroutinefunction(Client._process_msg)
@@ -135,22 +138,50 @@ def test_nats_py_private_api_we_rely_on() -> None:
     for step in (
         "self._closed = True",
         "self._conn._remove_sub(self._id)",
-        "if not self._conn.is_reconnecting:",
         "await self._conn._send_unsubscribe(self._id, limit=limit)",
     ):
         assert step in unsubscribe
     assert "prot_command.unsub_cmd(sid, limit)" in inspect.getsource(Client._send_unsubscribe)
-    assert list(inspect.signature(Client._send_command).parameters) == ["self", "cmd", "priority"]
-    assert "force_flush" in inspect.signature(Client._flush_pending).parameters
-    # why LinkClient.confirm writes the buffer first: the PING skips it
-    assert "self._transport.write(PING_PROTO)" in inspect.getsource(Client._send_ping)
+    send = inspect.getsource(Client._send_command)
+    for step in ("self._pending.append(cmd)", "self._pending_data_size += len(cmd)"):
+        assert step in send  # what LinkClient.send does for a slice of lines
+    # LinkClient.confirm writes the buffer and its PING as nats-py's flusher and
+    # _send_ping do, and nats-py resolves PONG waiters first in, first out
+    assert "self._transport.writelines(self._pending[:])" in inspect.getsource(Client._flusher)
+    ping = inspect.getsource(Client._send_ping)
+    assert "self._pongs.append(future)" in ping and "self._transport.write(PING_PROTO)" in ping
+    pong = inspect.getsource(Client._process_pong)
+    assert "future = self._pongs.pop(0)" in pong and "future.set_result(True)" in pong
     assert sub_cmd("a.b", "", 7) == b"SUB a.b  7\r\n"
     assert unsub_cmd(7, 0) == b"UNSUB 7 \r\n"
 
     def attributes(init: object) -> set[str]:
         return set(re.findall(r"self\.(_\w+)\s*(?::[^=]*)?=", inspect.getsource(init)))  # type: ignore[arg-type]
 
-    assert attributes(_RoutedSubscription.__init__) == attributes(Subscription.__init__)
+    lean = attributes(_RoutedSubscription.__init__)
+    defaults = {n for n in vars(_RoutedSubscription) if n.startswith("_") and n[1] != "_"}
+    assert defaults.isdisjoint(lean)
+    assert defaults | lean == attributes(Subscription.__init__)
+
+
+def test_link_client_queues_nats_py_s_own_command_lines() -> None:
+    """What LinkClient.route/unroute/send put in nats-py's buffer is what nats-py's
+    subscribe/unsubscribe would have sent, and nats-py's close sees a plain Subscription."""
+    hub = Hub(make_settings(**{"ws.auth_required": False}), asyncio.new_event_loop())
+    nc = LinkClient(hub)
+    lines: list[bytes] = []
+    sub_a, route_a = nc.route("xy.a", lines)
+    sub_b, _ = nc.route("xy.*", lines)
+    nc.unroute(sub_a, lines)
+    nc.send(lines)
+    assert nc._pending == [sub_cmd("xy.a", "", 1) + sub_cmd("xy.*", "", 2) + unsub_cmd(1, 0)]
+    assert nc._pending_data_size == len(nc._pending[0])
+    assert list(nc._subs.values()) == [sub_b] and sub_a._closed and not sub_b._closed
+    assert (route_a.sid, route_a.pattern, route_a.overlap) == (1, "xy.a", 1)
+    assert nc.routes.keys() == {1, 2}
+    nc.unrouted([route_a])
+    assert nc.routes.keys() == {2}
+    hub.loop.close()
 
 
 PATTERNS = st.sampled_from(["a", "b", "c.*", "c.>"])

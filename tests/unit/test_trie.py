@@ -54,6 +54,28 @@ def test_values_share_a_pattern_and_removal_prunes() -> None:
     assert t._groups == {}
 
 
+def test_wildcards_leave_no_stem_behind() -> None:
+    t: PatternTrie[int] = PatternTrie()
+    for n, p in enumerate(["a.*", "a.*.c", "a.b.>", "*.b", ">", "a.>"]):
+        t.add(p, n)
+    assert sorted(t.matching("a.b.c")) == [1, 2, 4, 5]
+    assert sorted(t.matching("a.b")) == [0, 3, 4, 5]
+    for n, p in enumerate(["a.*", "a.*.c", "a.b.>", "*.b", ">", "a.>"]):
+        assert t.remove(p, n) is True
+    assert t._stems == {} and t._stem_lengths == {} and t._wild_root.children == {}
+
+
+def test_many_stem_lengths_answer_the_same() -> None:
+    """Past a few stem lengths a query looks up its own token starts instead."""
+    t: PatternTrie[str] = PatternTrie()
+    stored = [".".join(["t"] * n) + ".*" for n in range(1, 13)] + ["x.>", "t.t.t.>", "*.t"]
+    for p in stored:
+        t.add(p, p)
+    for subject in ["t", "t.t.t.t", "t.t.t.t.t.t.t.t.t.t.t.t", "x.t", "t.x.t.t"]:
+        expected = sorted(p for p in stored if subjects.matches(p, subject))
+        assert sorted(t.matching(subject)) == expected
+
+
 @settings(max_examples=300)
 @given(st.lists(patterns(), max_size=12, unique=True), patterns(), concrete())
 def test_agrees_with_subjects_module(stored: list[str], query: str, subject: str) -> None:
@@ -104,3 +126,4 @@ def test_adds_and_removes_agree_with_a_list(
     assert t._concrete_root.children == {}
     assert t._groups == {}
     assert t._wild_root.children == {}
+    assert t._stems == {} and t._stem_lengths == {}
