@@ -18,17 +18,14 @@ from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 from fanout import metrics
-from fanout.core import history, outbox, protocol, subjects, websocket
-from fanout.core.history import Reason, Resume, Seam
-from fanout.core.interest import SubjectRouter
+from fanout.core import history, outbox, protocol, websocket
+from fanout.core.history import Seam
 from fanout.core.overlap import Overlaps, Route
-from fanout.core.wsconnection import OPEN
 from fanout.errors import Close, Code
 from fanout.settings import Settings
-from fanout.worker.acks import AckWaiters
-from fanout.worker.channel import Channel, Resuming
+from fanout.worker.book import SubscriptionBook
+from fanout.worker.channel import Channel
 from fanout.worker.history import HistoryReader
-from fanout.worker.mixing import Mixes
 from fanout.worker.recovery import JS_TIMEOUT_S, Recovery
 from fanout.worker.subscriber import Subscriber
 
@@ -39,38 +36,38 @@ log = logging.getLogger("fanout.hub")
 
 
 class Hub:
-    """Owns the worker's clients, their subscriptions and the flush schedule."""
+    """Owns the delivery of NATS messages to the worker's clients and the flush schedule."""
 
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
         self.settings = settings
         self.loop = loop
-        self.router: SubjectRouter[Subscriber] = SubjectRouter()
-        self.batches: dict[str, outbox.Batch] = {}
-        self.active: list[outbox.Batch] = []
         #: Every open client of the worker: the gateway's set, which it admits to and
         #: removes from (read here for status frames and counts).
         self.connections: AbstractSet[Subscriber] = frozenset()
         self.link: NatsLink | None = None
+        self.active: list[outbox.Batch] = []
         self.dirty: list[Subscriber] = []
         self.flush_scheduled = False
         self.write_delay_s = settings.outbox.write_delay_ms / 1000.0
         self.max_batch = settings.outbox.max_batch
         self.max_batch_bytes = settings.outbox.max_bytes
-        self.subscription_count = 0
         self.overlaps = Overlaps()
         #: Recoverable subscriptions (v1.2) live under the key ``<prefix>.<pattern>``.
         self.recovery = Recovery(settings, self, HistoryReader(self._nats_client, JS_TIMEOUT_S))
-        #: The sub acks waiting for their key to be live (an ack means live).
-        self.waiting = AckWaiters(self.recovery)
-        #: Clients holding crossing recoverable and plain patterns (:mod:`fanout.core.mixed`):
-        #: their mixes, and the NATS keys they hold (those take the general path).
-        self.mixed = Mixes(self.recovery)
-        self.mixes = self.mixed.mixes
-        self.crossing = self.mixed.crossing
-        #: Read on every sub and unsub: the configuration, resolved once.
-        self._recoverable = bool(self.recovery.streams)
-        self._policies = [(p, outbox.POLICIES[n]) for p, n in settings.outbox.policies.items()]
-        self._default_policy = outbox.POLICIES[settings.outbox.policy]
+        #: Who holds which pattern is the book's (:mod:`fanout.worker.book`); the hub reads
+        #: the same router, batches and mixes per message, and a connection's sub, unsub
+        #: and close go straight to the book's methods (no extra call per op).
+        self.book = book = SubscriptionBook(settings, self, self.recovery)
+        self.router = book.router
+        self.batches = book.batches
+        self.waiting = book.waiting
+        self.mixes = book.mixes
+        self.crossing = book.mixed.crossing
+        self.subscribe = book.subscribe
+        self.unsubscribe = book.unsubscribe
+        self.release_acks = book.release_acks
+        self.remove = book.remove
+        self.answered = book.mixed.answered
         self.nats_up = False
         self.forwarded = 0
         self.nats_messages = 0
@@ -83,136 +80,8 @@ class Hub:
         self._status_up = websocket.text_frame(protocol.status("up"))
         self._status_down = websocket.text_frame(protocol.status("down"))
 
-    def policy_for(self, pattern: str) -> int:
-        """The outbox policy for a NATS subscription: first configured pattern covering it."""
-        for configured, policy in self._policies:
-            if subjects.is_subset(pattern, configured):
-                return policy
-        return self._default_policy
-
     def _nats_client(self) -> Any:
         return None if self.link is None else self.link.nc
-
-    def key_of(self, pattern: str) -> str:
-        """The NATS subject for a client pattern: its republished subject when recoverable."""
-        return self.recovery.key_of(pattern) if self._recoverable else pattern
-
-    def subscribe(
-        self, conn: Subscriber, pattern: str, op_id: int, resume: Resume | Reason | None = None
-    ) -> bytes | None:
-        """Add a subscription; its ack when it is live now, else None (sent later).
-
-        The ack waits until the link reports the pattern live (:meth:`became_live`):
-        an ack means nats-server has the subscription. While NATS is down the ack
-        is immediate (the client has the ``status`` down frame; delivery starts on
-        reconnect). ``resume``: the sub's ``since``/``last`` (v1.2), or the reason it
-        cannot be recovered whatever the stream holds.
-        """
-        key = self.key_of(pattern)
-        if key != pattern:
-            return self._subscribe_history(conn, pattern, key, op_id, resume)
-        ack = protocol.ack(op_id) if resume is None else self.recovery.no_history(op_id)
-        self.subscription_count += 1
-        link = self.link
-        if self.router.add(conn, pattern):
-            self.batches[pattern] = outbox.Batch(self.policy_for(pattern))
-            live = link is None or link.want(pattern)
-        else:
-            live = link is None or link.is_live(pattern)
-        if conn.queue.shared is not None:
-            self.settle(conn)
-        self.mixed.added_plain(conn, pattern)
-        replies = conn.replies
-        if live or not self.nats_up or replies is None:
-            return ack
-        self.waiting.wait(pattern, (replies, replies.defer(), ack, None))
-        return None
-
-    def _subscribe_history(
-        self, conn: Subscriber, pattern: str, key: str, op_id: int, resume: Resume | Reason | None
-    ) -> bytes | None:
-        """A recoverable pattern: subscribed under ``key``; recovery answers once it is live."""
-        self.subscription_count += 1
-        link = self.link
-        if self.router.add(conn, key):
-            self.recovery.open(key, pattern, self.policy_for(pattern))
-            live = link is None or link.want(key)
-        else:
-            live = link is None or link.is_live(key)
-        self.settle(conn)
-        replies = conn.replies
-        if replies is None:
-            self.mixed.added_recoverable(conn, pattern, True)
-            return protocol.ack(op_id)
-        slot = replies.defer()
-        if isinstance(resume, str):
-            r = Resuming(conn, key, op_id, replies, slot, None, resume)
-        else:
-            r = Resuming(conn, key, op_id, replies, slot, resume)
-        self.recovery.begin(r)
-        self.mixed.added_recoverable(conn, pattern, r.resume is not None)
-        if live:
-            self.recovery.live(r)
-        elif not self.nats_up:
-            self.recovery.answer(r, None, [], history.UNAVAILABLE if r.asked else None)
-        else:
-            self.waiting.wait(key, (replies, r.slot, protocol.ack(op_id), r))
-        return None
-
-    def unsubscribe(self, conn: Subscriber, pattern: str) -> None:
-        """Nothing more for ``pattern`` reaches ``conn`` after this (its sub ack goes first)."""
-        key = self.key_of(pattern)
-        self.waiting.release(conn, key)
-        self._drop(conn, pattern, key)
-        if conn.queue.shared is not None:
-            self.settle(conn)
-
-    def release_acks(self, conn: Subscriber) -> None:
-        """``conn`` is closing: its acks waiting for a pattern (or for recovery's answer)
-        go now, before its close frame."""
-        if not (self.waiting or self.recovery.channels):
-            return
-        for pattern in conn.subs:
-            key = self.key_of(pattern)
-            if self.waiting:
-                self.waiting.release(conn, key)
-            if key != pattern:
-                self.recovery.forget(conn, key)
-
-    def remove(self, conn: Subscriber) -> None:
-        """``conn`` is closing or gone: its subscriptions go, its shared batch part too."""
-        conn.queue.shared = None
-        for pattern in list(conn.subs):
-            self._drop(conn, pattern, self.key_of(pattern))
-        conn.subs.clear()
-        self.mixed.gone(conn)
-
-    def _drop(self, conn: Subscriber, pattern: str, key: str) -> None:
-        """One subscription of ``conn`` goes; the NATS one (``key``) too when it was the last."""
-        self.subscription_count -= 1
-        if key != pattern:
-            self.recovery.forget(conn, key)
-        if key != pattern or self.mixes:
-            self._released(conn, self.mixed.dropped(conn, pattern, key != pattern))
-        if self.router.remove(conn, key):
-            self.batches.pop(key, None)
-            self.waiting.drop(key)
-            if key != pattern:
-                self.recovery.close(key)
-            if self.link is not None:
-                self.link.unwant(key)
-
-    def _released(self, conn: Subscriber, items: list[outbox.Pending]) -> None:
-        """Plain copies ``conn`` skipped for a recoverable pattern it just left: delivered now."""
-        if items and conn.state == OPEN:
-            for item in items:
-                if self.enqueue(conn, item, self.policy_for(item[0])):
-                    self.cut_slow_consumer(conn, "outbox full")
-                    return
-            self.schedule_flush()
-
-    def answered(self, conn: Subscriber, pattern: str, top: int | None) -> None:
-        self.mixed.answered(conn, pattern, top)
 
     # -- reports from the NATS link ------------------------------------------
     def subscribed(self, sid: int, pattern: str) -> Route:
@@ -535,7 +404,7 @@ class Hub:
         self.outbox_max = max(queued, default=0)
         metrics.SEND_QUEUE_MAX.set(self.outbox_max)
         metrics.ACTIVE_CONNECTIONS.set(len(self.connections))
-        metrics.SUBSCRIPTIONS.set(self.subscription_count)
+        metrics.SUBSCRIPTIONS.set(self.book.subscription_count)
         metrics.NATS_SUBSCRIPTIONS.set(
             len(self.router) if self.link is None else self.link.subscriptions
         )

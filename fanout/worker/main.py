@@ -102,7 +102,7 @@ class Worker:
             listening=self.listening,
             draining=self.gateway.draining,
             clients=len(hub.connections),
-            subscriptions=hub.subscription_count,
+            subscriptions=hub.book.subscription_count,
             nats_connected=link.connected,
             nats_url=link.url,
             last_error_code=link.last_error,

@@ -100,7 +100,7 @@ async def test_unsub_stops_delivery_after_its_ack() -> None:
     w.publish(SUBJECT, SUBJECT, body(1))
     await w.turn()
     assert client.received() == []
-    assert w.hub.subscription_count == 0 and SUBJECT not in w.hub.batches
+    assert w.hub.book.subscription_count == 0 and SUBJECT not in w.hub.batches
 
 
 async def test_sub_outside_the_acl_and_past_max_subs_are_refused() -> None:
@@ -244,7 +244,7 @@ async def test_the_client_close_is_echoed_and_the_socket_closed() -> None:
     assert client.frames() == [(0x8, (1000).to_bytes(2, "big"))]
     assert client.transport.closed
     await w.turn()
-    assert w.hub.connections == set() and w.hub.subscription_count == 0
+    assert w.hub.connections == set() and w.hub.book.subscription_count == 0
 
 
 async def test_a_client_that_never_answers_our_close_is_aborted_by_the_sweep() -> None:
