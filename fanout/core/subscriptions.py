@@ -4,10 +4,11 @@ Per pattern: PENDING (SUB sent, not yet confirmed) → LIVE (a flush PONG after
 the SUB came back: nats-server has processed it) → DRAINING (UNSUB sent, not yet
 confirmed) → gone. The hub says which patterns it wants (its router counts the
 subscribers); this class decides the commands. Wants and unwants only mark a
-pattern dirty; :meth:`take` turns the dirty set into commands by comparing
-"wanted" with "subscribed", so any interleaving of want/unwant (and of
-disconnect/reset) yields at most one NATS subscription per pattern: an UNSUB
-is always on the wire before a new SUB of the same pattern. No I/O here; the
+pattern dirty; a turn (:meth:`begin`) takes the dirty set and :meth:`decide`
+turns it into commands, a slice at a time, by comparing "wanted" with
+"subscribed", so any interleaving of want/unwant (and of disconnect/reset)
+yields at most one NATS subscription per pattern: an UNSUB is always on the
+wire before a new SUB of the same pattern. No I/O here; the
 worker's driver (``fanout.worker.nats_link``) sends the commands and reports
 the flush.
 """
