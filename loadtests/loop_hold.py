@@ -107,14 +107,14 @@ class Probe:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        run: Run = asyncio.Handle._run  # type: ignore[attr-defined]
-        asyncio.Handle._run = self.timed(run)  # type: ignore[attr-defined]
+        run: Run = asyncio.Handle._run
+        setattr(asyncio.Handle, "_run", self.timed(run))  # noqa: B010 (a method of the stdlib)
         gc.callbacks.append(self.on_gc)
         try:
             yield
         finally:
             gc.callbacks.remove(self.on_gc)
-            asyncio.Handle._run = run  # type: ignore[attr-defined]
+            setattr(asyncio.Handle, "_run", run)  # noqa: B010
 
     @contextmanager
     def phase(self, name: str, out: dict[str, Any]) -> Iterator[None]:
@@ -160,7 +160,8 @@ async def replies(probe: Probe, client: Client, last_id: int, timeout_s: float =
 
 def frame(kind: str, subjects: Sequence[str]) -> bytes:
     """One masked text frame of ``kind`` ops with ids 1.., encoded before it is measured."""
-    return text([{"op": kind, "id": 1 + i, "subject": s} for i, s in enumerate(subjects)])
+    data: bytes = text([{"op": kind, "id": 1 + i, "subject": s} for i, s in enumerate(subjects)])
+    return data
 
 
 async def scenario(url: str, rounds: int, probe: Probe) -> dict[str, Any]:
