@@ -14,6 +14,12 @@ Two phases against one gateway worker (real nats-server, loopback):
    Reported: the neighbour's ping round trip p50 / p99 / max, refused handshakes
    and non-200 ``/readyz`` answers.
 
+3. **loop hold** — ``loop_hold.py`` run against the same nats-server, on the
+   code of the gateway measured (``--gateway-src`` or this tree): the longest
+   single event-loop callback (CPU ms, max and p99) of a worker built in process
+   while one frame of 1000 subs, one of 1000 unsubs, and 3 clients × 1000
+   sub/unsub churn are handled. ``--no-loop-hold`` skips it.
+
 The inbound rate limit is raised for the run (it is not what is measured) and
 ``>`` patterns are allowed::
 
@@ -26,11 +32,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -213,6 +222,32 @@ async def scenario(
     }
 
 
+HOLD_PHASES = ("sub_1000", "unsub_1000", "churn_3x1000")
+
+
+def loop_hold(args: argparse.Namespace, nats_url: str) -> dict[str, Any] | None:
+    """Phase 3: ``loop_hold.py`` in a process of its own on the measured tree's code;
+    None when that tree cannot run it (older than the in-process harness)."""
+    here = Path(__file__).resolve().parent
+    src = Path(args.gateway_src).resolve() if args.gateway_src else here.parent
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    command = [sys.executable, str(here / "loop_hold.py"), "--nats-url", nats_url]
+    try:
+        done = subprocess.run(
+            [*command, "--rounds", str(min(args.rounds, 5))],
+            cwd=src,
+            env=env,
+            capture_output=True,
+            timeout=600,
+            check=True,
+        )
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        print(f"loop hold phase failed: {exc}", file=sys.stderr)
+        return None
+    result: dict[str, Any] = json.loads(done.stdout.splitlines()[0])
+    return {name: result[name] for name in HOLD_PHASES}
+
+
 def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
     url, token = start_servers(
         procs,
@@ -225,7 +260,11 @@ def run(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
     )
     assert token is not None
     pids = workers_of(procs)
-    return asyncio.run(scenario(args, url, token, pids))
+    result = asyncio.run(scenario(args, url, token, pids))
+    if args.loop_hold:
+        assert procs.nats is not None
+        result["loop_hold"] = loop_hold(args, procs.nats.url)
+    return result
 
 
 def table(result: dict[str, Any]) -> str:
@@ -244,6 +283,19 @@ def table(result: dict[str, Any]) -> str:
         ("handshakes refused (0: no answer)", json.dumps(result["handshakes_refused"])),
         ("/readyz not 200", json.dumps(result["readyz_not_200"])),
     ]
+    hold = result.get("loop_hold")
+    if hold is None:
+        rows.append(("longest loop hold", "n/a (phase 3 skipped or failed)"))
+    else:
+        for name in HOLD_PHASES:
+            r = hold[name]
+            rows.append(
+                (
+                    f"longest loop hold, {name}: CPU ms max/p99",
+                    f"{r['cpu_max_ms']} / {r['cpu_p99_ms']} (no collection in it: "
+                    f"{r['cpu_max_no_gc_ms']}; wall max {r['wall_max_ms']})",
+                )
+            )
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -261,6 +313,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds of neighbour pings without churn first (machine noise)",
     )
     p.add_argument("--log-dir", help="keep the gateway log here")
+    p.add_argument(
+        "--no-loop-hold",
+        dest="loop_hold",
+        action="store_false",
+        help="skip phase 3 (the in-process loop-hold measurement)",
+    )
     p.add_argument("--label", default="")
     args = p.parse_args(argv)
     if not 1 <= args.rounds <= 1000 or not 1 <= args.frame_ops <= 1000:

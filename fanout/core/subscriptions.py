@@ -4,10 +4,11 @@ Per pattern: PENDING (SUB sent, not yet confirmed) → LIVE (a flush PONG after
 the SUB came back: nats-server has processed it) → DRAINING (UNSUB sent, not yet
 confirmed) → gone. The hub says which patterns it wants (its router counts the
 subscribers); this class decides the commands. Wants and unwants only mark a
-pattern dirty; :meth:`take` turns the dirty set into commands by comparing
-"wanted" with "subscribed", so any interleaving of want/unwant (and of
-disconnect/reset) yields at most one NATS subscription per pattern: an UNSUB
-is always on the wire before a new SUB of the same pattern. No I/O here; the
+pattern dirty; a turn (:meth:`begin`) takes the dirty set and :meth:`decide`
+turns it into commands, a slice at a time, by comparing "wanted" with
+"subscribed", so any interleaving of want/unwant (and of disconnect/reset)
+yields at most one NATS subscription per pattern: an UNSUB is always on the
+wire before a new SUB of the same pattern. No I/O here; the
 worker's driver (``fanout.worker.nats_link``) sends the commands and reports
 the flush.
 """
@@ -28,13 +29,31 @@ UNSUB = "unsub"
 
 @dataclass(slots=True)
 class Turn:
-    """The commands of one driver turn, confirmed together by one flush."""
+    """The commands of one driver turn, confirmed together by one flush.
+
+    A turn is worked in slices (:meth:`Subscriptions.decide`, :meth:`Subscriptions.confirmed`
+    with a ``limit``) so a 3000-pattern turn never holds the worker's loop: the
+    cursors say how far each slice got.
+    """
 
     number: int
     epoch: int
+    #: The patterns dirty when the turn began, decided in order.
+    dirty: list[str] = field(default_factory=list)
     commands: list[tuple[str, str]] = field(default_factory=list)
     #: Patterns that need this turn's flush to become live (new SUBs, or resent by a reconnect).
     confirm: list[str] = field(default_factory=list)
+    decided: int = 0
+    released: int = 0
+    drained: bool = False
+
+    @property
+    def undecided(self) -> bool:
+        return self.decided < len(self.dirty)
+
+    @property
+    def unreleased(self) -> bool:
+        return self.released < len(self.confirm)
 
     @property
     def needs_flush(self) -> bool:
@@ -94,31 +113,58 @@ class Subscriptions:
 
     # -- the driver's side --------------------------------------------------
     def take(self) -> Turn:
-        """The commands to send now, in the order the patterns became dirty."""
+        """A whole turn at once: :meth:`begin` and :meth:`decide` with no limit."""
+        turn = self.begin()
+        self.decide(turn)
+        return turn
+
+    def begin(self) -> Turn:
+        """A new turn owning the patterns dirty so far (in the order they became dirty);
+        later wants and unwants are the next turn's. Patterns a reconnect or a lost
+        flush left unconfirmed join its flush."""
         self._turns += 1
-        turn = Turn(self._turns, self.epoch)
-        state, wanted = self._state, self.wanted
-        for pattern in self._dirty:
-            current = state.get(pattern)
-            if pattern in wanted:
-                if current is None:
-                    state[pattern] = turn.number
-                    turn.commands.append((SUB, pattern))
-                    turn.confirm.append(pattern)
-            elif current is not None:
-                del state[pattern]
-                self._draining[pattern] = self._draining.get(pattern, 0) + 1
-                turn.commands.append((UNSUB, pattern))
-        self._dirty.clear()
+        turn = Turn(self._turns, self.epoch, list(self._dirty))
+        self._dirty = {}
         if self._recheck:
             self._recheck = False
+            state = self._state
             for pattern, current in state.items():
-                if current != LIVE and current != turn.number:
+                if current != LIVE:
                     state[pattern] = turn.number
                     turn.confirm.append(pattern)
         return turn
 
+    def decide(self, turn: Turn, limit: int | None = None) -> list[tuple[str, str]]:
+        """The commands for the turn's next ``limit`` dirty patterns (all when None),
+        also appended to ``turn.commands``.
+
+        Each pattern is decided from what is wanted now, so a want or unwant made
+        between two slices is never lost: that pattern is dirty again for the next
+        turn, which finds nothing left to do or undoes this one.
+        """
+        start = turn.decided
+        stop = len(turn.dirty) if limit is None else min(len(turn.dirty), start + limit)
+        turn.decided = stop
+        commands: list[tuple[str, str]] = []
+        state, wanted, number = self._state, self.wanted, turn.number
+        for pattern in turn.dirty[start:stop]:
+            current = state.get(pattern)
+            if pattern in wanted:
+                if current is None:
+                    state[pattern] = number
+                    commands.append((SUB, pattern))
+                    turn.confirm.append(pattern)
+            elif current is not None:
+                del state[pattern]
+                self._draining[pattern] = self._draining.get(pattern, 0) + 1
+                commands.append((UNSUB, pattern))
+        turn.commands += commands
+        return commands
+
     def _drained(self, turn: Turn) -> None:
+        if turn.drained:
+            return
+        turn.drained = True
         for op, pattern in turn.commands:
             if op == UNSUB:
                 left = self._draining[pattern] - 1
@@ -127,18 +173,24 @@ class Subscriptions:
                 else:
                     del self._draining[pattern]
 
-    def confirmed(self, turn: Turn) -> list[str]:
+    def confirmed(self, turn: Turn, limit: int | None = None) -> list[str]:
         """The flush after ``turn`` came back: its SUBs are live, its UNSUBs are gone.
 
-        Returns the patterns that became live (release the acks waiting on them).
+        Returns the patterns that became live (release the acks waiting on them):
+        the next ``limit`` of the turn's (all when None), so the driver can release
+        a 3000-pattern turn a slice per loop turn. A pattern undone, or left
+        unconfirmed by a disconnect, meanwhile is not live.
         """
         if turn.epoch != self.epoch:
             return []
         self._drained(turn)
+        start = turn.released
+        stop = len(turn.confirm) if limit is None else min(len(turn.confirm), start + limit)
+        turn.released = stop
         live: list[str] = []
-        state = self._state
-        for pattern in turn.confirm:
-            if state.get(pattern) == turn.number:
+        state, number = self._state, turn.number
+        for pattern in turn.confirm[start:stop]:
+            if state.get(pattern) == number:
                 state[pattern] = LIVE
                 live.append(pattern)
         return live

@@ -37,7 +37,7 @@ log = logging.getLogger("fanout.nats")
 
 OnStatus = Callable[[bool], None]
 
-#: SUB/UNSUB commands handled per loop turn: 3000 of them must not hold the loop.
+#: Patterns a driver step handles per loop turn: 3000 of them must not hold the loop.
 COMMANDS_PER_TURN = 64
 
 
@@ -155,7 +155,13 @@ class NatsLink:
         return len(self.subs)
 
     async def _drive(self) -> None:
-        """The one driver: whenever there is work, a turn of commands and one flush."""
+        """The one driver: whenever there is work, a turn of commands and one flush.
+
+        Every step of a turn (deciding and queueing its commands, releasing its
+        live patterns, dropping its unsubscribed routes) runs a slice of
+        COMMANDS_PER_TURN patterns per loop turn: a 3000-pattern turn is some fifty
+        short callbacks, not one of 10 ms, and still one PING/PONG.
+        """
         while not self._stopping:
             await self._wake.wait()
             await asyncio.sleep(0)  # the rest of a frame's ops (the next slice) joins this turn
@@ -163,38 +169,32 @@ class NatsLink:
             nc = self.nc
             if nc is None or nc.is_closed or not self.table.has_work:
                 continue
-            turn = self.table.take()
+            turn = self.table.begin()
             unsubscribed = await self._apply(nc, turn)
-            if not turn.needs_flush:
+            if unsubscribed is None or not turn.needs_flush:
                 continue
             try:
                 await nc.confirm(self.cfg.connect_timeout_s)
             except (nats.errors.Error, TimeoutError) as exc:
                 log.debug("subscription flush failed", extra={"reason": str(exc)})
                 self.table.lost(turn)
-                live: list[str] = []
                 if nc.is_connected:
                     self._wake.set()
+                await self._removed(nc, turn, unsubscribed)
             else:
-                live = self.table.confirmed(turn)
-            nc.unrouted(unsubscribed)
-            for route in unsubscribed:
-                self.listener.removed(route)
-            if live:
-                self.listener.became_live(live)
+                await self._removed(nc, turn, unsubscribed)
+                await self._live(turn)
 
-    async def _apply(self, nc: LinkClient, turn: Turn) -> list[Route]:
-        """Queue one turn's SUBs and UNSUBs in order, a slice per loop turn; the routes
-        unsubscribed. Bookkeeping only, no I/O: :meth:`LinkClient.confirm` writes them."""
+    async def _apply(self, nc: LinkClient, turn: Turn) -> list[Route] | None:
+        """Decide and queue one turn's SUBs and UNSUBs in order, a slice per loop turn;
+        the routes unsubscribed, or None when the client was replaced meanwhile (the
+        new one gets every SUB). Bookkeeping only, no I/O: :meth:`LinkClient.confirm`
+        writes them."""
         unsubscribed: list[Route] = []
-        subs, listener, commands = self.subs, self.listener, turn.commands
-        for start in range(0, len(commands), COMMANDS_PER_TURN):
-            if start:
-                await asyncio.sleep(0)  # thousands of commands must not hold the loop
-                if turn.epoch != self.table.epoch:
-                    break  # the client was replaced meanwhile: the new one gets every SUB
+        subs, listener, table = self.subs, self.listener, self.table
+        while True:
             lines: list[bytes] = []
-            for op, pattern in commands[start : start + COMMANDS_PER_TURN]:
+            for op, pattern in table.decide(turn, COMMANDS_PER_TURN):
                 if op == SUB:
                     subs[pattern] = nc.route(pattern, lines)
                     continue
@@ -203,7 +203,35 @@ class NatsLink:
                 unsubscribed.append(route)
                 nc.unroute(sub, lines)
             nc.send(lines)
-        return unsubscribed
+            if not turn.undecided:
+                return unsubscribed
+            await asyncio.sleep(0)  # thousands of commands must not hold the loop
+            if turn.epoch != table.epoch:
+                return None
+
+    async def _removed(self, nc: LinkClient, turn: Turn, unsubscribed: list[Route]) -> None:
+        """The turn's UNSUBs are over: their routes go, a slice per loop turn, until the
+        client is replaced (its routes went all at once)."""
+        for start in range(0, len(unsubscribed), COMMANDS_PER_TURN):
+            if start:
+                await asyncio.sleep(0)
+                if turn.epoch != self.table.epoch:
+                    return
+            routes = unsubscribed[start : start + COMMANDS_PER_TURN]
+            nc.unrouted(routes)
+            for route in routes:
+                self.listener.removed(route)
+
+    async def _live(self, turn: Turn) -> None:
+        """The turn's PONG came: its patterns become live and their acks go, a slice per
+        loop turn (a pattern undone or a link gone meanwhile does not)."""
+        while True:
+            live = self.table.confirmed(turn, COMMANDS_PER_TURN)
+            if live:
+                self.listener.became_live(live)
+            if not turn.unreleased or turn.epoch != self.table.epoch:
+                return
+            await asyncio.sleep(0)
 
     async def _on_error(self, exc: Exception) -> None:
         """nats-py retries its first connect forever: a fatal error at boot must end it."""

@@ -4,9 +4,11 @@ the link going down reaches every client as a ``status`` frame."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -17,6 +19,7 @@ from nats.aio.client import Client as NatsClient
 
 from fanout.core.subscriptions import PENDING
 from fanout.embedded_nats import EmbeddedNats
+from fanout.worker.nats_link import COMMANDS_PER_TURN
 from tests.conftest import http_get
 from tests.helpers import async_wait_for
 from tests.inproc import Client, InProc, make_settings
@@ -237,4 +240,99 @@ async def test_the_link_rebuilds_after_its_client_is_closed_for_good(
             ("xy.md.rb.b.c", {"n": 2}),
         ]
     finally:
+        await w.stop()
+
+
+class LoopTurns:
+    """Counts the event loop's iterations: it re-schedules itself with ``call_soon``, so it
+    runs once per iteration, and what runs between two of its runs shares one number."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.n = 0
+        self._handle = self.loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.n += 1
+        self._handle = self.loop.call_soon(self._tick)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+
+async def test_a_3000_pattern_turn_is_worked_a_slice_per_loop_turn(
+    nats_server: EmbeddedNats,
+) -> None:
+    """3 clients each sub (then unsub) 1000 patterns in one frame while nats-server holds
+    back the first PONG: the rest make ONE driver turn (one PING/PONG) of 2000+ patterns,
+    and its routes made, its patterns released live (their acks) and its routes dropped
+    are at most COMMANDS_PER_TURN per loop iteration (counted, not timed)."""
+    assert nats_server.proc is not None
+    w = InProc(
+        make_settings(
+            **{
+                "ws.auth_required": False,
+                "ws.inbound_rate": 100_000,
+                "ws.inbound_burst": 100_000,
+                "nats.urls": [nats_server.url],
+            }
+        )
+    )
+    await w.start_nats()
+    turns = LoopTurns()
+    try:
+        link, hub = w.link, w.hub
+        assert link is not None and link.nc is not None
+        work: Counter[tuple[str, int]] = Counter()
+        for name, size in (
+            ("subscribed", lambda args: 1),
+            ("removed", lambda args: 1),
+            ("became_live", lambda args: len(args[0])),
+        ):
+            real = getattr(hub, name)
+
+            def spy(*args: Any, _real: Any = real, _name: str = name, _size: Any = size) -> Any:
+                work[_name, turns.n] += _size(args)
+                return _real(*args)
+
+            setattr(hub, name, spy)
+        pings = 0
+        confirm = link.nc.confirm
+
+        async def counted(timeout_s: float) -> None:
+            nonlocal pings
+            pings += 1
+            await confirm(timeout_s)
+
+        link.nc.confirm = counted  # type: ignore[method-assign]
+        clients = [await w.connect() for _ in range(3)]
+        for client in clients:
+            client.received()
+        subjects = [[f"xy.md.slice.c{c}.{i}" for i in range(1000)] for c in range(3)]
+        for kind, phase in (("sub", 1), ("unsub", 2)):
+            os.kill(nats_server.proc.pid, signal.SIGSTOP)
+            try:
+                for client, mine in zip(clients, subjects, strict=True):
+                    client.send(*({"op": kind, "id": i, "subject": s} for i, s in enumerate(mine)))
+                await async_wait_for(
+                    lambda: all(c.conn.backlog is None for c in clients), what="every op run"
+                )
+            finally:
+                os.kill(nats_server.proc.pid, signal.SIGCONT)
+            await async_wait_for(lambda: not link.table.has_work, what="the link idle")
+            await async_wait_for(lambda phase=phase: pings == 2 * phase, what="the second PONG")
+            for client in clients:
+                ids = [f["id"] for f in await until_frames(client, 1000, w)]
+                assert sorted(ids) == list(range(1000))
+        nc = link.nc
+        assert nc is not None
+        await async_wait_for(lambda: not nc.routes, what="every route dropped")
+        await w.turn()
+        assert pings == 4  # the first turn of each phase, then the 2000+ others in one
+        for name in ("subscribed", "removed", "became_live"):
+            per_turn = [n for (kind, _), n in work.items() if kind == name]
+            assert (name, sum(per_turn)) == (name, 3000)
+            assert max(per_turn) <= COMMANDS_PER_TURN, name
+    finally:
+        turns.stop()
         await w.stop()

@@ -15,7 +15,7 @@ from nats.aio.subscription import Subscription
 from nats.protocol.command import sub_cmd, unsub_cmd
 from nats.protocol.parser import Parser
 
-from fanout.core.subscriptions import DRAINING, LIVE, PENDING, SUB, UNSUB, Subscriptions
+from fanout.core.subscriptions import DRAINING, LIVE, PENDING, SUB, UNSUB, Subscriptions, Turn
 from fanout.worker.hub import Hub
 from fanout.worker.link_client import LinkClient, _RoutedSubscription
 from tests.inproc import make_settings
@@ -184,7 +184,8 @@ def test_link_client_queues_nats_py_s_own_command_lines() -> None:
     hub.loop.close()
 
 
-PATTERNS = st.sampled_from(["a", "b", "c.*", "c.>"])
+PATTERNS_ALL = ["a", "b", "c.*", "c.>"]
+PATTERNS = st.sampled_from(PATTERNS_ALL)
 
 
 class SubscriptionModel(RuleBasedStateMachine):
@@ -203,6 +204,10 @@ class SubscriptionModel(RuleBasedStateMachine):
         self.inflight: list[object] = []
         self.connected = True
         self.wanted: set[str] = set()
+        #: The turn being decided, a slice at a time.
+        self.open: Turn | None = None
+        #: Turns whose PONG came, their live patterns released a slice at a time.
+        self.releasing: list[Turn] = []
 
     @rule(pattern=PATTERNS)
     def want(self, pattern: str) -> None:
@@ -214,11 +219,16 @@ class SubscriptionModel(RuleBasedStateMachine):
         self.wanted.discard(pattern)
         self.table.unwant(pattern)
 
-    @precondition(lambda self: self.table.has_work)
-    @rule()
-    def drive(self) -> None:
-        turn = self.table.take()
-        for op, pattern in turn.commands:
+    @precondition(lambda self: self.open is not None or self.table.has_work)
+    @rule(limit=st.integers(1, 3))
+    def drive(self, limit: int) -> None:
+        """One slice of the driver: a turn begins if none is open, its next ``limit``
+        patterns are decided (wants and unwants may come between two slices), and the
+        flush goes once all of them are."""
+        if self.open is None:
+            self.open = self.table.begin()
+        turn = self.open
+        for op, pattern in self.table.decide(turn, limit):
             if op == SUB:
                 assert pattern not in self.client
                 sid = next(self.sids)
@@ -229,6 +239,9 @@ class SubscriptionModel(RuleBasedStateMachine):
                 sid = self.client.pop(pattern)
                 if self.connected:
                     self.wire.append(("UNSUB", sid))
+        if turn.undecided:
+            return
+        self.open = None
         if not turn.needs_flush:
             return
         if self.connected:
@@ -249,8 +262,17 @@ class SubscriptionModel(RuleBasedStateMachine):
         else:
             turn = args[0]
             self.inflight.remove(turn)
-            for pattern in self.table.confirmed(turn):  # type: ignore[arg-type]
-                assert pattern in self.server.values()
+            self.releasing.append(turn)  # type: ignore[arg-type]
+
+    @precondition(lambda self: self.releasing)
+    @rule(limit=st.integers(1, 3))
+    def release(self, limit: int) -> None:
+        """One slice of a PONG's turn made live; anything may happen between two slices."""
+        turn = self.releasing[0]
+        for pattern in self.table.confirmed(turn, limit):
+            assert pattern in self.server.values()
+        if not turn.unreleased or turn.epoch != self.table.epoch:
+            self.releasing.pop(0)
 
     @precondition(lambda self: self.connected)
     @rule()
@@ -278,6 +300,8 @@ class SubscriptionModel(RuleBasedStateMachine):
         self.server.clear()
         self.wire.clear()
         self.inflight.clear()
+        self.open = None  # the driver drops a turn of the old client at its next slice
+        self.releasing.clear()
         self.connected = True
         self.table.reset()
 
@@ -298,10 +322,12 @@ class SubscriptionModel(RuleBasedStateMachine):
         if not self.connected:
             self.reconnect()
         for _ in range(50):
-            if self.table.has_work:
-                self.drive()
+            if self.open is not None or self.table.has_work:
+                self.drive(len(PATTERNS_ALL))
             elif self.wire:
                 self.server_reads()
+            elif self.releasing:
+                self.release(len(PATTERNS_ALL))
             else:
                 break
         assert not self.wire
