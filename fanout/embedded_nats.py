@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -38,8 +39,45 @@ def find_binary() -> str:
     return found
 
 
+#: Ports :func:`free_port` handed out in this process (never twice).
+_handed_out: set[int] = set()
+#: Not the ``random`` module's generator: test runners reseed that one, which would give
+#: parallel test processes the same picks.
+_pick = random.SystemRandom()
+#: Where :func:`free_port` picks: above the well-known and registered-by-habit ports,
+#: below the kernel's ephemeral range.
+_PICK_FROM = 20000
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's ephemeral port range (Linux default when it cannot be read)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (good enough for loopback tests)."""
+    """A TCP port that was free a moment ago, outside the ephemeral range.
+
+    A port the kernel picked with ``bind(0)`` lies in the ephemeral range, where any
+    outgoing connection may take it before our server binds it; outside that range
+    only an explicit bind can. A random pick keeps parallel test processes apart.
+    """
+    low, _ = ephemeral_range()
+    top = low - 1 if low - 1 > _PICK_FROM else 65535
+    for _ in range(100):
+        port = _pick.randint(_PICK_FROM, top)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
