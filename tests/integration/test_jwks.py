@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +18,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from fanout.core.auth import TokenVerifier
 from fanout.core.jwks import MAX_JWKS_BYTES
 from fanout.devtoken import generate_keypair, make_token
+from fanout.embedded_nats import free_port
 from fanout.jwks_cache import retry_delay_s
 from fanout.worker.jwks import JwksCache
 from tests.helpers import async_wait_for
@@ -249,13 +249,6 @@ async def test_timeout_is_an_error_not_a_hang(server: JwksServer) -> None:
         assert (c.keys_loaded, c.find("a")) == (0, None)
     finally:
         await c.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 async def test_unreachable_at_start_then_keys_arrive_via_background_retry() -> None:
