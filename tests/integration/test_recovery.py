@@ -338,6 +338,7 @@ async def test_a_client_that_cannot_keep_up_during_replay_is_cut(
         FANOUT_HISTORY_STREAMS="xy.md.>=MD",
         FANOUT_OUTBOX_MAX_MESSAGES="16",
         FANOUT_OUTBOX_WRITE_BUFFER_HIGH="65536",
+        FANOUT_OUTBOX_WRITE_TIMEOUT_S="2",  # the paced replay's stall cut
     )
     try:
         subject = "xy.md.slow"
@@ -589,7 +590,7 @@ def paced_gateway(js_nats: EmbeddedNats, tmp_path: Path) -> Gateway:
         FANOUT_HISTORY_STREAMS="xy.md.>=MD",
         FANOUT_OUTBOX_MAX_BYTES="262144",
         FANOUT_OUTBOX_WRITE_BUFFER_HIGH="65536",
-        FANOUT_OUTBOX_WRITE_TIMEOUT_S="3",
+        FANOUT_OUTBOX_WRITE_TIMEOUT_S="2",
     )
 
 
