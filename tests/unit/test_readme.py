@@ -18,7 +18,7 @@ def test_opens_with_exactly_two_commands() -> None:
     commands = [line for line in block.group(1).splitlines() if line.strip()]
     assert commands == [
         "pip install . && fanout serve --demo",
-        "pip install -e '.[test]' && python -m pytest -n 2",
+        "pip install -e '.[test]' && python -m pytest -n 3",
     ]
 
 
