@@ -348,22 +348,7 @@ async def test_a_client_that_cannot_keep_up_during_replay_is_cut(
         js = nc.jetstream()
         big = b'{"pad":"' + b"x" * 60_000 + b'"}'
         seqs = [(await js.publish(subject, big)).seq for _ in range(MAX_REPLAY)]
-        slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # set before connect
-        slow.settimeout(5)
-        slow.connect(("127.0.0.1", gateway.port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        slow.sendall(
-            (
-                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += slow.recv(1)
-        assert head.startswith(b"HTTP/1.1 101")
+        slow = SlowReader(gateway.port).sock  # a raw socket with a tiny receive buffer
         since = {"seq": seqs[0] - 1, "epoch": epoch}
         op = json.dumps({"op": "sub", "id": 1, "subject": subject, "since": since})
         slow.sendall(client_frame(0x1, op.encode()))
@@ -658,22 +643,7 @@ async def test_a_client_that_stops_reading_during_a_paced_replay_is_cut(
         js = nc.jetstream()
         big = b'{"pad":"' + b"x" * 60_000 + b'"}'
         seqs = [(await js.publish(subject, big)).seq for _ in range(MAX_REPLAY)]
-        slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # set before connect
-        slow.settimeout(5)
-        slow.connect(("127.0.0.1", gateway.port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        slow.sendall(
-            (
-                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += slow.recv(1)
-        assert head.startswith(b"HTTP/1.1 101")
+        slow = SlowReader(gateway.port).sock  # a raw socket with a tiny receive buffer
         since = {"seq": seqs[0] - 1, "epoch": epoch}
         op = json.dumps({"op": "sub", "id": 1, "subject": subject, "since": since})
         slow.sendall(client_frame(0x1, op.encode()))
