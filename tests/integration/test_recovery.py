@@ -276,9 +276,12 @@ async def test_a_reconnect_storm_costs_one_read(gw: Gateway, nc: NatsClient) -> 
             assert ack["recovered"] is True
             assert [f["seq"] for f in c.frames if f.get("op") == "msg"] == missed
         api_calls = (await js.account_info()).api.total - before
-        # one stream info, one consumer create + delete (and the two account infos):
-        # 40 resumes without coalescing would be 40 reads
-        assert api_calls <= 8, api_calls
+        # per worker one stream info and a read (consumer create + delete), plus the two
+        # account infos; a resume joins only a read that started after it began holding
+        # live messages (else it could miss what came in between), so resumes straggling
+        # in after a read started take the next one: up to 3 reads a worker on a loaded
+        # machine (16 calls). Without coalescing the 40 resumes were 82 calls.
+        assert api_calls <= 16, api_calls
     finally:
         for c in clients:
             await c.close()
