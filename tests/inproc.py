@@ -270,7 +270,7 @@ class InProc:
     async def turn(self) -> None:
         """Let the loop run what was scheduled (the hub's flush, connection_lost)."""
         for _ in range(TURNS):
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # waits on: one loop turn, no time
 
     def sweep(self) -> None:
         self.gateway.sweep(self.clock.now())

@@ -78,20 +78,20 @@ async def test_page_resumes_after_a_worker_kill_with_no_gap(
     while not await page.evaluate("window.rec.seqs.length"):
         assert time.monotonic() < deadline, "no message reached the page"
         await publish(1)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # waits on: the page's first message, bounded by the deadline
 
     stop = asyncio.Event()
 
     async def keep_publishing() -> None:
         while not stop.is_set() and len(published) < 2000:
             await publish(1)
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # waits on: publisher pacing (at most 2000)
 
     task = asyncio.create_task(keep_publishing())
     (pid,) = worker_pids(gw).values()
     os.kill(pid, signal.SIGKILL)
     await page.wait_for_function("() => window.rec.recovered.length > 0", timeout=20_000)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # waits on: live messages after the resume
     stop.set()
     await task
     await page.wait_for_function(

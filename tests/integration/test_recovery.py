@@ -132,7 +132,7 @@ async def test_resume_after_a_disconnect_gets_exactly_what_it_missed_then_live(
     async def keep_publishing() -> None:
         while not stop.is_set() and len(during) < 200:
             during.extend(await publish(nc, subject, 1, "d"))
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # waits on: publisher pacing (at most 200)
 
     task = asyncio.create_task(keep_publishing())
     again = await connect(gw)
@@ -184,7 +184,7 @@ async def test_resume_with_nothing_missed_and_from_a_time_and_the_last_k(
         assert [f["seq"] for f in client.frames if f.get("op") == "msg"] == seqs[-2:]
         await client.op({"op": "unsub", "id": 6, "subject": subject})
         cut = datetime.now(UTC)
-        await asyncio.sleep(0.05)  # stored times strictly after the cut (same clock)
+        await asyncio.sleep(0.05)  # waits on: the clock (stored times after the cut)
         later = await publish(nc, subject, 3)
         seen = len(client.frames)
         ack = await sub(client, subject, 7, since={"time": cut.isoformat().replace("+00:00", "Z")})
@@ -295,11 +295,11 @@ async def test_a_reconnect_storm_by_time_or_last_costs_one_read(
     subject = "xy.md.storm.time"
     await publish(nc, subject, 3)
     early = datetime.now(UTC)
-    await asyncio.sleep(0.05)  # stored times strictly after the cut (same clock)
+    await asyncio.sleep(0.05)  # waits on: the clock (stored times after the cut)
     first = await publish(nc, subject, 4)
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # waits on: the clock, so the stored times straddle ``late``
     late = datetime.now(UTC)
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # waits on: the clock, as above
     second = await publish(nc, subject, 4)
     js = nc.jetstream()
     by_time: list[tuple[dict[str, Any], list[int]]] = [
@@ -449,7 +449,7 @@ async def test_resumes_served_from_the_workers_window(gw: Gateway, nc: NatsClien
         early = await publish(nc, subject, 3)
         assert await msgs_until(keeper, subject, early[-1]) == early
         cut = datetime.now(UTC)
-        await asyncio.sleep(0.05)  # stored times strictly after the cut (same clock)
+        await asyncio.sleep(0.05)  # waits on: the clock (stored times after the cut)
         later = await publish(nc, subject, 2)
         assert await msgs_until(keeper, subject, later[-1]) == later
         js = nc.jetstream()
@@ -530,7 +530,7 @@ async def test_adding_and_removing_the_recoverable_pattern_loses_and_duplicates_
         while not stop.is_set() and len(sent) < 2000:
             await js.publish(subject, b'{"n":%d}' % len(sent))
             sent.append(len(sent))
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # waits on: publisher pacing (at most 2000)
 
     try:
         await sub(client, "xy.*.mix.b", 1)

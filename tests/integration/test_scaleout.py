@@ -29,7 +29,7 @@ from nats.aio.client import Client as NatsClient
 
 from fanout.demo import create_stream
 from fanout.embedded_nats import EmbeddedNats, free_port, wait_for_port
-from tests.conftest import ROOT, Gateway, http_get, launch_gateway, worker_pids
+from tests.conftest import ROOT, Gateway, http_get, launch_gateway, metric, worker_pids
 
 CLIENTS = int(os.environ.get("FANOUT_SCALEOUT_CLIENTS", "200"))
 RATE = 100.0  # messages per second on the recoverable subject
@@ -72,7 +72,7 @@ def cluster() -> Iterator[list[EmbeddedNats]]:
                     await create_stream(nc, "MD", "xy.md.>", "fanout.live", replicas=3)
                     break
                 except nats.errors.Error:
-                    await asyncio.sleep(0.5)
+                    await asyncio.sleep(0.5)  # waits on: the meta leader, bounded by the timeout
         await nc.close()
 
     try:
@@ -160,7 +160,7 @@ class Resumer:
             except (aiohttp.ClientError, ConnectionError, TimeoutError):
                 self.closes.append(None)
             if not done(self):
-                await asyncio.sleep(random.uniform(0.05, 0.3))
+                await asyncio.sleep(random.uniform(0.05, 0.3))  # waits on: reconnect jitter
 
     async def _serve(
         self, ws: aiohttp.ClientWebSocketResponse, done: Callable[[Resumer], bool]
@@ -203,7 +203,7 @@ class Publisher:
                     SUBJECT, b'{"n":%d}' % n, headers={"Nats-Msg-Id": f"scale-{n}"}
                 )
             except (nats.errors.Error, TimeoutError):
-                await asyncio.sleep(0.25)
+                await asyncio.sleep(0.25)  # waits on: a retry pause, at most 60 tries
                 continue
             self.seqs.append(ack.seq)
             return
@@ -237,9 +237,9 @@ async def traffic(
         try:
             async with asyncio.timeout(30):
                 while not all(c.seqs for c in clients):
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.1)  # waits on: first messages (timeout)
             yield clients, publisher
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # waits on: traffic flowing meanwhile
             publisher.stop.set()
             await pub
             await publisher.publish_one()
@@ -271,7 +271,7 @@ async def test_gateway_sigterm_clients_move_to_the_other_through_haproxy(
 ) -> None:
     gateways, balancer, cluster = stack
     async with traffic(balancer, cluster) as (clients, _):
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # waits on: traffic flowing meanwhile
         assert await asyncio.to_thread(gateways[0].stop) == 0
     moved = [c for c in clients if 1001 in c.closes or 1012 in c.closes]
     assert moved, "no client was on the stopped gateway"
@@ -282,17 +282,10 @@ async def test_worker_kill_9_clients_resume(
 ) -> None:
     gateways, balancer, cluster = stack
     async with traffic(balancer, cluster) as (clients, _):
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # waits on: traffic flowing meanwhile
         os.kill(next(iter(worker_pids(gateways[1]).values())), signal.SIGKILL)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # waits on: traffic flowing meanwhile
     assert any(len(c.closes) > 1 for c in clients), "nobody was on the killed worker"
-
-
-def metric(gw: Gateway, series: str) -> float:
-    """One series of the gateway's /metrics (every worker's, summed), 0 when absent."""
-    _, body, _ = http_get(gw.admin + "/metrics")
-    lines = [line for line in body.decode().splitlines() if line.startswith(series + " ")]
-    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
 
 
 async def not_leading(nc: NatsClient, victim: str) -> None:
@@ -307,7 +300,7 @@ async def not_leading(nc: NatsClient, victim: str) -> None:
             if leader == victim:
                 with contextlib.suppress(nats.errors.Error):
                     await nc.request("$JS.API.STREAM.LEADER.STEPDOWN.MD", b"", timeout=5)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # waits on: the leader change, bounded by the timeout
 
 
 async def test_nats_node_kill_clients_keep_everything(
@@ -327,21 +320,29 @@ async def test_nats_node_kill_clients_keep_everything(
         await not_leading(nc, f"n{cluster.index(victim)}")
     finally:
         await nc.close()
-    caught_up = "fanout_recovery_caught_up_messages_total"
-    complete = 'fanout_recovery_catchups_total{outcome="complete"}'
-    before = metric(gateways[0], caught_up), metric(gateways[0], complete)
+
+    def caught_up() -> tuple[float, float]:
+        """(messages caught up, complete catch-ups) of the gateway whose worker moves."""
+        gw = gateways[0]
+        return (
+            metric(gw, "fanout_recovery_caught_up_messages_total"),
+            metric(gw, "fanout_recovery_catchups_total", outcome="complete"),
+        )
+
+    before = caught_up()
     async with traffic(balancer, others) as (clients, publisher):
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # waits on: traffic flowing meanwhile
         assert victim.proc is not None
         victim.proc.send_signal(signal.SIGSTOP)
         frozen = len(publisher.seqs)
         async with asyncio.timeout(30):
             while len(publisher.seqs) < frozen + 50:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # waits on: 50 publishes, bounded by the timeout
         missed = len(publisher.seqs) - frozen
         victim.kill()
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(3.0)  # waits on: traffic flowing meanwhile
     assert all(len(c.closes) == 1 for c in clients), "a client was disconnected"
     # the worker on the dead node read what it missed from the stream
-    assert metric(gateways[0], complete) - before[1] >= 1
-    assert metric(gateways[0], caught_up) - before[0] >= missed - 1  # one may be in flight
+    messages, catch_ups = caught_up()
+    assert catch_ups - before[1] >= 1
+    assert messages - before[0] >= missed - 1  # one may be in flight
