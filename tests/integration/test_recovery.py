@@ -329,6 +329,22 @@ async def test_a_reconnect_storm_by_time_or_last_costs_one_read(
         assert api_calls <= 16, (resumes[0][0], api_calls)
 
 
+async def resume_without_reading(gateway: Gateway, nc: NatsClient, subject: str) -> socket.socket:
+    """``MAX_REPLAY`` stored 60 KB messages on ``subject``, then a raw socket with a tiny
+    receive buffer (:class:`SlowReader`) that resumes from before the first and reads nothing."""
+    client = await connect(gateway)
+    epoch = (await sub(client, subject))["epoch"]
+    await client.close()
+    js = nc.jetstream()
+    big = b'{"pad":"' + b"x" * 60_000 + b'"}'
+    seqs = [(await js.publish(subject, big)).seq for _ in range(MAX_REPLAY)]
+    slow = SlowReader(gateway.port).sock
+    since = {"seq": seqs[0] - 1, "epoch": epoch}
+    op = json.dumps({"op": "sub", "id": 1, "subject": subject, "since": since})
+    slow.sendall(client_frame(0x1, op.encode()))
+    return slow
+
+
 async def test_a_client_that_cannot_keep_up_during_replay_is_cut(
     js_nats: EmbeddedNats, nc: NatsClient, tmp_path: Path
 ) -> None:
@@ -344,17 +360,7 @@ async def test_a_client_that_cannot_keep_up_during_replay_is_cut(
         FANOUT_OUTBOX_WRITE_TIMEOUT_S="2",  # the paced replay's stall cut
     )
     try:
-        subject = "xy.md.slow"
-        client = await connect(gateway)
-        epoch = (await sub(client, subject))["epoch"]
-        await client.close()
-        js = nc.jetstream()
-        big = b'{"pad":"' + b"x" * 60_000 + b'"}'
-        seqs = [(await js.publish(subject, big)).seq for _ in range(MAX_REPLAY)]
-        slow = SlowReader(gateway.port).sock  # a raw socket with a tiny receive buffer
-        since = {"seq": seqs[0] - 1, "epoch": epoch}
-        op = json.dumps({"op": "sub", "id": 1, "subject": subject, "since": since})
-        slow.sendall(client_frame(0x1, op.encode()))
+        slow = await resume_without_reading(gateway, nc, "xy.md.slow")
         # not reading: the replay backs up, the outbox overflows, the gateway cuts it
         await async_wait_for(
             lambda: metric(gateway, "fanout_disconnects_total", close_code="4003") >= 1,
@@ -639,17 +645,7 @@ async def test_a_client_that_stops_reading_during_a_paced_replay_is_cut(
     (``outbox.write_timeout_s``) cuts it with 4003."""
     gateway = paced_gateway(js_nats, tmp_path)
     try:
-        subject = "xy.md.paced.b"
-        client = await connect(gateway)
-        epoch = (await sub(client, subject))["epoch"]
-        await client.close()
-        js = nc.jetstream()
-        big = b'{"pad":"' + b"x" * 60_000 + b'"}'
-        seqs = [(await js.publish(subject, big)).seq for _ in range(MAX_REPLAY)]
-        slow = SlowReader(gateway.port).sock  # a raw socket with a tiny receive buffer
-        since = {"seq": seqs[0] - 1, "epoch": epoch}
-        op = json.dumps({"op": "sub", "id": 1, "subject": subject, "since": since})
-        slow.sendall(client_frame(0x1, op.encode()))
+        slow = await resume_without_reading(gateway, nc, "xy.md.paced.b")
         largest: list[float] = []
 
         def cut() -> bool:
