@@ -132,6 +132,21 @@ class SlowClient:
                 frames.extend(data if isinstance(data, list) else [data])
         return frames
 
+    def read_once_cut(self, gw: Gateway, timeout: float) -> list[dict[str, Any]]:
+        """Wait for the gateway's cut (its log line), then read at once up to the close frame.
+
+        The gateway's close frame waits behind the backlog the client left unread, and the
+        gateway drops the socket ``CLOSE_TIMEOUT_S`` (2 s) after sending it: a client that
+        starts reading later (after a metric scrape, say) finds the socket gone, no code.
+        Run in a thread, started before the cut can happen.
+        """
+        deadline = time.monotonic() + timeout
+        while not cut_reasons(gw):
+            if time.monotonic() > deadline:
+                return []
+            time.sleep(0.02)  # waits on: the cut's log line (at most ``timeout``)
+        return self.read(lambda fs: False, max(deadline - time.monotonic(), 5.0))
+
     def _next_frame(self, deadline: float) -> tuple[int, bytes] | None:
         while True:
             buf = self.buf
@@ -223,6 +238,7 @@ async def test_stalled_client_is_cut_while_fifty_others_get_everything(
         slow.subscribe(subject)
         await wait_for_interest(nc, good[0], subject, payload(0))
         end = await fill_until(gw, nc, subject, 1)
+        drained = asyncio.create_task(asyncio.to_thread(slow.read_once_cut, gw, 40))
         for n in range(end, end + 20):
             await nc.publish(subject, payload(n))
         await nc.flush()
@@ -239,7 +255,7 @@ async def test_stalled_client_is_cut_while_fifty_others_get_everything(
         )
         assert cuts == 1
         assert cut_reasons(gw) == ["write stalled"]
-        seen = msgs(slow.read(lambda fs: False, 30))  # ends at the close frame
+        seen = msgs(await drained)  # ends at the close frame
         assert slow.close_code == 4003
         numbers = [seq(m) for m in seen if seq(m) > 0]
         assert numbers == sorted(numbers) and 0 < len(numbers) < last
@@ -341,9 +357,10 @@ async def test_disconnect_policy_cuts_on_a_full_outbox_before_the_stall_deadline
         assert (await reader.subscribe(subject))["op"] == "ack"
         slow.subscribe(subject)
         await wait_for_interest(nc, reader, subject, payload(0))
+        drained = asyncio.create_task(asyncio.to_thread(slow.read_once_cut, gw, 40))
         end = await fill_until(gw, nc, subject, 1, "xy_ws_slow_consumers_total")
         assert cut_reasons(gw) == ["outbox full"]  # not the 30 s stall deadline
-        seen = slow.read(lambda fs: False, 30)  # ends at the close frame
+        seen = await drained  # ends at the close frame
         assert slow.close_code == 4003
         assert not [f for f in seen if f.get("op") == "dropped"]
         await collect(reader, lambda fs: any(seq(m) == end - 1 for m in msgs(fs)), 20)
