@@ -28,7 +28,10 @@ one stream republishes in the order it stores.
 - Removing a switched R: the copies P skipped whose republished copy has not
   come yet are delivered now (their republish would no longer reach the
   connection); then P delivers s again. Removing P: R delivers what P no longer
-  does.
+  does; while copies P delivered or skipped during R's life are still due, R
+  *lingers* (:meth:`Mix.crossing` stays true, so the hub keeps asking: a copy
+  sent straight on would come twice, or be released again later), and is
+  reported in :attr:`Mix.settled` once the last of them came.
 
 Memory is bounded: each remembered list keeps at most ``limit`` copies (the
 outbox's message cap; past it the oldest skipped copy is delivered at once, and
@@ -38,8 +41,9 @@ forgotten when a later one of its stream is matched. Residuals: as in
 :mod:`fanout.core.overlap`, identical messages (same subject and payload)
 published back to back at a hand-over may pair with each other's copy; and a
 message P delivered before R came whose republished copy arrives after P was
-removed (``sub`` R and ``unsub`` P within the stream's store latency) may be
-delivered again by R, unless stored before R's switch (a duplicate, never a loss).
+removed (``unsub`` P within the stream's store latency of that message) may be
+delivered again by R, unless stored before R's switch and R still lingers (a
+duplicate, never a loss).
 """
 
 from __future__ import annotations
@@ -86,7 +90,16 @@ class Mix(Generic[T]):
     and :meth:`republished` only for patterns it was told cross (:meth:`crossing`).
     """
 
-    __slots__ = ("_crossing", "_plain", "_recoverable", "_skipped", "_trie", "limit")
+    __slots__ = (
+        "_crossing",
+        "_lingering",
+        "_plain",
+        "_recoverable",
+        "_skipped",
+        "_trie",
+        "limit",
+        "settled",
+    )
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -97,16 +110,25 @@ class Mix(Generic[T]):
         self._crossing: dict[str, int] = {}
         #: stream → plain copies skipped while their republished copy is due.
         self._skipped: dict[str, deque[tuple[str, bytes, T]]] = {}
+        #: Recoverable patterns no plain one crosses any more whose republished copies
+        #: are still due against what a removed one delivered or skipped: the hub must
+        #: keep asking (a copy sent straight on would come twice, or a release later).
+        self._lingering: set[str] = set()
+        #: Lingering patterns whose last due copy came: the owner re-reads :meth:`crossing`.
+        self.settled: list[str] = []
 
     def crossing(self, pattern: str) -> bool:
-        """Some pattern of the other kind intersects ``pattern``."""
-        return self._crossing.get(pattern, 0) > 0
+        """Some pattern of the other kind intersects ``pattern`` (or, for a recoverable
+        one, did and left copies due): the hub asks about its copies."""
+        return self._crossing.get(pattern, 0) > 0 or pattern in self._lingering
 
     # -- patterns ------------------------------------------------------------------------
     def add_plain(self, pattern: str) -> list[str]:
         """A plain pattern added: the patterns (either kind) that now cross and did not."""
         self._plain.add(pattern, pattern)
         others = self._trie.intersecting(pattern)
+        for r in others:
+            self._lingering.discard(r.pattern)
         return self._cross(pattern, [r.pattern for r in others], +1)
 
     def remove_plain(self, pattern: str) -> list[str]:
@@ -115,7 +137,12 @@ class Mix(Generic[T]):
         others = self._trie.intersecting(pattern)
         for r in others:
             r.held_since.discard(pattern)
-        return self._cross(pattern, [r.pattern for r in others], -1)
+        changed = self._cross(pattern, [r.pattern for r in others], -1)
+        for r in others:
+            if r.pattern in changed and self._due(r):
+                self._lingering.add(r.pattern)
+                changed.remove(r.pattern)
+        return changed
 
     def add_recoverable(self, pattern: str, stream: str, switched: bool) -> list[str]:
         """A recoverable pattern added (``switched``: a resume); the patterns that now cross."""
@@ -131,6 +158,8 @@ class Mix(Generic[T]):
         now, in order)."""
         r = self._recoverable.pop(pattern)
         self._trie.remove(pattern, r)
+        lingered = pattern in self._lingering
+        self._lingering.discard(pattern)
         released: list[T] = []
         skipped = self._skipped.get(r.stream)
         if r.switched and skipped:
@@ -141,7 +170,8 @@ class Mix(Generic[T]):
                 else:
                     kept.append((subject, data, item))
             self._skipped[r.stream] = kept
-        return self._cross(pattern, self._plain.intersecting(pattern), -1), released
+        changed = self._cross(pattern, self._plain.intersecting(pattern), -1)
+        return [*changed, pattern] if lingered else changed, released
 
     def answered(self, pattern: str, top: int | None) -> None:
         """The ack of ``pattern`` is decided; ``top``: the stream's last sequence then
@@ -172,6 +202,18 @@ class Mix(Generic[T]):
             if count == (1 if step > 0 else 0):
                 changed.append(other)
         return changed
+
+    def _due(self, r: _Recoverable) -> bool:
+        """A copy the plain patterns delivered or skipped while ``r`` was held is still due."""
+        if r.delivered:
+            return True
+        skipped = self._skipped.get(r.stream)
+        return skipped is not None and any(subjects.matches(r.pattern, s) for s, _, _ in skipped)
+
+    def _settle(self) -> None:
+        for pattern in [p for p in self._lingering if not self._due(self._recoverable[p])]:
+            self._lingering.discard(pattern)
+            self.settled.append(pattern)
 
     def _switched_for(self, subject: str) -> _Recoverable | None:
         for r in self._trie.matching(subject):
@@ -221,6 +263,8 @@ class Mix(Generic[T]):
                 drop = drop or any(subjects.matches(p, subject) for p in r.came_with)
         if skipped_taken is None and not drop and stream is not None:
             self._take_skipped(stream, subject, data)
+        if self._lingering:
+            self._settle()
         return not drop
 
     def _take_skipped(self, stream: str, subject: str, data: bytes) -> bool:

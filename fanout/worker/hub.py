@@ -68,6 +68,7 @@ class Hub:
         self.release_acks = book.release_acks
         self.remove = book.remove
         self.answered = book.mixed.answered
+        self.settled = book.mixed.settled
         self.nats_up = False
         self.forwarded = 0
         self.nats_messages = 0
@@ -275,8 +276,12 @@ class Hub:
                     seen.add(conn)
                 if mixes:
                     mix = mixes.get(conn)
-                    if mix is not None and not mix.republished(item[0], data, seq):
-                        continue
+                    if mix is not None:
+                        deliver = mix.republished(item[0], data, seq)
+                        if mix.settled:
+                            self.settled(conn, mix)
+                        if not deliver:
+                            continue
                 seam = holding.get(conn) if holding else None
                 if seam is not None:
                     seam.hold(seq, item)

@@ -71,6 +71,12 @@ class Mixes:
         if mix is not None:
             mix.answered(pattern, top)
 
+    def settled(self, conn: Subscriber, mix: Mix[outbox.Pending]) -> None:
+        """``mix``'s lingering recoverable patterns have nothing due any more: their copies
+        may take the direct path again."""
+        changed, mix.settled = mix.settled, []
+        self._crossed(conn, mix, changed)
+
     def _add(self, conn: Subscriber, pattern: str, switched: bool | None) -> None:
         """``switched`` None: a plain pattern."""
         mix = self.mixes.get(conn)

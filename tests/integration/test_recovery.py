@@ -525,7 +525,13 @@ async def test_adding_and_removing_the_recoverable_pattern_loses_and_duplicates_
 ) -> None:
     """A publisher never stops while the client, holding the plain ``xy.*.mix.b``, adds the
     recoverable ``xy.md.mix.b``, removes it, adds it again, then drops the plain one:
-    every message arrives exactly once."""
+    every message arrives exactly once.
+
+    The plain pattern is dropped only once the recoverable one has delivered a message
+    published after that: a message the plain pattern delivered before the recoverable
+    one came, still on its way to the stream's republish when the plain pattern goes, may
+    come twice (the documented residual; on a loaded machine the store can lag by more
+    than the test's 40 publishes between ops)."""
     subject = "xy.md.mix.b"
     client = await connect(gw)
     stop = asyncio.Event()
@@ -554,8 +560,19 @@ async def test_adding_and_removing_the_recoverable_pattern_loses_and_duplicates_
             mark = len(sent)
             await async_wait_for(lambda: len(sent) >= mark + 40, what="publishes")
 
+        async def republished_so_far() -> None:
+            mark = len(sent) - 1
+
+            def after(f: dict[str, Any]) -> bool:
+                return "seq" in f and f.get("subject") == subject and f["data"]["n"] >= mark
+
+            if not any(after(f) for f in client.frames):
+                await client.expect(after, timeout=10)
+
         for op_id, step in enumerate(steps, 10):
             await forty_more()
+            if step == {"op": "unsub", "subject": "xy.*.mix.b"}:
+                await republished_so_far()
             await client.op({**step, "id": op_id}, timeout=10)
         await forty_more()
         stop.set()

@@ -136,9 +136,11 @@ def test_a_plain_pattern_added_while_joining_drops_only_what_it_delivered() -> N
 
 
 #: Client ops and NATS events; messages and the stream's steps weighted up.
+#: ``republish_direct``: the hub sends a copy on without asking the mix when the
+#: connection's patterns no longer cross (and no other client's do).
 OPS = [
     *["publish"] * 4,
-    *["store", "republish"] * 2,
+    *["store", "republish", "republish_direct"] * 2,
     "add_p",
     "remove_p",
     "add_r",
@@ -153,25 +155,33 @@ OPS = [
 @example(["add_p", "publish", "store", "add_r", "live_r", "answer_r"])
 @example(["add_r", "live_r", "answer_r", "add_p", "publish", "remove_r"])
 @example(["add_r", "live_r", "answer_r", "add_p", "publish", "store", "republish", "remove_r"])
+@example(
+    [
+        *["add_r", "live_r", "answer_r", "add_p", "publish", "remove_p", "store"],
+        *["republish_direct", "add_p", "remove_r"],
+    ]
+)
+@example(["add_p", "add_r", "live_r", "answer_r", "publish", "remove_p", "remove_r"])
 def test_any_interleaving_delivers_each_message_once(ops: list[str]) -> None:
     """One nats-server's order: a message's live copy reaches the worker at once, the stream
     stores messages in order and republishes them later, in order; recovery answers R
     once its key is live, with the stream's last stored sequence. Whatever the client
     does meanwhile: no message twice; a message published while P was held, or while R
-    was answered and held until its republished copy came, exactly once.
+    was answered and held until its republished copy came, exactly once. While P and R
+    cross, the hub asks the mix about every copy; once they no longer do, it may or may
+    not (other clients' patterns decide), and either must be right.
 
-    The documented residual is allowed (at most twice): a message P delivered before
-    (this) R came, republished after P was removed."""
+    The documented residual is allowed (at most twice): a message P delivered before R
+    came whose republished copy came after P was removed."""
     mix: Mix[int] = Mix(1000)
     p_held = r_held = r_live = r_answered = False
     published = stored = republished = 0
     got: list[int] = []
     must: set[int] = set()
     r_owes: dict[int, bool] = {}  # message → R answered and held when it was published
-    #: messages P delivered before this R came → a P removal since (the residual's parts)
-    before_r: set[int] = set()
+    plain: set[int] = set()  # messages P delivered
     residual: set[int] = set()
-    plain_since_removal: set[int] = set()
+    r_came = 0  # the last message published before this R came
     for op in [*ops, "drain"]:
         if op == "publish":
             published += 1
@@ -180,23 +190,24 @@ def test_any_interleaving_delivers_each_message_once(ops: list[str]) -> None:
                 now = mix.plain_copy(S, b"%d" % published, published)
                 if now is not None:
                     got.append(now)
-                    plain_since_removal.add(published)
+                    plain.add(published)
             r_owes[published] = r_held and r_answered
         elif op == "store" and stored < published:
             stored += 1
-        elif op in ("republish", "drain"):
+        elif op in ("republish", "republish_direct", "drain"):
             if op == "drain":
                 stored = published
+            asked = op == "republish" or mix.crossing(R)
             while republished < stored:
                 republished += 1
                 if r_held and r_live:
                     if r_owes.get(republished):
                         must.add(republished)
-                    if mix.republished(S, b"%d" % republished, republished):
+                    if not asked or mix.republished(S, b"%d" % republished, republished):
                         got.append(republished)
                 else:
                     r_owes.pop(republished, None)
-                if op == "republish":
+                if op != "drain":
                     break
         elif op == "add_p" and not p_held:
             p_held = True
@@ -204,14 +215,12 @@ def test_any_interleaving_delivers_each_message_once(ops: list[str]) -> None:
         elif op == "remove_p" and p_held:
             p_held = False
             mix.remove_plain(P)
-            residual |= plain_since_removal & before_r
-            plain_since_removal = set()
+            first = r_came if r_held else published
+            residual |= {i for i in plain if republished < i <= first}
         elif op == "add_r" and not r_held:
             r_held, r_live, r_answered = True, False, False
+            r_came = published
             mix.add_recoverable(R, "MD", switched=False)
-            before_r = {i for i in got if i > republished}
-            residual -= before_r
-            residual |= before_r - plain_since_removal
         elif op == "live_r" and r_held:
             r_live = True
         elif op == "answer_r" and r_held and r_live and not r_answered:
@@ -245,3 +254,57 @@ def test_a_joining_and_a_switched_pattern_together_deliver_a_skipped_copy() -> N
     mix.add_recoverable(R, "MD", switched=False)  # joins while xy.md.> delivers
     assert mix.plain_copy(S, b"m1", "i1") is None
     assert mix.republished(S, b"m1", 1) is True
+
+
+def test_copies_skipped_by_a_removed_plain_pattern_are_not_released_later() -> None:
+    """P skipped m1 (R delivers it), then went: the connection no longer crosses, so the
+    hub sends R's republished m1 straight on, without asking the mix. P coming back and
+    R going must not hand m1 out a second time."""
+    mix: Mix[str] = Mix(10)
+    mix.add_recoverable(R, "MD", switched=True)
+    mix.add_plain(P)
+    assert mix.plain_copy(S, b"m1", "i1") is None
+    mix.remove_plain(P)
+    # R's republished m1 is still due: the hub keeps asking the mix (else it would
+    # send it straight on, and m1 come again below)
+    assert mix.crossing(R)
+    assert mix.republished(S, b"m1", 1) is True
+    assert mix.settled == [R]  # nothing more due: R's copies may bypass the mix now
+    assert not mix.crossing(R)
+    mix.add_plain(P)
+    _, released = mix.remove_recoverable(R)
+    assert released == []
+
+
+def test_a_copy_skipped_by_a_removed_plain_pattern_is_released_if_its_pattern_goes() -> None:
+    mix: Mix[str] = Mix(10)
+    mix.add_recoverable(R, "MD", switched=True)
+    mix.add_plain(P)
+    assert mix.plain_copy(S, b"m1", "i1") is None
+    assert mix.remove_plain(P) == [P]  # R lingers: m1's republished copy is due
+    changed, released = mix.remove_recoverable(R)
+    assert changed == [R] and released == ["i1"]
+    assert not mix.crossing(R)
+
+
+def test_copies_delivered_while_joining_keep_the_mix_asked_after_the_plain_pattern_goes() -> None:
+    mix: Mix[str] = Mix(10)
+    mix.add_plain(P)
+    mix.add_recoverable(R, "MD", switched=False)
+    assert mix.plain_copy(S, b"m1", "i1") == "i1"
+    assert mix.remove_plain(P) == [P]
+    assert mix.crossing(R)
+    assert mix.republished(S, b"m1", 1) is False
+    assert mix.settled == [R] and not mix.crossing(R)
+
+
+def test_a_skipped_copy_another_held_plain_pattern_matches_stays_due() -> None:
+    mix: Mix[str] = Mix(10)
+    mix.add_recoverable(R, "MD", switched=True)
+    mix.add_plain(P)
+    mix.add_plain("xy.md.>")
+    assert mix.plain_copy(S, b"m1", "i1") is None
+    mix.remove_plain(P)
+    assert mix.crossing(R)  # xy.md.> still crosses: R's copy of m1 comes through the mix
+    _, released = mix.remove_recoverable(R)
+    assert released == ["i1"]
