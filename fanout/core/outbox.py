@@ -13,6 +13,11 @@ subscription's policy decides:
 Every eviction is remembered per subject, and the next drain starts with one
 ``dropped`` notice per subject, before any further ``msg``.
 
+Replies to the client's ops go out at once when nothing is pending; otherwise
+they are *held* behind the pending frames and drained after them (an ``unsub``
+ack promises that nothing of that pattern follows it). Held replies are not
+messages: the caps and policies never drop them (the inbound rate limit bounds them).
+
 Sharing: within one flush cycle every subscriber of a NATS subscription gets
 the same frames in the same order. A :class:`Batch` holds them once; an idle,
 writable client only remembers where its part of the batch starts
@@ -83,6 +88,7 @@ class ClientQueue:
     __slots__ = (
         "dropped",
         "frames",
+        "held",
         "latest",
         "max_bytes",
         "max_messages",
@@ -95,6 +101,8 @@ class ClientQueue:
         self.frames: list[Pending] = []
         self.latest: dict[str, bytes] = {}
         self.dropped: dict[str, int] = {}
+        #: Reply frames that go after everything pending now.
+        self.held: list[bytes] = []
         self.nbytes = 0
         self.max_messages = max_messages
         self.max_bytes = max_bytes
@@ -109,7 +117,16 @@ class ClientQueue:
 
     def idle(self) -> bool:
         """Nothing pending at all, not even a drop notice: the client may share a batch."""
-        return not (self.frames or self.latest or self.dropped or self.shared)
+        return not (self.frames or self.latest or self.dropped or self.shared or self.held)
+
+    def hold(self, reply: bytes) -> None:
+        """A reply frame to drain after what is pending (the shared part settled first)."""
+        self.held.append(reply)
+
+    def take_held(self) -> list[bytes]:
+        """The held replies, for a connection that closes (its messages are not sent)."""
+        held, self.held = self.held, []
+        return held
 
     def share(self, batch: Batch) -> None:
         """Take the batch's last frame, and the frames appended after it, as pending."""
@@ -177,9 +194,10 @@ class ClientQueue:
         return evicted
 
     def drain(self, notice: Callable[[str, int], bytes]) -> bytes:
-        """Everything pending as one write: drop notices, queued frames, then latest values."""
+        """Everything pending as one write: drop notices, queued frames, latest values,
+        then the held replies."""
         shared = self.shared
-        if shared is not None and not (self.frames or self.latest or self.dropped):
+        if shared is not None and not (self.frames or self.latest or self.dropped or self.held):
             self.shared = None
             return shared.data(self.shared_from)
         parts: list[bytes] = []
@@ -195,5 +213,8 @@ class ClientQueue:
         if shared is not None:
             self.shared = None
             parts.append(shared.data(self.shared_from))
+        if self.held:
+            parts.extend(self.held)
+            self.held = []
         self.nbytes = 0
         return parts[0] if len(parts) == 1 else b"".join(parts)

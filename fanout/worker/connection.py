@@ -248,9 +248,15 @@ class WsConnection(asyncio.Protocol):
             self._take_events(time.monotonic())
 
     def send_replies(self, replies: list[bytes]) -> None:
-        self.send_control(
-            websocket.text_frame(replies[0] if len(replies) == 1 else protocol.batch(replies))
-        )
+        """Replies follow the messages queued before them (after an ``unsub`` ack nothing of
+        that pattern may come): at once when nothing is queued, else behind the queue."""
+        if self.ws.state != OPEN:
+            return
+        frame = websocket.text_frame(replies[0] if len(replies) == 1 else protocol.batch(replies))
+        if self.queue.idle():
+            self.transport.write(frame)
+        else:
+            self.hub.reply_after_queued(self, frame)
 
     def add_sub(
         self, pattern: str, op_id: int, resume: Resume | Reason | None = None
@@ -292,6 +298,10 @@ class WsConnection(asyncio.Protocol):
         if ws.state != OPEN:
             return
         self.hub.release_acks(self)
+        # the queued messages are never sent now; the replies held behind them are
+        held = self.queue.take_held()
+        if held:
+            self.transport.write(b"".join(held))
         ws.close(code, reason, time.monotonic())
         self._closed(code, reason, by_client=False)
         self._write_out()

@@ -114,6 +114,15 @@ class Hub:
         self.dropped[policy] += result
         return True
 
+    def reply_after_queued(self, conn: Subscriber, frame: bytes) -> None:
+        """``frame`` (replies) goes after the messages already queued for ``conn``: written
+        with them now when its transport takes it, else when it drains."""
+        if not self.settle(conn):
+            return
+        conn.queue.hold(frame)
+        if not conn.paused:
+            self.forwarded += conn.flush()
+
     def on_nats_message(
         self, route: Route, subject: str, data: bytes, headers: dict[str, str] | None
     ) -> None:

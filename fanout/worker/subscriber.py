@@ -60,6 +60,8 @@ class SubscriptionBroker(Protocol):
 
     def cut_slow_consumer(self, conn: Subscriber, reason: str) -> None: ...
 
+    def reply_after_queued(self, conn: Subscriber, frame: bytes) -> None: ...
+
 
 class Replies:
     """The replies of one inbound frame, in op order, sent as one frame once complete.

@@ -146,6 +146,59 @@ async def test_a_message_published_right_after_the_ack_is_delivered(
     assert lost == []
 
 
+async def test_nothing_of_a_pattern_follows_its_unsub_ack(
+    nats_mon: EmbeddedNats, keypair: tuple[Path, Path], token: str, tmp_path: Path
+) -> None:
+    """Messages queued for a pattern (the outbox coalesces writes for 50 ms) must not
+    follow that pattern's ``unsub`` ack: the ack waits for what is queued before it."""
+    gateway = launch_gateway(
+        tmp_path,
+        "--workers",
+        "1",
+        NATS_URLS=nats_mon.url,
+        JWT_PUBLIC_KEY=str(keypair[1]),
+        FANOUT_OUTBOX_WRITE_DELAY_MS="50",
+    )
+    nc = await nats.connect(nats_mon.url)
+    client = await WsClient.connect(gateway.ws, token)
+    stop = asyncio.Event()
+
+    async def publish() -> None:
+        for n in range(5000):  # bounded; stopped once the unsub is acked
+            if stop.is_set():
+                return
+            await nc.publish("xy.md.unsub.a", b'{"n":%d}' % n)
+            if n % 20 == 19:
+                await nc.flush()
+                await asyncio.sleep(0.002)  # waits on: publisher pacing (at most 5000)
+
+    try:
+        for i in range(1, 6):
+            assert await op(client, {"op": "sub", "id": 1, "subject": "xy.md.unsub.a"}) == {
+                "op": "ack",
+                "id": 1,
+            }
+            stop.clear()
+            task = asyncio.create_task(publish())
+            await client.expect(lambda f: f.get("subject") == "xy.md.unsub.a", timeout=10)
+            ack = await op(client, {"op": "unsub", "id": 100 + i, "subject": "xy.md.unsub.a"})
+            acked = client.frames.index(ack) + 1
+            stop.set()
+            await task
+            # a marker on another pattern: everything written before it has arrived
+            assert (await op(client, {"op": "sub", "id": 3, "subject": f"xy.md.mark.{i}"}))[
+                "op"
+            ] == "ack"
+            await wait_for_interest(nc, client, f"xy.md.mark.{i}", b'{"mark":1}')
+            after = [f for f in client.frames[acked:] if f.get("subject") == "xy.md.unsub.a"]
+            assert after == [], f"round {i}: {len(after)} msg(s) after the unsub ack"
+    finally:
+        stop.set()
+        await client.close()
+        await nc.close()
+        gateway.stop()
+
+
 async def test_adding_an_overlapping_pattern_loses_and_duplicates_nothing(
     gw: Gateway, token: str, nc: nats.aio.client.Client
 ) -> None:

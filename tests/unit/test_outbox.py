@@ -252,3 +252,27 @@ def test_loss_is_bounded_counted_and_ordered(
     for subject, n in msgs:
         assert n > last[subject]
         last[subject] = n
+
+
+def test_held_replies_drain_after_everything_pending_and_survive_the_caps() -> None:
+    q = ClientQueue(max_messages=2, max_bytes=10_000)
+    batch = Batch(DROP_OLDEST)
+    batch.append(item("a", 0))
+    q.share(batch)
+    assert q.settle(False) == 0
+    q.push(item("a", 1), DROP_OLDEST, True)
+    q.hold(b"{ack}")
+    assert not q.idle()
+    q.push(item("b", 2), LATEST, True)  # past the cap: a:0 is dropped, the reply is not
+    assert q.drain(notice) == b"[dropped a 1]" + item("a", 1)[1] + item("b", 2)[1] + b"{ack}"
+    assert q.idle() and q.take_held() == []
+
+
+def test_held_replies_follow_a_shared_part_too() -> None:
+    q = ClientQueue(max_messages=10, max_bytes=10_000)
+    batch = Batch(DROP_OLDEST)
+    batch.append(item("a", 0))
+    q.share(batch)
+    batch.append(item("a", 1))
+    q.hold(b"{ack}")
+    assert q.drain(notice) == item("a", 0)[1] + item("a", 1)[1] + b"{ack}"
