@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import subprocess
@@ -47,9 +48,12 @@ def haproxy_binary() -> str:
     return found
 
 
-@pytest.fixture
-def cluster() -> Iterator[list[EmbeddedNats]]:
-    """3 nats-servers with JetStream, clustered; stream MD (xy.md.>) with 3 replicas."""
+@pytest.fixture(scope="module")
+def nats_cluster() -> Iterator[list[EmbeddedNats]]:
+    """3 nats-servers with JetStream, clustered; stream MD (xy.md.>) with 3 replicas.
+
+    One per module: forming it (routes, meta leader election, the R3 stream) is most of
+    a test's set-up; :func:`cluster` hands it to each test whole."""
     route_ports = [free_port() for _ in range(3)]
     nodes = []
     for i, rp in enumerate(route_ports):
@@ -77,10 +81,49 @@ def cluster() -> Iterator[list[EmbeddedNats]]:
 
     try:
         asyncio.run(stream())
+        asyncio.run(whole(nodes))
         yield nodes
     finally:
         for node in nodes:
             node.cleanup()
+
+
+async def whole(nodes: list[EmbeddedNats]) -> None:
+    """MD has a leader and its two other replicas are current (caught up, online): any one
+    node may hang or die again, and a direct read on any node sees every message."""
+    nc = await nats.connect([n.url for n in nodes], max_reconnect_attempts=-1)
+    js = nc.jetstream(timeout=5)
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    info = (await js.stream_info("MD")).cluster
+                    replicas = (info.replicas or []) if info else []
+                    if (
+                        info is not None
+                        and info.leader is not None
+                        and len(replicas) == 2
+                        and all(p.current and not p.offline for p in replicas)
+                    ):
+                        return
+                await asyncio.sleep(0.2)  # waits on: the replicas, bounded by the timeout
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def cluster(nats_cluster: list[EmbeddedNats]) -> Iterator[list[EmbeddedNats]]:
+    """The module's cluster, whole again after the test: a node the test hung is resumed,
+    one it killed restarts on its ports, config and JetStream store (a rebooted machine),
+    and the next test waits for nothing."""
+    yield nats_cluster
+    for node in nats_cluster:
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGCONT)  # a test that failed while it hung
+        else:
+            node.stop()  # drops the dead server's config directory
+            node.start()
+    asyncio.run(whole(nats_cluster))
 
 
 @dataclass
@@ -188,10 +231,15 @@ class Resumer:
 
 
 class Publisher:
-    """JetStream publishes at RATE with a message id each (a retry is deduplicated)."""
+    """JetStream publishes at RATE with a message id each (a retry is deduplicated).
+
+    The ids are this publisher's own: the module's tests share stream MD, which
+    deduplicates an id for 2 minutes, and would ack an earlier test's ``scale-0`` with
+    that test's seq instead of storing the message."""
 
     def __init__(self, nc: NatsClient) -> None:
         self.js = nc.jetstream(timeout=2)
+        self.ids = f"scale-{secrets.token_hex(4)}"
         self.seqs: list[int] = []
         self.stop = asyncio.Event()
 
@@ -200,7 +248,7 @@ class Publisher:
         for _ in range(60):  # a node or leader change: retry the same message id
             try:
                 ack = await self.js.publish(
-                    SUBJECT, b'{"n":%d}' % n, headers={"Nats-Msg-Id": f"scale-{n}"}
+                    SUBJECT, b'{"n":%d}' % n, headers={"Nats-Msg-Id": f"{self.ids}-{n}"}
                 )
             except (nats.errors.Error, TimeoutError):
                 await asyncio.sleep(0.25)  # waits on: a retry pause, at most 60 tries
