@@ -4,6 +4,11 @@ NATS cluster with an R3 stream. Resuming clients (the browser client's logic) ri
 through a gateway SIGTERM, a worker kill -9 and a NATS node kill, and each ends with
 the complete sequence: no gap, no duplicate.
 
+The cluster and its stream are formed once per module (most of a test's set-up); each
+test gets it whole: the node a test killed restarts on its ports and store afterwards,
+and the next test begins once MD has a leader and two current replicas. The gateways
+and HAProxy are each test's own (two of the tests stop or kill parts of them).
+
 ``FANOUT_SCALEOUT_CLIENTS`` sets the number of clients (default 200 on this shared
 2-core machine; the issue's 1000 is ``FANOUT_SCALEOUT_CLIENTS=1000``).
 """
