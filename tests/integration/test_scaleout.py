@@ -24,6 +24,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ import aiohttp
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js.api import PeerInfo
 
 from fanout.demo import create_stream
 from fanout.embedded_nats import EmbeddedNats, free_port, wait_for_port
@@ -86,16 +88,24 @@ def nats_cluster() -> Iterator[list[EmbeddedNats]]:
 
     try:
         asyncio.run(stream())
-        asyncio.run(whole(nodes))
+        asyncio.run(whole(nodes, {}))
         yield nodes
     finally:
         for node in nodes:
             node.cleanup()
 
 
-async def whole(nodes: list[EmbeddedNats]) -> None:
-    """MD has a leader and its two other replicas are current (caught up, online): any one
-    node may hang or die again, and a direct read on any node sees every message."""
+async def whole(nodes: list[EmbeddedNats], restarted: dict[str, float]) -> None:
+    """MD has a leader and its two other replicas are current (caught up, online), each of
+    ``restarted`` (server name -> ``time.monotonic()`` when it restarted) heard from since:
+    the leader counts a replica killed a moment ago as current until it misses it. Then
+    any one node may hang or die again, and a direct read on any node sees every message."""
+
+    def ready(p: PeerInfo) -> bool:
+        at = restarted.get(p.name or "")
+        heard = at is None or (p.active is not None and p.active / 1e9 < time.monotonic() - at)
+        return bool(p.current) and not p.offline and heard
+
     nc = await nats.connect([n.url for n in nodes], max_reconnect_attempts=-1)
     js = nc.jetstream(timeout=5)
     try:
@@ -108,7 +118,7 @@ async def whole(nodes: list[EmbeddedNats]) -> None:
                         info is not None
                         and info.leader is not None
                         and len(replicas) == 2
-                        and all(p.current and not p.offline for p in replicas)
+                        and all(ready(p) for p in replicas)
                     ):
                         return
                 await asyncio.sleep(0.2)  # waits on: the replicas, bounded by the timeout
@@ -122,13 +132,15 @@ def cluster(nats_cluster: list[EmbeddedNats]) -> Iterator[list[EmbeddedNats]]:
     one it killed restarts on its ports, config and JetStream store (a rebooted machine),
     and the next test waits for nothing."""
     yield nats_cluster
-    for node in nats_cluster:
+    restarted: dict[str, float] = {}
+    for i, node in enumerate(nats_cluster):
         if node.proc is not None and node.proc.poll() is None:
             node.proc.send_signal(signal.SIGCONT)  # a test that failed while it hung
         else:
             node.stop()  # drops the dead server's config directory
+            restarted[f"n{i}"] = time.monotonic()
             node.start()
-    asyncio.run(whole(nats_cluster))
+    asyncio.run(whole(nats_cluster, restarted))
 
 
 @dataclass
