@@ -38,6 +38,7 @@ from nats.js.api import PeerInfo
 from fanout.demo import create_stream
 from fanout.embedded_nats import EmbeddedNats, free_port, wait_for_port
 from tests.conftest import ROOT, Gateway, http_get, launch_gateway, metric, worker_pids
+from tests.helpers import async_wait_for
 
 CLIENTS = int(os.environ.get("FANOUT_SCALEOUT_CLIENTS", "200"))
 RATE = 100.0  # messages per second on the recoverable subject
@@ -108,20 +109,22 @@ async def whole(nodes: list[EmbeddedNats], restarted: dict[str, float]) -> None:
 
     nc = await nats.connect([n.url for n in nodes], max_reconnect_attempts=-1)
     js = nc.jetstream(timeout=5)
+
+    async def is_whole() -> bool:
+        try:
+            info = (await js.stream_info("MD")).cluster
+        except (nats.errors.Error, TimeoutError):
+            return False  # no leader to answer yet
+        replicas = (info.replicas or []) if info else []
+        return (
+            info is not None
+            and info.leader is not None
+            and len(replicas) == 2
+            and all(ready(p) for p in replicas)
+        )
+
     try:
-        async with asyncio.timeout(60):
-            while True:
-                with contextlib.suppress(nats.errors.Error, TimeoutError):
-                    info = (await js.stream_info("MD")).cluster
-                    replicas = (info.replicas or []) if info else []
-                    if (
-                        info is not None
-                        and info.leader is not None
-                        and len(replicas) == 2
-                        and all(ready(p) for p in replicas)
-                    ):
-                        return
-                await asyncio.sleep(0.2)  # waits on: the replicas, bounded by the timeout
+        await async_wait_for(is_whole, 60, "MD led, its 2 other replicas current", 0.2)
     finally:
         await nc.close()
 
