@@ -4,6 +4,11 @@ NATS cluster with an R3 stream. Resuming clients (the browser client's logic) ri
 through a gateway SIGTERM, a worker kill -9 and a NATS node kill, and each ends with
 the complete sequence: no gap, no duplicate.
 
+The cluster and its stream are formed once per module (most of a test's set-up); each
+test gets it whole: the node a test killed restarts on its ports and store afterwards,
+and the next test begins once MD has a leader and two current replicas. The gateways
+and HAProxy are each test's own (two of the tests stop or kill parts of them).
+
 ``FANOUT_SCALEOUT_CLIENTS`` sets the number of clients (default 200 on this shared
 2-core machine; the issue's 1000 is ``FANOUT_SCALEOUT_CLIENTS=1000``).
 """
@@ -15,9 +20,11 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +33,12 @@ import aiohttp
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js.api import PeerInfo
 
 from fanout.demo import create_stream
 from fanout.embedded_nats import EmbeddedNats, free_port, wait_for_port
 from tests.conftest import ROOT, Gateway, http_get, launch_gateway, metric, worker_pids
+from tests.helpers import async_wait_for
 
 CLIENTS = int(os.environ.get("FANOUT_SCALEOUT_CLIENTS", "200"))
 RATE = 100.0  # messages per second on the recoverable subject
@@ -47,9 +56,12 @@ def haproxy_binary() -> str:
     return found
 
 
-@pytest.fixture
-def cluster() -> Iterator[list[EmbeddedNats]]:
-    """3 nats-servers with JetStream, clustered; stream MD (xy.md.>) with 3 replicas."""
+@pytest.fixture(scope="module")
+def nats_cluster() -> Iterator[list[EmbeddedNats]]:
+    """3 nats-servers with JetStream, clustered; stream MD (xy.md.>) with 3 replicas.
+
+    One per module: forming it (routes, meta leader election, the R3 stream) is most of
+    a test's set-up; :func:`cluster` hands it to each test whole."""
     route_ports = [free_port() for _ in range(3)]
     nodes = []
     for i, rp in enumerate(route_ports):
@@ -77,10 +89,61 @@ def cluster() -> Iterator[list[EmbeddedNats]]:
 
     try:
         asyncio.run(stream())
+        asyncio.run(whole(nodes, {}))
         yield nodes
     finally:
         for node in nodes:
             node.cleanup()
+
+
+async def whole(nodes: list[EmbeddedNats], restarted: dict[str, float]) -> None:
+    """MD has a leader and its two other replicas are current (caught up, online), each of
+    ``restarted`` (server name -> ``time.monotonic()`` when it restarted) heard from since:
+    the leader counts a replica killed a moment ago as current until it misses it. Then
+    any one node may hang or die again, and a direct read on any node sees every message."""
+
+    def ready(p: PeerInfo) -> bool:
+        at = restarted.get(p.name or "")
+        heard = at is None or (p.active is not None and p.active / 1e9 < time.monotonic() - at)
+        return bool(p.current) and not p.offline and heard
+
+    nc = await nats.connect([n.url for n in nodes], max_reconnect_attempts=-1)
+    js = nc.jetstream(timeout=5)
+
+    async def is_whole() -> bool:
+        try:
+            info = (await js.stream_info("MD")).cluster
+        except (nats.errors.Error, TimeoutError):
+            return False  # no leader to answer yet
+        replicas = (info.replicas or []) if info else []
+        return (
+            info is not None
+            and info.leader is not None
+            and len(replicas) == 2
+            and all(ready(p) for p in replicas)
+        )
+
+    try:
+        await async_wait_for(is_whole, 60, "MD led, its 2 other replicas current", 0.2)
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def cluster(nats_cluster: list[EmbeddedNats]) -> Iterator[list[EmbeddedNats]]:
+    """The module's cluster, whole again after the test: a node the test hung is resumed,
+    one it killed restarts on its ports, config and JetStream store (a rebooted machine),
+    and the next test waits for nothing."""
+    yield nats_cluster
+    restarted: dict[str, float] = {}
+    for i, node in enumerate(nats_cluster):
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGCONT)  # a test that failed while it hung
+        else:
+            node.stop()  # drops the dead server's config directory
+            restarted[f"n{i}"] = time.monotonic()
+            node.start()
+    asyncio.run(whole(nats_cluster, restarted))
 
 
 @dataclass
@@ -188,10 +251,15 @@ class Resumer:
 
 
 class Publisher:
-    """JetStream publishes at RATE with a message id each (a retry is deduplicated)."""
+    """JetStream publishes at RATE with a message id each (a retry is deduplicated).
+
+    The ids are this publisher's own: the module's tests share stream MD, which
+    deduplicates an id for 2 minutes, and would ack an earlier test's ``scale-0`` with
+    that test's seq instead of storing the message."""
 
     def __init__(self, nc: NatsClient) -> None:
         self.js = nc.jetstream(timeout=2)
+        self.ids = f"scale-{secrets.token_hex(4)}"
         self.seqs: list[int] = []
         self.stop = asyncio.Event()
 
@@ -200,7 +268,7 @@ class Publisher:
         for _ in range(60):  # a node or leader change: retry the same message id
             try:
                 ack = await self.js.publish(
-                    SUBJECT, b'{"n":%d}' % n, headers={"Nats-Msg-Id": f"scale-{n}"}
+                    SUBJECT, b'{"n":%d}' % n, headers={"Nats-Msg-Id": f"{self.ids}-{n}"}
                 )
             except (nats.errors.Error, TimeoutError):
                 await asyncio.sleep(0.25)  # waits on: a retry pause, at most 60 tries
