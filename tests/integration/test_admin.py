@@ -158,7 +158,9 @@ async def test_admin_answers_reflect_both_workers(gw: Gateway, token: str) -> No
         for _ in range(20):  # new connection each time: SO_REUSEPORT spreads them over workers
             view = json.loads(http_get(gw.admin + "/admin/state.json")[1])
             assert {w["pid"] for w in view["workers"]} == pids
-            assert sum(w["clients"] for w in view["workers"]) == view["totals"]["clients"] == 6
+            assert sum(w["clients"] for w in view["workers"]) == view["totals"]["clients"] == 6, (
+                view
+            )
         _, health = get_json(gw.admin + "/healthz")
         assert health["clients"] == 6
     finally:
