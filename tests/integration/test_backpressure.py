@@ -10,10 +10,7 @@ outbox.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -26,7 +23,7 @@ from nats.aio.client import Client as NatsClient
 from fanout.devtoken import make_token
 from fanout.embedded_nats import EmbeddedNats
 from tests.conftest import Gateway, metric
-from tests.integration.wsclient import WsClient, client_frame, wait_for_interest
+from tests.integration.wsclient import WsClient, client_frame, raw_handshake, wait_for_interest
 
 BIG = 32 * 1024
 WRITE_TIMEOUT_S = 2.0
@@ -87,24 +84,8 @@ class SlowClient:
     """A raw WebSocket client that can stop reading (tiny receive buffer)."""
 
     def __init__(self, port: int, token: str) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.settimeout(5)
-        self.sock.connect(("127.0.0.1", port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            (
-                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
-            ).encode()
-        )
-        self.buf = b""
-        while b"\r\n\r\n" not in self.buf:
-            chunk = self.sock.recv(4096)
-            assert chunk, "closed during the handshake"
-            self.buf += chunk
-        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        self.sock, head = raw_handshake(port, token=token, rcvbuf=4096)
+        head, _, self.buf = head.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101"), head
         self.close_code: int | None = None
 

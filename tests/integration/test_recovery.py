@@ -5,9 +5,7 @@ exactly what it missed, then live: no gap, no duplicate, in order; every ``reaso
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -32,7 +30,13 @@ from tests.conftest import (
 )
 from tests.helpers import async_wait_for
 from tests.inproc import server_frames
-from tests.integration.wsclient import Frame, WsClient, client_frame, read_close_code
+from tests.integration.wsclient import (
+    Frame,
+    WsClient,
+    client_frame,
+    raw_handshake,
+    read_close_code,
+)
 
 PREFIX = "fanout.live"
 MAX_REPLAY = 50
@@ -333,15 +337,23 @@ async def test_a_reconnect_storm_by_time_or_last_costs_one_read(
         assert api_calls <= (41 if "since" in resumes[0][0] else 81), (resumes[0][0], api_calls)
 
 
-async def resume_without_reading(gateway: Gateway, nc: NatsClient, subject: str) -> socket.socket:
-    """``MAX_REPLAY`` stored 60 KB messages on ``subject``, then a raw socket with a tiny
-    receive buffer (:class:`SlowReader`) that resumes from before the first and reads nothing."""
+async def stored_big(
+    gateway: Gateway, nc: NatsClient, subject: str, count: int
+) -> tuple[str, list[int]]:
+    """The stream's epoch (from a client that subscribed and left) and the sequences of
+    ``count`` 60 KB messages then stored on ``subject``."""
     client = await connect(gateway)
     epoch = (await sub(client, subject))["epoch"]
     await client.close()
     js = nc.jetstream()
     big = b'{"pad":"' + b"x" * 60_000 + b'"}'
-    seqs = [(await js.publish(subject, big)).seq for _ in range(MAX_REPLAY)]
+    return epoch, [(await js.publish(subject, big)).seq for _ in range(count)]
+
+
+async def resume_without_reading(gateway: Gateway, nc: NatsClient, subject: str) -> socket.socket:
+    """``MAX_REPLAY`` stored 60 KB messages on ``subject``, then a raw socket with a tiny
+    receive buffer (:class:`SlowReader`) that resumes from before the first and reads nothing."""
+    epoch, seqs = await stored_big(gateway, nc, subject, MAX_REPLAY)
     slow = SlowReader(gateway.port).sock
     since = {"seq": seqs[0] - 1, "epoch": epoch}
     op = json.dumps({"op": "sub", "id": 1, "subject": subject, "since": since})
@@ -617,12 +629,7 @@ async def test_a_replay_larger_than_the_outbox_is_paced_for_a_reading_client(
     gateway = paced_gateway(js_nats, tmp_path)
     try:
         subject = "xy.md.paced.a"
-        client = await connect(gateway)
-        epoch = (await sub(client, subject))["epoch"]
-        await client.close()
-        js = nc.jetstream()
-        big = b'{"pad":"' + b"x" * 60_000 + b'"}'
-        seqs = [(await js.publish(subject, big)).seq for _ in range(MAX_REPLAY)]
+        epoch, seqs = await stored_big(gateway, nc, subject, MAX_REPLAY)
         again = await connect(gateway)
         try:
             await again.send(
@@ -700,23 +707,9 @@ class SlowReader:
     big replay stays in the gateway (not in kernel buffers) until it reads on."""
 
     def __init__(self, port: int) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # set before connect
-        self.sock.settimeout(10)
-        self.sock.connect(("127.0.0.1", port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            (
-                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += self.sock.recv(1)
-        assert head.startswith(b"HTTP/1.1 101")
-        self.buf = b""
+        self.sock, head = raw_handshake(port, timeout=10, rcvbuf=4096)
+        head, _, self.buf = head.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
 
     def send(self, op: Frame) -> None:
         self.sock.sendall(client_frame(0x1, json.dumps(op).encode()))
@@ -750,12 +743,7 @@ async def test_an_unsub_during_a_paced_replay_stops_it_and_the_connection_goes_o
     gateway = paced_gateway(js_nats, tmp_path)
     try:
         subject = "xy.md.paced.unsub"
-        first = await connect(gateway)
-        epoch = (await sub(first, subject))["epoch"]
-        await first.close()
-        js = nc.jetstream()
-        big = b'{"pad":"' + b"x" * 60_000 + b'"}'
-        seqs = [(await js.publish(subject, big)).seq for _ in range(replay_size())]
+        epoch, seqs = await stored_big(gateway, nc, subject, replay_size())
         observer = await connect(gateway)  # sees the live messages published later
         await sub(observer, subject)
         slow = SlowReader(gateway.port)

@@ -143,8 +143,10 @@ def raw_handshake(
     headers: dict[str, str] | None = None,
     token: str | None = None,
     timeout: float = 5.0,
+    rcvbuf: int | None = None,
 ) -> tuple[socket.socket, bytes]:
-    """Open a TCP socket, send an upgrade request, return (socket, response head)."""
+    """Open a TCP socket, send an upgrade request, return (socket, response head; the bytes
+    read past it too). ``rcvbuf`` makes a client that soon takes nothing more."""
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
         f"GET {path} HTTP/1.1",
@@ -158,7 +160,11 @@ def raw_handshake(
         lines.append(f"Authorization: Bearer {token}")
     for name, value in (headers or {}).items():
         lines.append(f"{name}: {value}")
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect
+    sock.settimeout(timeout)
+    sock.connect(("127.0.0.1", port))
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
     head = b""
     while b"\r\n\r\n" not in head:
